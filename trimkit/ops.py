@@ -1,0 +1,248 @@
+"""Small stateless tensor operations behind token and head trimming.
+
+Shapes: ``B`` batch, ``L`` sequence length, ``Lmax`` kept length (row maximum), ``H`` heads,
+``hd`` head dim. Bad shapes raise ``ValueError`` with the numbers involved.
+
+Training uses masks (:func:`gumbel_sigmoid`, :func:`additive_key_mask`); inference removes tokens
+(:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
+(:func:`slice_qkv_rows`, :func:`slice_out_cols`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "gumbel_sigmoid",
+    "keep_mask_from_probs",
+    "gather_tokens",
+    "gather_along",
+    "scatter_tokens",
+    "additive_key_mask",
+    "combine_masks",
+    "padding_key_mask",
+    "head_keep_index",
+    "slice_qkv_rows",
+    "slice_out_cols",
+]
+
+
+def gumbel_sigmoid(logits: Tensor, tau: float = 1.0, hard: bool = True,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Relaxed Bernoulli sample ``sigmoid((logits + logistic noise) / tau)``, any shape.
+
+    With ``hard=True`` the forward value is the 0/1 mask ``soft > 0.5`` and the gradient is
+    that of the soft sample (straight-through).
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    eps = torch.finfo(logits.dtype).eps
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = u.clamp(eps, 1.0 - eps)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    if not hard:
+        return soft
+    # soft - soft.detach() is exactly 0, so the value is exactly the 0/1 mask
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
+
+
+def _positions_mask(always_keep, shape: torch.Size, device) -> Tensor:
+    """``always_keep`` as a bool tensor broadcastable to ``shape`` (``[..., L]``)."""
+    length = shape[-1]
+    if isinstance(always_keep, Tensor) and always_keep.dtype == torch.bool:
+        mask = always_keep.to(device)
+        if mask.shape[-1] != length or mask.dim() > len(shape):
+            raise ValueError(f"always_keep mask shape {tuple(mask.shape)} does not fit probs "
+                             f"shape {tuple(shape)}")
+        return mask
+    idx = torch.as_tensor(always_keep, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() and (idx.min() < -length or idx.max() >= length):
+        raise ValueError(f"always_keep index out of range for length {length}: {idx.tolist()}")
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
+    mask[idx] = True
+    return mask
+
+
+def keep_mask_from_probs(probs: Tensor, threshold: float,
+                         always_keep: Tensor | Sequence[int] | None = None) -> Tensor:
+    """Bool keep mask, same shape as ``probs`` ``[L]`` or ``[B, L]``: ``probs > threshold``.
+
+    ``threshold <= 0`` keeps everything (even probabilities that underflowed to 0). Positions in
+    ``always_keep`` (bool ``[L]`` / ``[B, L]`` or indices along ``L``) are always kept.
+    """
+    if probs.dim() not in (1, 2):
+        raise ValueError(f"probs must be [L] or [B, L], got shape {tuple(probs.shape)}")
+    if threshold <= 0:
+        return torch.ones(probs.shape, dtype=torch.bool, device=probs.device)
+    keep = probs > threshold
+    if always_keep is not None:
+        keep = keep | _positions_mask(always_keep, probs.shape, probs.device)
+    return keep
+
+
+def gather_along(t: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Select ``index`` ``[B, Lmax]`` along ``dim`` of ``t`` (dim 0 = batch, size ``B`` or 1).
+
+    Any sequence-aligned tensor works: ids ``[B|1, L]``, embeddings ``[B|1, L, D]``, masks
+    ``[B|1, 1, Lq, Lk]`` (call once per sequence dim). Returns ``t`` with ``dim`` of size ``Lmax``.
+    """
+    if index.dim() != 2:
+        raise ValueError(f"index must be [B, Lmax], got shape {tuple(index.shape)}")
+    if t.dim() < 2:
+        raise ValueError(f"t needs a batch dim and a sequence dim, got shape {tuple(t.shape)}")
+    d = dim % t.dim()
+    if d == 0:
+        raise ValueError("dim must not be the batch dim 0")
+    batch, kept = index.shape
+    if t.shape[0] not in (1, batch):
+        raise ValueError(f"t batch {t.shape[0]} does not match index batch {batch}")
+    if index.numel() and int(index.max()) >= t.shape[d]:
+        raise ValueError(f"index max {int(index.max())} out of range for t dim {dim} of size "
+                         f"{t.shape[d]}")
+    t = t.expand(batch, *t.shape[1:])
+    view = [1] * t.dim()
+    view[0], view[d] = batch, kept
+    size = list(t.shape)
+    size[d] = kept
+    return t.gather(d, index.view(view).expand(size))
+
+
+def gather_tokens(x: Tensor, keep: Tensor, *, pad_value: float = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Remove dropped tokens from ``x`` ``[B, L, ...]`` given ``keep`` bool ``[B, L]``.
+
+    Order is preserved; rows are padded to the row maximum ``Lmax``. Returns ``(y [B, Lmax, ...],
+    index [B, Lmax] long source positions (0 where padded), valid [B, Lmax] bool)``.
+    """
+    if keep.dtype != torch.bool or keep.dim() != 2 or tuple(keep.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"keep must be bool [B, L] = {tuple(x.shape[:2])}, got "
+                         f"{keep.dtype} {tuple(keep.shape)}")
+    counts = keep.sum(dim=1)
+    kept = int(counts.max()) if keep.numel() else 0
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :kept]
+    valid = torch.arange(kept, device=keep.device) < counts[:, None]
+    index = torch.where(valid, order, torch.zeros_like(order))
+    y = gather_along(x, index, 1)
+    y = y.masked_fill(~valid.view(*valid.shape, *([1] * (x.dim() - 2))), pad_value)
+    return y, index, valid
+
+
+def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """Inverse of :func:`gather_tokens`: ``y`` ``[B, Lmax, ...]`` -> ``[B, length, ...]``, zeros
+    where no valid entry lands."""
+    if tuple(index.shape) != tuple(y.shape[:2]) or tuple(valid.shape) != tuple(y.shape[:2]):
+        raise ValueError(f"index {tuple(index.shape)} and valid {tuple(valid.shape)} must both "
+                         f"be [B, Lmax] = {tuple(y.shape[:2])}")
+    if index.numel() and int(index.max()) >= length:
+        raise ValueError(f"index max {int(index.max())} out of range for length {length}")
+    batch, kept = index.shape
+    target = torch.where(valid, index, torch.full_like(index, length))  # padding -> spare slot
+    trailing = y.shape[2:]
+    out = y.new_zeros(batch, length + 1, *trailing)
+    idx = target.view(batch, kept, *([1] * len(trailing))).expand_as(y)
+    return out.scatter(1, idx, y)[:, :length]
+
+
+def additive_key_mask(keep: Tensor, dtype: torch.dtype | None = None, eps: float = 0.0) -> Tensor:
+    """Keep mask ``[B, L]`` in [0, 1] (soft or hard) -> additive attention bias ``[B, 1, 1, L]``.
+
+    ``eps == 0`` (default): ``log(keep)``, exactly ``finfo(dtype).min`` where ``keep == 0``, so a
+    dropped key gets no weight, the same as removing it. Gradients reach ``keep`` at kept keys
+    (``d/dkeep = 1/keep``); a key whose mask is exactly 0 receives none.
+    ``eps > 0``: ``log(keep + eps)``. A dropped key then leaks weight ``~eps``, and gradients
+    also reach dropped keys: the softmax gradient matches a multiplicative mask
+    ``exp(s) * keep / sum(exp(s) * keep)``. Use it in training with straight-through masks.
+    """
+    if keep.dim() != 2:
+        raise ValueError(f"keep must be [B, L], got shape {tuple(keep.shape)}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    dtype = dtype or (keep.dtype if keep.is_floating_point() else torch.float32)
+    lowest = torch.finfo(dtype).min
+    keep = keep.to(torch.promote_types(dtype, torch.float32))
+    if eps > 0:
+        bias = torch.log(keep + eps).clamp_min(lowest)
+    else:
+        tiny = torch.finfo(keep.dtype).tiny
+        bias = torch.where(keep > 0, torch.log(keep.clamp_min(tiny)), torch.full_like(keep, lowest))
+    return bias.clamp_min(lowest).to(dtype)[:, None, None, :]
+
+
+def combine_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Sum two additive masks with broadcasting, clamped to the result dtype's ``finfo.min``."""
+    if a is None or b is None:
+        return b if a is None else a
+    try:
+        total = a + b
+    except RuntimeError as err:
+        raise ValueError(f"masks of shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
+                         f"broadcast") from err
+    return total.clamp_min(torch.finfo(total.dtype).min)
+
+
+def padding_key_mask(valid: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``valid`` bool ``[B, Lmax]`` -> additive mask ``[B, 1, 1, Lmax]``: 0 valid, ``finfo.min`` not."""
+    if valid.dim() != 2 or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be bool [B, Lmax], got {valid.dtype} {tuple(valid.shape)}")
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~valid, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def head_keep_index(keep_heads: Tensor) -> Tensor:
+    """Keep mask ``[H]`` bool -> long index of the kept heads, ascending."""
+    if keep_heads.dim() != 1 or keep_heads.dtype != torch.bool:
+        raise ValueError(f"keep_heads must be bool [H], got {keep_heads.dtype} "
+                         f"{tuple(keep_heads.shape)}")
+    return torch.nonzero(keep_heads).flatten()
+
+
+def _head_rows(heads_idx: Tensor, head_dim: int, num_heads: int) -> Tensor:
+    """Row indices ``h*hd : (h+1)*hd`` of each kept head, flattened."""
+    if heads_idx.dim() != 1:
+        raise ValueError(f"heads_idx must be 1-D, got shape {tuple(heads_idx.shape)}")
+    if heads_idx.numel() and (int(heads_idx.min()) < 0 or int(heads_idx.max()) >= num_heads):
+        raise ValueError(f"heads_idx {heads_idx.tolist()} out of range for {num_heads} heads")
+    offsets = torch.arange(head_dim, device=heads_idx.device)
+    return (heads_idx.long()[:, None] * head_dim + offsets).flatten()
+
+
+def slice_qkv_rows(weight: Tensor, bias: Tensor | None, heads_idx: Tensor, head_dim: int,
+                   num_heads: int, fused: bool | None = None,
+                   layout: str = "qkv_blocks") -> tuple[Tensor, Tensor | None]:
+    """Rows of a q/k/v projection ``weight [out, in]`` (and ``bias [out]``) for the kept heads.
+
+    Separate projection (``out = H*hd``): rows ``h*hd:(h+1)*hd``. Fused (``out = 3*H*hd``; guessed
+    from ``out`` when ``fused`` is None): ``layout="qkv_blocks"`` is ``[q | k | v]`` each ``[H*hd]``,
+    ``"per_head"`` is ``[H, 3, hd]`` (q, k, v interleaved per head). The result keeps the layout.
+    """
+    out = weight.shape[0]
+    inner = num_heads * head_dim
+    if fused is None:
+        fused = out == 3 * inner
+    if out != (3 if fused else 1) * inner:
+        raise ValueError(f"weight has {out} rows; expected {(3 if fused else 1) * inner} "
+                         f"({'3 * ' if fused else ''}{num_heads} heads * {head_dim})")
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {out}")
+    if layout not in ("qkv_blocks", "per_head"):
+        raise ValueError(f"layout must be 'qkv_blocks' or 'per_head', got {layout!r}")
+    if not fused:
+        rows = _head_rows(heads_idx, head_dim, num_heads)
+    elif layout == "qkv_blocks":
+        rows = _head_rows(heads_idx, head_dim, num_heads)
+        rows = torch.cat([rows + block * inner for block in range(3)])
+    else:
+        rows = _head_rows(heads_idx, 3 * head_dim, num_heads)
+    rows = rows.to(weight.device)
+    return weight[rows], (None if bias is None else bias[rows])
+
+
+def slice_out_cols(weight: Tensor, heads_idx: Tensor, head_dim: int) -> Tensor:
+    """Input columns of an output projection ``weight [out, H*hd]`` for the kept heads."""
+    if weight.dim() != 2 or weight.shape[1] % head_dim:
+        raise ValueError(f"weight shape {tuple(weight.shape)}: columns not a multiple of "
+                         f"head_dim {head_dim}")
+    cols = _head_rows(heads_idx, head_dim, weight.shape[1] // head_dim).to(weight.device)
+    return weight[:, cols]
