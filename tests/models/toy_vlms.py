@@ -1,0 +1,168 @@
+"""Two plain-PyTorch vision-language models, loaded through ``path/file.py:factory`` references.
+
+* ``two_stream``: a vision tower and a text tower; attention is one fused qkv Linear and einsum
+  products; every text layer cross-attends to the vision tower's output (fused kv projection).
+* ``single_stream``: image patches and text tokens concatenated into one sequence and run through
+  ``nn.MultiheadAttention`` layers (its fused eval fast path).
+
+Argument names are deliberately not the Hugging Face ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    image: int = 32
+    patch: int = 8
+    vocab: int = 64
+    text_len: int = 7
+    v_width: int = 48
+    v_layers: int = 2
+    v_heads: int = 3
+    v_ffn: int = 96
+    t_width: int = 32
+    t_layers: int = 3
+    t_heads: int = 2
+    t_ffn: int = 128
+    classes: int = 5
+
+
+class EinsumAttention(nn.Module):
+    """Multi-head attention with a fused qkv projection (self) or q + fused kv (cross)."""
+
+    def __init__(self, width: int, heads: int, kv_width: int | None = None):
+        super().__init__()
+        self.heads, self.cross = heads, kv_width is not None
+        if self.cross:
+            self.to_q = nn.Linear(width, width)
+            self.to_kv = nn.Linear(kv_width, 2 * width)
+        else:
+            self.to_qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, context=None, key_mask=None):
+        b, n, d = x.shape
+        h = self.heads
+        if self.cross:
+            q = self.to_q(x)
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], h, d // h) for t in (q, k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
+        if key_mask is not None:
+            scores = scores + key_mask
+        attn = scores.softmax(dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: int, kv_width: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = EinsumAttention(width, heads)
+        if kv_width is not None:
+            self.norm_x = nn.LayerNorm(width)
+            self.xattn = EinsumAttention(width, heads, kv_width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
+
+    def forward(self, x, context=None, key_mask=None):
+        x = x + self.attn(self.norm1(x), key_mask=key_mask)
+        if context is not None:
+            x = x + self.xattn(self.norm_x(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+class TwoStreamVLM(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_patch = (cfg.image // cfg.patch) ** 2
+        self.patchify = nn.Conv2d(3, cfg.v_width, cfg.patch, cfg.patch)
+        self.v_cls = nn.Parameter(torch.randn(1, 1, cfg.v_width) * 0.02)
+        self.v_pos = nn.Parameter(torch.randn(1, n_patch + 1, cfg.v_width) * 0.02)
+        self.vision = nn.ModuleList(Block(cfg.v_width, cfg.v_heads, cfg.v_ffn) for _ in range(cfg.v_layers))
+        self.v_norm = nn.LayerNorm(cfg.v_width)
+        self.embed = nn.Embedding(cfg.vocab, cfg.t_width)
+        self.t_pos = nn.Parameter(torch.randn(1, 64, cfg.t_width) * 0.02)
+        self.text = nn.ModuleList(Block(cfg.t_width, cfg.t_heads, cfg.t_ffn, kv_width=cfg.v_width)
+                                  for _ in range(cfg.t_layers))
+        self.head = nn.Linear(cfg.t_width, cfg.classes)
+
+    def forward(self, image, tokens):
+        v = self.patchify(image).flatten(2).transpose(1, 2)
+        v = torch.cat([self.v_cls.expand(v.shape[0], -1, -1), v], dim=1) + self.v_pos[:, : v.shape[1] + 1]
+        for blk in self.vision:
+            v = blk(v)
+        v = self.v_norm(v)
+        t = self.embed(tokens) + self.t_pos[:, : tokens.shape[1]]
+        for blk in self.text:
+            t = blk(t, context=v)
+        return self.head(t[:, 0])
+
+
+class MHABlock(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.mha = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(), nn.Linear(ffn, width))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.mha(h, h, h, need_weights=False)[0]
+        return x + self.ff(self.ln2(x))
+
+
+class SingleStreamVLM(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_patch = (cfg.image // cfg.patch) ** 2
+        self.patch_proj = nn.Linear(3 * cfg.patch * cfg.patch, cfg.t_width)
+        self.word = nn.Embedding(cfg.vocab, cfg.t_width)
+        self.pos = nn.Parameter(torch.randn(1, n_patch + 64, cfg.t_width) * 0.02)
+        self.segment = nn.Parameter(torch.randn(2, cfg.t_width) * 0.02)
+        self.blocks = nn.ModuleList(MHABlock(cfg.t_width, cfg.t_heads, cfg.t_ffn) for _ in range(cfg.t_layers))
+        self.norm = nn.LayerNorm(cfg.t_width)
+        self.head = nn.Linear(cfg.t_width, cfg.classes)
+
+    def forward(self, txt, img):
+        p = self.cfg.patch
+        b = img.shape[0]
+        patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * p * p)
+        x = torch.cat([self.word(txt) + self.segment[0], self.patch_proj(patches) + self.segment[1]], dim=1)
+        x = x + self.pos[:, : x.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def make_inputs(cfg: ToyConfig, batch: int = 2, seed: int = 0, *, names=("image", "tokens")):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, cfg.image, cfg.image, generator=g)
+    tokens = torch.randint(1, cfg.vocab, (batch, cfg.text_len), generator=g)
+    tokens[:, 0] = 0  # [CLS]
+    return {names[0]: image, names[1]: tokens}
+
+
+def two_stream(cfg: ToyConfig | None = None):
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    return TwoStreamVLM(cfg).eval(), make_inputs(cfg)
+
+
+def single_stream(cfg: ToyConfig | None = None):
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    model = SingleStreamVLM(cfg).eval()
+    inputs = make_inputs(cfg, names=("img", "txt"))
+    return model, {"txt": inputs["txt"], "img": inputs["img"]}
