@@ -1,0 +1,389 @@
+"""Trimmer modules and the hooks that apply their decisions inside any located model.
+
+Token trimming works per *stream* (see :mod:`trimkit.locate`). A forward pre-hook on each trimmed
+layer scores the tokens of the layer's main input and
+
+* in **eval** mode *removes* the pruned tokens: the hidden states and every sequence-aligned side
+  argument of that layer and of the later layers in the stream (attention masks, position ids or
+  embeddings, found from the recorded forward) are gathered to the kept positions. Rows with
+  different keep counts are padded to the row maximum; the padded keys are masked out in every
+  attention whose keys come from that stream;
+* in **train** mode keeps the full length and multiplies a straight-through Gumbel mask into a
+  per-stream cumulative keep mask; pruned tokens stop being keys of later attention through an
+  additive ``log`` mask, so the gradient reaches the trimmers.
+
+Key masks are added by a short-lived ``TorchFunctionMode`` that is active only inside the attention
+modules whose keys come from a trimmed stream; it adds the mask to the attention softmax or to the
+``scaled_dot_product_attention`` call, whatever the model's own code looks like.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from trimkit import ops
+from trimkit.graph import Capture
+from trimkit.locate import ModelMap
+
+__all__ = ["TokenTrimmer", "TrimState", "TokenRuntime", "layer_arg_axes", "install_token_runtime"]
+
+
+class TokenTrimmer(nn.Module):
+    """Scores tokens from their own state, their modality's global state and the other modality's.
+
+    ``logit_i = w · gelu(A x_i + B g_self + C g_other) + b``; the bias starts high so a fresh
+    trimmer keeps (almost) every token.
+    """
+
+    trimkit_role = "trimmer"
+
+    def __init__(self, width: int, other_width: int | None, hidden: int | None = None, init_keep: float = 0.98):
+        super().__init__()
+        hidden = hidden or max(8, width // 8)
+        self.local = nn.Linear(width, hidden)
+        self.glob = nn.Linear(width, hidden, bias=False)
+        self.cross = nn.Linear(other_width, hidden, bias=False) if other_width else None
+        self.score = nn.Linear(hidden, 1)
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.constant_(self.score.bias, math.log(init_keep / (1 - init_keep)))
+
+    def forward(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
+        h = self.local(x) + self.glob(g_self).unsqueeze(1)
+        if self.cross is not None and g_other is not None:
+            h = h + self.cross(g_other).unsqueeze(1)
+        return self.score(F.gelu(h)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence-aligned arguments of a layer, from the recorded forward
+# ----------------------------------------------------------------------------------------------
+def _path_of(name: str) -> tuple[str, ...]:
+    return tuple(name.split("."))
+
+
+def layer_arg_axes(cap: Capture, layer_path: str, other: Capture | None = None) -> dict[str, Any]:
+    """Which arguments of a layer call are sequence-aligned with its main input, and on which dims.
+
+    With a second capture whose lengths differ, a dim counts only if it follows the length in both.
+    """
+    def one(c: Capture):
+        call = next((k for k in c.calls if k.path == layer_path), None)
+        if call is None:
+            return None
+        main = None
+        for n, name in zip(call.inputs, call.input_names):
+            s, dt = n.meta["trimkit.shape"], n.meta["trimkit.dtype"]
+            if s is not None and len(s) == 3 and dt is not None and dt.is_floating_point:
+                main = (name, s[1])
+                break
+        if main is None:
+            return None
+        axes = {}
+        for n, name in zip(call.inputs, call.input_names):
+            s = n.meta["trimkit.shape"]
+            if name == main[0] or s is None:
+                continue
+            dims = [d for d in range(1, len(s)) if s[d] == main[1]]
+            if dims:
+                axes[name] = dims
+        return main[0], axes
+
+    a = one(cap)
+    if a is None:
+        return {"main": None, "axes": {}}
+    if other is not None:
+        b = one(other)
+        if b is not None and b[0] == a[0]:
+            return {"main": a[0], "axes": {k: v for k, v in a[1].items() if b[1].get(k) == v}}
+    return {"main": a[0], "axes": a[1]}
+
+
+def _get_arg(args, kwargs, name: str):
+    first, *rest = name.split(".")
+    value = args[int(first)] if first.isdigit() and int(first) < len(args) else kwargs.get(first)
+    for r in rest:
+        flat, _ = tree_flatten(value)
+        value = [v for v in flat if isinstance(v, torch.Tensor)][int(r)]
+    return value
+
+
+def _set_arg(args, kwargs, name: str, new):
+    first, *rest = name.split(".")
+    if first.isdigit() and int(first) < len(args):
+        old = args[int(first)]
+    else:
+        old = kwargs.get(first)
+    if rest:
+        flat, spec = tree_flatten(old)
+        tpos = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)][int(rest[0])]
+        flat = list(flat)
+        flat[tpos] = new
+        new = tree_unflatten(flat, spec)
+    if first.isdigit() and int(first) < len(args):
+        args = list(args)
+        args[int(first)] = new
+        args = tuple(args)
+    else:
+        kwargs = dict(kwargs)
+        kwargs[first] = new
+    return args, kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-forward state
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StreamState:
+    length: int  # original length
+    index: torch.Tensor | None = None  # [B, Lc] original positions alive (eval)
+    valid: torch.Tensor | None = None  # [B, Lc] padding (eval)
+    mask: torch.Tensor | None = None  # [B, L] cumulative soft keep mask (train)
+    last: torch.Tensor | None = None  # latest hidden state (for guidance)
+    kept: list = dataclasses.field(default_factory=list)  # tokens alive per trimmed layer, per row
+    probs: list = dataclasses.field(default_factory=list)  # keep probabilities per trimmed layer (train)
+    masks: list = dataclasses.field(default_factory=list)  # cumulative masks after each trimmed layer
+
+
+class TrimState:
+    def __init__(self):
+        self.streams: dict[str, StreamState] = {}
+        self.embeds: dict[str, torch.Tensor] = {}
+
+
+class _KeyMask(TorchFunctionMode):
+    """Adds an additive key mask [B, 1, 1, Lk] to attention softmax / SDPA calls with matching Lk."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def _fit(self, scores: torch.Tensor):
+        m, lk = self.mask, self.mask.shape[-1]
+        if scores.shape[-1] != lk:
+            return None
+        if scores.dim() == 4 and scores.shape[0] in (m.shape[0], 1):
+            return m.to(scores.dtype)
+        if scores.dim() == 3 and scores.shape[0] % m.shape[0] == 0:
+            heads = scores.shape[0] // m.shape[0]
+            return m.to(scores.dtype).repeat_interleave(heads, 0)[:, 0]
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            x = args[0]
+            if dim in (-1, x.dim() - 1):
+                add = self._fit(x)
+                if add is not None:
+                    args = (torch.clamp(x + add, min=torch.finfo(x.dtype).min),) + tuple(args[1:])
+        elif func is F.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            add = self._fit(torch.empty(0).expand(*q.shape[:-1], k.shape[-2]) if q.dim() == 4 else q)
+            if add is not None:
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                causal = kwargs.pop("is_causal", False)
+                if len(args) > 5:
+                    causal = args[5]
+                    args = args[:5]
+                args = tuple(args[:3])
+                if mask is None:
+                    mask = torch.zeros((), dtype=q.dtype, device=q.device)
+                elif mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+                if causal:
+                    lq, lk = q.shape[-2], k.shape[-2]
+                    tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+                    mask = mask + torch.zeros(lq, lk, dtype=q.dtype, device=q.device).masked_fill(~tri, float("-inf"))
+                kwargs = {k2: v for k2, v in kwargs.items() if k2 != "attn_mask"}
+                kwargs["attn_mask"] = mask + add
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runtime: hooks on layers and attention modules
+# ----------------------------------------------------------------------------------------------
+class TokenRuntime:
+    """Installs token trimming on a model from its ModelMap; ``remove()`` undoes everything."""
+
+    def __init__(self, model: nn.Module, model_map: ModelMap, cap: Capture, trimmers: dict[str, TokenTrimmer],
+                 guidance: dict[str, str | None], *, threshold: float = 0.5, special: dict[str, list[int]] | None = None,
+                 other_cap: Capture | None = None, tau: float = 1.0):
+        self.model, self.map = model, model_map
+        self.trimmers = trimmers  # layer path -> trimmer
+        self.guidance = guidance  # stream -> other stream whose global vector guides it (or None)
+        self.threshold, self.tau = threshold, tau
+        self.special = special or {}
+        self.enabled = True
+        self.state = TrimState()
+        self.stream_of: dict[str, str] = {}
+        self.first_layer: dict[str, str] = {}
+        self.axes: dict[str, dict] = {}
+        for s in model_map.streams:
+            for i, layer in enumerate(s.layers):
+                self.stream_of[layer.path] = s.name
+                if i == 0:
+                    self.first_layer[s.name] = layer.path
+                self.axes[layer.path] = layer_arg_axes(cap, layer.path, other_cap)
+        self.trimmed_streams = {self.stream_of[p] for p in trimmers}
+        self.handles: list = []
+        self._modes: list = []
+        self._install()
+
+    # -- installation -------------------------------------------------------------------------
+    def _install(self):
+        m = self.model
+        self.handles.append(m.register_forward_pre_hook(self._reset))
+        for path, stream in self.stream_of.items():
+            if stream not in self.trimmed_streams and stream not in self.guidance.values():
+                continue
+            mod = m.get_submodule(path)
+            self.handles.append(mod.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._make_post(path)))
+        seen = set()
+        for site in self.map.sites():
+            if site.key_stream in self.trimmed_streams and site.path not in seen:
+                seen.add(site.path)
+                mod = m.get_submodule(site.path)
+                self.handles.append(mod.register_forward_pre_hook(self._make_attn_pre(site.key_stream)))
+                self.handles.append(mod.register_forward_hook(self._attn_post))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _reset(self, module, args):
+        self.state = TrimState()
+
+    def _make_pre(self, path: str):
+        stream = self.stream_of[path]
+        spec = self.axes[path]
+
+        def pre(module, args, kwargs):
+            if not self.enabled or spec["main"] is None:
+                return None
+            hidden = _get_arg(args, kwargs, spec["main"])
+            st = self.state.streams.get(stream)
+            if st is None:
+                st = self.state.streams[stream] = StreamState(hidden.shape[1])
+            trimmer = self.trimmers.get(path) if stream in self.trimmed_streams else None
+            if trimmer is not None:
+                hidden = self._decide(stream, st, trimmer, hidden)
+                args, kwargs = _set_arg(args, kwargs, spec["main"], hidden)
+            if st.index is not None:
+                for name, dims in spec["axes"].items():
+                    t = _get_arg(args, kwargs, name)
+                    if t is None:
+                        continue
+                    for d in dims:
+                        if t.shape[d] == st.length:
+                            t = ops.gather_along(t, st.index, d)
+                    args, kwargs = _set_arg(args, kwargs, name, t)
+            return args, kwargs
+
+        return pre
+
+    def _make_post(self, path: str):
+        stream = self.stream_of[path]
+
+        def post(module, args, output):
+            st = self.state.streams.get(stream)
+            if st is not None:
+                flat = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
+                if flat:
+                    st.last = flat[0]
+            return None
+
+        return post
+
+    def _make_attn_pre(self, key_stream: str):
+        def pre(module, args):
+            st = self.state.streams.get(key_stream)
+            if not self.enabled or st is None:
+                self._modes.append(None)
+                return None
+            mask = None
+            if module.training and st.mask is not None:
+                mask = ops.additive_key_mask(st.mask, eps=1e-6)
+            elif st.valid is not None and not bool(st.valid.all()):
+                mask = ops.padding_key_mask(st.valid)
+            if mask is None:
+                self._modes.append(None)
+                return None
+            mode = _KeyMask(mask)
+            mode.__enter__()
+            self._modes.append(mode)
+            return None
+
+        return pre
+
+    def _attn_post(self, module, args, output):
+        mode = self._modes.pop() if self._modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        return None
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _global(self, stream: str | None, like: torch.Tensor) -> torch.Tensor | None:
+        if stream is None:
+            return None
+        st = self.state.streams.get(stream)
+        if st is None or st.last is None:
+            return self.state.embeds.get(stream)
+        return self._pool(st, st.last)
+
+    @staticmethod
+    def _pool(st: StreamState, h: torch.Tensor) -> torch.Tensor:
+        if st.mask is not None and st.mask.shape[1] == h.shape[1]:
+            w = st.mask.unsqueeze(-1)
+        elif st.valid is not None and st.valid.shape[1] == h.shape[1]:
+            w = st.valid.unsqueeze(-1).to(h.dtype)
+        else:
+            return h.mean(1)
+        return (h * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+    def _decide(self, stream: str, st: StreamState, trimmer: TokenTrimmer, hidden: torch.Tensor) -> torch.Tensor:
+        g_self = self._pool(st, hidden)
+        g_other = self._global(self.guidance.get(stream), hidden)
+        if g_other is not None and g_other.shape[0] != hidden.shape[0]:
+            g_other = None
+        logits = trimmer(hidden, g_self, g_other)
+        b, length = logits.shape
+        special = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
+        positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
+        for p in self.special.get(stream, [0]):
+            special |= positions == p
+        if trimmer.training:
+            sample = ops.gumbel_sigmoid(logits, tau=self.tau)
+            sample = torch.where(special, torch.ones_like(sample), sample)
+            prev = st.mask if st.mask is not None else torch.ones_like(sample)
+            st.mask = prev * sample
+            st.probs.append(torch.sigmoid(logits).masked_fill(special, 1.0) * prev)
+            st.masks.append(st.mask)
+            st.kept.append(st.mask.detach().sum(1))
+            return hidden
+        keep = ops.keep_mask_from_probs(torch.sigmoid(logits), self.threshold, always_keep=special)
+        if st.valid is not None:
+            keep &= st.valid
+        if bool(keep.all()):
+            st.kept.append(keep.sum(1))
+            return hidden
+        new_hidden, idx, valid = ops.gather_tokens(hidden, keep)
+        base = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
+        st.index = torch.gather(base, 1, idx)
+        st.valid = valid
+        st.kept.append(valid.sum(1))
+        return new_hidden
+
+
+def install_token_runtime(*args, **kwargs) -> TokenRuntime:
+    return TokenRuntime(*args, **kwargs)
