@@ -104,8 +104,8 @@ class TaskAdapter:
         """Deterministic labels for `batch_size` rows (None where the loss needs none)."""
         if self.kind not in ("classification", "matching") or not self.num_labels:
             return None
-        draws = [torch.randint(self.num_labels, (1,), generator=row_generator(seed, row, LABEL_STREAM)) for row in range(batch_size)]
-        return torch.cat(draws)
+        return torch.cat([torch.randint(self.num_labels, (1,), generator=row_generator(seed, row, LABEL_STREAM))
+                          for row in range(batch_size)])
 
 
 def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

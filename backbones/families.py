@@ -178,8 +178,8 @@ _TINY: dict[str, dict] = {
                             pad_token_id=1, bos_token_id=0, eos_token_id=2),
         # The vision tower has hidden_size // 64 heads and a 4x FFN; it needs as many layers as the text.
         "vision_config": dict(hidden_size=128, num_hidden_layers=3, image_size=32, patch_size=8),
-        # Two cross-modal layers (built from text_config): the last text/vision layer feeds them
-        # through the link towers, the first two are unimodal only.
+        # Two cross-modal layers per side (built from text_config): layer 0 reads the output of
+        # text/vision layer 1, layer 1 reads layer 2 through the link towers.
         "hidden_size": 64,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,

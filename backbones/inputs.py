@@ -69,7 +69,8 @@ class TextSpec:
     def make(self, batch_size: int, text_len: int | None, seed: int) -> dict[str, torch.Tensor]:
         text_len = self.check_len(self.default_len if text_len is None else text_len)
         body_ids = self._body_ids()
-        ids = torch.stack([self.row(text_len, row_generator(seed, r, TEXT_STREAM), body_ids) for r in range(batch_size)])
+        rows = [self.row(text_len, row_generator(seed, r, TEXT_STREAM), body_ids) for r in range(batch_size)]
+        ids = torch.stack(rows)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def hints(self) -> dict:
@@ -106,13 +107,15 @@ class ImageSpec:
         if image_size is None or self.resize is None:
             return self.size
         if not isinstance(image_size, int) or image_size < self.patch or image_size % self.patch:
-            raise ConfigError(f"image_size must be a positive multiple of the patch size {self.patch}, got {image_size!r}")
+            raise ConfigError(
+                f"image_size must be a positive multiple of the patch size {self.patch}, got {image_size!r}")
         return image_size
 
     def make(self, batch_size: int, image_size: int | None, seed: int) -> dict[str, Any]:
         size = self.check_size(image_size)
         shape = (self.channels, size, size)
-        pixels = torch.stack([torch.randn(shape, generator=row_generator(seed, r, IMAGE_STREAM)) for r in range(batch_size)])
+        pixels = torch.stack([torch.randn(shape, generator=row_generator(seed, r, IMAGE_STREAM))
+                              for r in range(batch_size)])
         inputs: dict[str, Any] = {"pixel_values": pixels}
         if self.pixel_mask:
             inputs["pixel_mask"] = torch.ones(batch_size, size, size, dtype=torch.long)

@@ -64,7 +64,8 @@ def test_text_starts_with_the_special_token_of_each_family(tiny):
     ids = tiny("bridgetower-itm-tiny").example_inputs(3)["input_ids"]
     assert (ids[:, 0] == TINY_CONFIGS["bridgetower-itm-tiny"]["text_config"]["bos_token_id"]).all()
     siglip = tiny("siglip-tiny")
-    assert (siglip.example_inputs(3)["input_ids"][:, -1] == TINY_CONFIGS["siglip-tiny"]["text_config"]["eos_token_id"]).all()
+    siglip_eos = TINY_CONFIGS["siglip-tiny"]["text_config"]["eos_token_id"]
+    assert (siglip.example_inputs(3)["input_ids"][:, -1] == siglip_eos).all()
     assert siglip.hints["special_tokens"] == {"vision": [], "text": [-1]}
 
 

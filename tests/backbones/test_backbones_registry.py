@@ -32,7 +32,8 @@ LAYER_LISTS = {
                       "text_encoder.encoder.layer": ("text_config", "num_hidden_layers")},
     "blip-caption-tiny": {"vision_model.encoder.layers": ("vision_config", "num_hidden_layers"),
                           "text_decoder.bert.encoder.layer": ("text_config", "num_hidden_layers")},
-    "bridgetower-itm-tiny": {"bridgetower.vision_model.visual.transformer.resblocks": ("vision_config", "num_hidden_layers"),
+    "bridgetower-itm-tiny": {"bridgetower.vision_model.visual.transformer.resblocks":
+                             ("vision_config", "num_hidden_layers"),
                              "bridgetower.text_model.encoder.layer": ("text_config", "num_hidden_layers"),
                              "bridgetower.cross_modal_text_layers": ("num_hidden_layers",)},
     "vilt-vqa-tiny": {"vilt.encoder.layer": ("num_hidden_layers",)},

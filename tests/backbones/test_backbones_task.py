@@ -48,7 +48,8 @@ def test_contrastive_losses_match_their_definitions():
     targets = torch.arange(2)
     softmax = TaskAdapter("contrastive", key="logits_per_image").loss({"logits_per_image": logits}, {})
     torch.testing.assert_close(softmax, (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2)
-    sigmoid = TaskAdapter("contrastive", key="logits_per_image", contrastive="sigmoid").loss({"logits_per_image": logits}, {})
+    sigmoid_task = TaskAdapter("contrastive", key="logits_per_image", contrastive="sigmoid")
+    sigmoid = sigmoid_task.loss({"logits_per_image": logits}, {})
     manual = -(F.logsigmoid(logits.diag()).sum() + F.logsigmoid(-logits[0, 1]) + F.logsigmoid(-logits[1, 0])) / 2
     torch.testing.assert_close(sigmoid, manual)
     better = TaskAdapter("contrastive", key="logits_per_image").loss({"logits_per_image": logits * 10}, {})
