@@ -1,0 +1,173 @@
+"""`trimkit profile`: executed FLOPs, parameters, latency and memory of a model."""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from typing import Any
+
+import click
+import torch
+
+from trimkit.cli import command
+from trimkit.errors import ConfigError, TrimkitError
+
+__all__ = ["profile"]
+
+COUNTERS = ("torch", "fvcore")
+
+
+def _load(ref: str):
+    from trimkit.backbones import load_backbone
+
+    return load_backbone(ref)
+
+
+def _model_map(backbone) -> Any | None:
+    """The ModelMap from trimkit.locate when it is available and can map this model."""
+    try:
+        from trimkit.locate import locate
+    except ImportError:
+        return None
+    try:
+        return locate(backbone.model, backbone.example_inputs(2), name=backbone.name,
+                      hints=backbone.hints)
+    except TrimkitError as exc:
+        click.echo(f"note: no block map ({exc}); blocks are the top-level modules", err=True)
+        return None
+
+
+def _apply_recipe(model: torch.nn.Module, recipe: str, model_map: Any) -> torch.nn.Module:
+    passes = importlib.import_module("trimkit.passes")
+    apply_recipe = getattr(passes, "apply_recipe", None)
+    if apply_recipe is None:
+        raise ConfigError("recipes need the passes module: trimkit.passes.apply_recipe is missing")
+    after = copy.deepcopy(model)
+    result = apply_recipe(after, recipe, model_map)
+    if isinstance(result, torch.nn.Module):
+        return result
+    return getattr(result, "model", None) or after
+
+
+def _existing(model: torch.nn.Module, blocks: dict[str, str]) -> dict[str, str]:
+    paths = {name for name, _ in model.named_modules()}
+    return {path: kind for path, kind in blocks.items() if path in paths}
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
+
+
+def _rows(report: dict) -> list[tuple[str, str]]:
+    flops, ew = report["flops"], report["elementwise_flops"]
+    rows = [
+        ("FLOPs / sample (mean)", _si(flops["mean"], "FLOPs")),
+        ("FLOPs p50 / p95", f"{_si(flops['p50'])} / {_si(flops['p95'])}"),
+        ("elementwise FLOPs (mean)", _si(ew["mean"], "FLOPs")),
+        ("parameters", f"{report['params']:,}"),
+        ("trimmer parameters", f"{report['trimmer_params']:,}"),
+    ]
+    rows += [(f"latency {key.replace('_', ' ')}", _ms(v)) for key, v in report["latency_ms"].items()]
+    rows.append(("peak memory (batch 1)", f"{report['peak_memory_mb']:.2f} MiB"))
+    return rows
+
+
+def _block_table(report: dict, title: str):
+    from rich.table import Table
+
+    total = report["flops"]["mean"] or 1.0
+    table = Table(title=title)
+    for col in ("block", "kind", "FLOPs", "share", "elementwise"):
+        table.add_column(col, justify="left" if col in ("block", "kind") else "right",
+                         overflow="fold")
+    for b in report["blocks"]:
+        table.add_row(b["path"], b["kind"], _si(b["flops"]), f"{b['flops'] / total:.1%}",
+                      _si(b["elementwise_flops"]))
+    return table
+
+
+def _print(report: dict, by_block: bool, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "before" in report:
+        table = Table(title=title)
+        for col in ("", "before", "after"):
+            table.add_column(col, justify="right" if col else "left")
+        for (label, before), (_, after) in zip(_rows(report["before"]), _rows(report["after"])):
+            table.add_row(label, before, after)
+        console.print(table)
+        speed = Table(title="speedup (before / after)")
+        speed.add_column("")
+        speed.add_column("x", justify="right")
+        for key, value in report["speedup"].items():
+            speed.add_row(key, "-" if value is None else f"{value:.3f}")
+        console.print(speed)
+        parts = [("before", report["before"]), ("after", report["after"])] if by_block else []
+    else:
+        table = Table(title=title)
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for label, value in _rows(report):
+            table.add_row(label, value)
+        console.print(table)
+        parts = [("", report)] if by_block else []
+    for label, part in parts:
+        console.print(_block_table(part, f"blocks {label}".strip()))
+    notes = report.get("notes", []) or report.get("before", {}).get("notes", [])
+    for note in notes:
+        console.print(f"[dim]note:[/] {note}")
+
+
+@command("profile")
+@click.option("--model", "model_ref", required=True, help="Backbone name, hub id, folder or file.py:factory.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
+              help="Profile before and after applying this recipe (TOML).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of the second latency measurement.")
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Inputs counted one by one for the FLOPs distribution.")
+@click.option("--counter", default="torch", show_default=True, type=click.Choice(COUNTERS),
+              help="FLOP counter: dispatch-level (torch) or fvcore with trimkit's handles.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch.set_num_threads during latency runs.")
+@click.option("--by-block", is_flag=True, help="Also show FLOPs per block (attention, FFN, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, counter: str,
+            threads: int, by_block: bool, as_json: bool):
+    """Count executed FLOPs per input, parameters, latency and peak memory.
+
+    \b
+    Examples:
+      trimkit profile --model vilt-vqa-tiny --json
+      trimkit profile --model blip-vqa-tiny --by-block --samples 16
+      trimkit profile --model blip-vqa-tiny --recipe smarttrim.toml
+    """
+    from trimkit.profile import blocks_from_map, compare, profile_model
+
+    backbone = _load(model_ref)
+    model_map = _model_map(backbone)
+    blocks = blocks_from_map(model_map) if model_map is not None else None
+    options = dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
+                   name=backbone.name)
+    if recipe:
+        after = _apply_recipe(backbone.model, recipe, model_map)
+        kept = None if blocks is None else _existing(after, blocks)
+        report = compare(backbone.model, after, backbone.example_inputs, blocks_before=blocks,
+                         blocks_after=kept, **options)
+    else:
+        report = profile_model(backbone.model, backbone.example_inputs, blocks=blocks, **options)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    _print(report, by_block, f"{backbone.name} ({counter} counter, {samples} samples)")

@@ -1,0 +1,489 @@
+"""FLOP formulas on shapes, shared by the dispatch counter and the fvcore handles.
+
+Conventions (also written in the profile README section of the package docstring):
+
+* 2 FLOPs per multiply-add; a matrix product [m, k] x [k, n] costs 2*m*k*n.
+* Attention counts the full Lq x Lk score matrix whatever the mask says (that is
+  what the kernels execute): 2*N*Lq*Lk*E for Q.K^T plus 2*N*Lq*Lk*Ev for A.V,
+  where N is every leading dimension of the query (batch x heads).
+* Elementwise work is kept apart (``Cost.elementwise``): 1 per output element of
+  a pointwise op, 1 per input element of a reduction, 5 per element of a
+  softmax, 5 (4 without affine) per element of a layer/group/rms norm, 2 per
+  element of an inference batch norm, 1 per output element for a bias add.
+  Only floating-point results count.
+
+Every formula takes ``args``: the op's arguments bound by schema name, tensors
+replaced by :class:`Spec`, and returns a :class:`Cost`.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+__all__ = [
+    "Spec",
+    "Cost",
+    "FORMULAS",
+    "SOFTMAX_FLOPS",
+    "matmul_flops",
+    "einsum_cost",
+    "attention_cost",
+    "mha_cost",
+    "encoder_layer_cost",
+    "conv_cost",
+    "elementwise_cost",
+    "DATA_MOVEMENT",
+]
+
+SOFTMAX_FLOPS = 5  # max, subtract, exp, sum, divide
+NORM_FLOPS = 5  # mean, subtract, variance, normalise, affine (4 without affine)
+
+
+class Spec(NamedTuple):
+    """What a formula needs to know about a tensor."""
+
+    shape: tuple[int, ...]
+    floating: bool = True
+    rows: tuple[tuple[int, ...], ...] | None = None  # component shapes of a nested tensor
+
+    @property
+    def numel(self) -> int:
+        if self.rows is not None:
+            return sum(math.prod(r) for r in self.rows)
+        return math.prod(self.shape)
+
+
+class Cost(NamedTuple):
+    flops: float = 0.0
+    elementwise: float = 0.0
+
+    def __add__(self, other):  # type: ignore[override]
+        return Cost(self.flops + other.flops, self.elementwise + other.elementwise)
+
+
+ZERO = Cost()
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, Spec)
+
+
+# --------------------------------------------------------------------------- matmul family
+
+
+def matmul_flops(a: Sequence[int], b: Sequence[int]) -> float:
+    """FLOPs of ``torch.matmul`` on shapes ``a`` and ``b`` (1-D and broadcasting included)."""
+    a, b = tuple(a), tuple(b)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError(f"matmul needs at least 1-D operands, got {a} and {b}")
+    if len(a) == 1:
+        a = (1,) + a
+    if len(b) == 1:
+        b = b + (1,)
+    m, k = a[-2], a[-1]
+    k2, n = b[-2], b[-1]
+    if k != k2:
+        raise ValueError(f"matmul inner dimensions differ: {a} x {b}")
+    batch = torch.broadcast_shapes(a[:-2], b[:-2])
+    return 2.0 * math.prod(batch) * m * k * n
+
+
+def _linear_like(x: Spec, w: Spec, bias: Spec | None, weight_is_out_in: bool) -> Cost:
+    out_features = w.shape[0] if weight_is_out_in else w.shape[-1]
+    rows = x.numel // x.shape[-1] if x.shape else 1
+    flops = 2.0 * rows * x.shape[-1] * out_features
+    ew = float(rows * out_features) if bias is not None else 0.0
+    return Cost(flops, ew)
+
+
+def _mm(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(matmul_flops(a["self"].shape, a["mat2"].shape))
+
+
+def _addmm(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, y = a["mat1"].shape, a["mat2"].shape
+    return Cost(matmul_flops(x, y), float(x[0] * y[1]))
+
+
+def _addmm_activation(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, y = a["mat1"].shape, a["mat2"].shape
+    return Cost(matmul_flops(x, y), 2.0 * x[0] * y[1])
+
+
+def _bmm(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(matmul_flops(a["self"].shape, a["mat2"].shape))
+
+
+def _baddbmm(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, y = a["batch1"].shape, a["batch2"].shape
+    return Cost(matmul_flops(x, y), float(x[0] * x[1] * y[2]))
+
+
+def _addbmm(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, y = a["batch1"].shape, a["batch2"].shape
+    return Cost(matmul_flops(x, y), float(x[0] * x[1] * y[2] + x[1] * y[2]))
+
+
+def _matmul(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(matmul_flops(a["self"].shape, a["other"].shape))
+
+
+def _mv(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(matmul_flops(a["self"].shape, a["vec"].shape))
+
+
+def _addmv(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(matmul_flops(a["mat"].shape, a["vec"].shape), float(a["mat"].shape[0]))
+
+
+def _dot(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return Cost(2.0 * a["self"].shape[0])
+
+
+def _linear(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    return _linear_like(a["input"], a["weight"], a.get("bias"), weight_is_out_in=True)
+
+
+# --------------------------------------------------------------------------- einsum
+
+
+def _split_equation(equation: str, n_operands: int) -> tuple[list[str], str]:
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != n_operands:
+        raise ValueError(f"einsum {equation!r} names {len(terms)} operands, got {n_operands}")
+    if not arrow:  # implicit output: labels seen once, sorted
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1)
+        )
+    return terms, rhs
+
+
+def _expand_ellipsis(term: str, ndim: int, ell: str) -> str:
+    if "..." not in term:
+        return term
+    n_ell = ndim - (len(term) - 3)
+    return term.replace("...", ell[len(ell) - n_ell:] if n_ell > 0 else "")
+
+
+def einsum_cost(equation: str, shapes: Sequence[Sequence[int]]) -> Cost:
+    """Cost of ``torch.einsum`` contracted left to right, as torch executes it without opt_einsum.
+
+    Per pairwise contraction: labels found in only one operand and not needed later are
+    summed first (elementwise), then the product costs 2 * prod(sizes of remaining labels).
+    """
+    terms, out = _split_equation(equation, len(shapes))
+    max_ell = max([len(s) - (len(t) - 3) for t, s in zip(terms, shapes) if "..." in t] + [0])
+    ell = "".join(chr(0x100 + i) for i in range(max_ell))  # labels no equation uses
+    terms = [_expand_ellipsis(t, len(s), ell) for t, s in zip(terms, shapes)]
+    out = _expand_ellipsis(out, max_ell + len(out) - 3, ell) if "..." in out else out
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes):
+        if len(term) != len(shape):
+            raise ValueError(f"einsum term {term!r} does not match shape {tuple(shape)}")
+        for label, size in zip(term, shape):
+            sizes[label] = max(sizes.get(label, 1), size)
+
+    total = ZERO
+    ops = [list(dict.fromkeys(t)) for t in terms]
+    numels = [math.prod(s) for s in shapes]
+    if len(ops) == 1:
+        keep = set(out)
+        return Cost(0.0, float(numels[0]) if set(ops[0]) - keep else 0.0)
+    left, left_numel = ops[0], numels[0]
+    for idx in range(1, len(ops)):
+        right, right_numel = ops[idx], numels[idx]
+        later = set(out).union(*[set(o) for o in ops[idx + 1:]])
+        left, total = _presum(left, left_numel, set(right) | later, sizes, total)
+        right, total = _presum(right, right_numel, set(left) | later, sizes, total)
+        labels = list(dict.fromkeys(left + right))
+        total = total + Cost(2.0 * math.prod(sizes[c] for c in labels), 0.0)
+        left = [c for c in labels if c in later]
+        left_numel = math.prod(sizes[c] for c in left)
+    return total
+
+
+def _presum(labels, numel, needed, sizes, total):
+    alone = [c for c in labels if c not in needed]
+    if not alone:
+        return labels, total
+    return [c for c in labels if c in needed], total + Cost(0.0, float(numel))
+
+
+def _einsum(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    tensors = a["tensors"]
+    return einsum_cost(a["equation"], [t.shape for t in tensors])
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv_cost(x: Sequence[int], w: Sequence[int], out: Sequence[int], transposed: bool,
+              bias: bool) -> Cost:
+    """2 * batch * prod(weight) * prod(spatial): spatial of the output, or of the input when transposed."""
+    spatial = x[2:] if transposed else out[2:]
+    flops = 2.0 * x[0] * math.prod(w) * math.prod(spatial)
+    return Cost(flops, float(math.prod(out)) if bias else 0.0)
+
+
+def _conv_out_shape(a: Mapping[str, Any], out: Sequence[Spec]) -> tuple[int, ...]:
+    if out and _is_spec(out[0]) and out[0].shape:
+        return out[0].shape
+    raise ValueError("convolution output shape unknown")
+
+
+def _convolution(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, w = a["input"], a["weight"]
+    transposed = bool(a.get("transposed", False))
+    return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), transposed, a.get("bias") is not None)
+
+
+def _conv_transpose(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, w = a["input"], a["weight"]
+    return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), True, a.get("bias") is not None)
+
+
+def _slow_conv(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    x, w = a["self"], a["weight"]
+    return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), False, a.get("bias") is not None)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_cost(q: Sequence[int], k: Sequence[int], v: Sequence[int], masked: bool) -> Cost:
+    """Scaled dot-product attention on [..., Lq, E] x [..., Lk, E] x [..., Lk, Ev].
+
+    N = prod(q[:-2]) (batch x query heads; grouped key/value heads do not reduce it).
+    FLOPs = 2*N*Lq*Lk*E (scores) + 2*N*Lq*Lk*Ev (weighted values), whatever the mask.
+    Elementwise = N*Lq*Lk*(1 scale + SOFTMAX_FLOPS + 1 if a mask is added).
+    """
+    n = math.prod(q[:-2])
+    lq, e = q[-2], q[-1]
+    lk, ev = k[-2], v[-1]
+    scores = n * lq * lk
+    flops = 2.0 * scores * e + 2.0 * scores * ev
+    return Cost(flops, float(scores * (1 + SOFTMAX_FLOPS + (1 if masked else 0))))
+
+
+def _sdpa(mask_key: str) -> Callable[..., Cost]:
+    def formula(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+        q, k, v = a["query"], a["key"], a["value"]
+        masked = a.get(mask_key) is not None or bool(a.get("is_causal", False))
+        if q.rows is not None:  # nested (variable-length) inputs: sum over components
+            return _sum_costs(
+                attention_cost(qr, kr, vr, masked) for qr, kr, vr in zip(q.rows, k.rows, v.rows)
+            )
+        return attention_cost(q.shape, k.shape, v.shape, masked)
+
+    return formula
+
+
+def _sum_costs(costs) -> Cost:
+    total = ZERO
+    for c in costs:
+        total = total + c
+    return total
+
+
+def mha_cost(batch: int, lq: int, lk: int, embed: int, heads: int, masked: bool,
+             bias: bool = True) -> Cost:
+    """nn.MultiheadAttention (fast path): in-projection, Q.K^T, A.V, out-projection.
+
+    FLOPs = 2*B*E*E*(Lq + 2*Lk)   (q, k, v projections)
+          + 2*B*Lq*Lk*E * 2        (scores and weighted values over all heads)
+          + 2*B*Lq*E*E             (output projection)
+    """
+    proj = 2.0 * batch * embed * embed * (lq + 2 * lk) + 2.0 * batch * lq * embed * embed
+    head_dim = embed // heads
+    att = attention_cost((batch, heads, lq, head_dim), (batch, heads, lk, head_dim),
+                         (batch, heads, lk, head_dim), masked)
+    bias_ew = float(batch * embed * (lq + 2 * lk) + batch * lq * embed) if bias else 0.0
+    return Cost(proj + att.flops, att.elementwise + bias_ew)
+
+
+def _rows_of(t: Spec) -> list[tuple[int, int]]:
+    """(batch, length) pairs: one per component of a nested tensor, else one for the whole."""
+    if t.rows is not None:
+        return [(1, r[-2] if len(r) >= 2 else 1) for r in t.rows]
+    if len(t.shape) == 2:
+        return [(1, t.shape[0])]
+    return [(math.prod(t.shape[:-2]), t.shape[-2])]
+
+
+def _native_mha(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    q, k = a["query"], a["key"]
+    embed, heads = int(a["embed_dim"]), int(a["num_head"])
+    masked = a.get("mask") is not None
+    bias = a.get("qkv_bias") is not None
+    return _sum_costs(
+        mha_cost(bq, lq, lk, embed, heads, masked, bias)
+        for (bq, lq), (_, lk) in zip(_rows_of(q), _rows_of(k))
+    )
+
+
+def encoder_layer_cost(batch: int, length: int, embed: int, heads: int, ffn: int,
+                       masked: bool) -> Cost:
+    """nn.TransformerEncoderLayer fast path: self-attention (see mha_cost) + 2 FFN linears.
+
+    FFN FLOPs = 2*B*L*E*F * 2; elementwise adds 2 layer norms, the activation,
+    two residual adds and the FFN biases.
+    """
+    att = mha_cost(batch, length, length, embed, heads, masked)
+    tokens = batch * length
+    ffn_flops = 2.0 * tokens * embed * ffn * 2
+    ew = tokens * (2 * NORM_FLOPS * embed + ffn + 2 * embed + ffn + embed)
+    return att + Cost(ffn_flops, float(ew))
+
+
+def _encoder_layer(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    src = a["src"]
+    embed, heads = int(a["embed_dim"]), int(a["num_heads"])
+    ffn = a["ffn_weight_1"].shape[0]
+    masked = a.get("mask") is not None
+    return _sum_costs(
+        encoder_layer_cost(b, n, embed, heads, ffn, masked) for b, n in _rows_of(src)
+    )
+
+
+# --------------------------------------------------------------------------- elementwise
+
+_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}
+_NORMS = {  # name -> argument holding the affine weight
+    "layer_norm": "weight", "native_layer_norm": "weight", "group_norm": "weight",
+    "native_group_norm": "weight", "instance_norm": "weight", "rms_norm": "weight",
+    "_fused_rms_norm": "weight",
+}
+_BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
+                "_native_batch_norm_legit", "_batch_norm_impl_index"}
+_SCANS = {"cumsum", "cumprod", "logcumsumexp"}
+_POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+          "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "max_pool1d",
+          "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+          "adaptive_max_pool2d", "mean"}
+_INTERPOLATE = {"upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
+                "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
+                "grid_sampler", "grid_sampler_2d", "grid_sampler_3d"}
+# Ops that move, select or create data without arithmetic: zero elementwise FLOPs.
+DATA_MOVEMENT = frozenset({
+    "where", "masked_fill", "clone", "copy", "_to_copy", "fill", "zero", "lift_fresh",
+    "lift_fresh_copy", "detach", "alias", "full_like", "zeros_like", "ones_like", "empty_like",
+    "cat", "stack", "index_select", "embedding", "_unsafe_view", "constant_pad_nd", "index",
+    "_unsafe_index", "gather", "scatter", "index_put", "slice_scatter", "select_scatter", "repeat",
+    "repeat_interleave", "flip", "roll", "zeros", "ones", "empty", "empty_strided", "full",
+    "arange", "linspace", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided",
+    "scalar_tensor", "tril", "triu", "split_with_sizes", "unbind", "split", "chunk", "native_dropout",
+    "dropout", "bernoulli", "rand", "randn", "randint", "normal", "uniform", "contiguous",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact2d",
+    "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "unfold", "sort", "topk", "argsort",
+    "masked_scatter", "masked_select", "nonzero", "_reshape_alias", "reshape", "flatten", "t",
+    "expand", "permute", "transpose", "view", "unsqueeze", "squeeze", "select", "slice",
+    "narrow", "_nested_tensor_from_mask", "_nested_from_padded", "to_padded_tensor",
+    "_local_scalar_dense", "item", "resize", "set", "as_strided", "diagonal", "movedim",
+    "pad", "unflatten", "unique", "_unique", "_unique2", "unique_dim", "multinomial", "one_hot",
+    "bucketize", "searchsorted", "expand_as", "view_as", "type_as",
+})
+
+
+@lru_cache(maxsize=None)
+def _tags(name: str) -> frozenset:
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return frozenset()
+    tags = set()
+    for overload in packet.overloads():
+        try:
+            tags.update(getattr(packet, overload).tags)
+        except (AttributeError, RuntimeError):
+            continue
+    return frozenset(tags)
+
+
+def elementwise_cost(name: str, args: Mapping[str, Any], out: Sequence[Any]) -> float | None:
+    """Elementwise FLOPs of aten op ``name``; None when the op is not elementwise work."""
+    first = out[0] if out else None
+    if not _is_spec(first) or not first.floating:
+        return None
+    base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+    if base in _SOFTMAX:
+        return float(SOFTMAX_FLOPS * first.numel)
+    if base in _NORMS:
+        x = _first_tensor(args)
+        affine = args.get(_NORMS[base]) is not None
+        return float((NORM_FLOPS if affine else NORM_FLOPS - 1) * (x.numel if x else first.numel))
+    if base in _BATCH_NORMS:
+        x = _first_tensor(args)
+        return float(2 * (x.numel if x else first.numel))
+    if base in _SCANS:
+        return float(first.numel)
+    if base in _POOLS:
+        x = _first_tensor(args)
+        return float(x.numel if x else first.numel)
+    if base in _INTERPOLATE:
+        return float(4 * first.numel)
+    if base in DATA_MOVEMENT:
+        return 0.0
+    tags = _tags(base)
+    if torch.Tag.reduction in tags:
+        x = _first_tensor(args)
+        return float(x.numel if x else first.numel)
+    if torch.Tag.pointwise in tags:
+        return float(first.numel)
+    return None
+
+
+def _first_tensor(args: Mapping[str, Any]) -> Spec | None:
+    for value in args.values():
+        if _is_spec(value):
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- the table
+
+_SDPA_NAMES = {
+    "scaled_dot_product_attention": "attn_mask",
+    "_scaled_dot_product_flash_attention_for_cpu": "attn_mask",
+    "_scaled_dot_product_attention_math": "attn_mask",
+    "_scaled_dot_product_attention_math_for_mps": "attn_mask",
+    "_scaled_dot_product_efficient_attention": "attn_bias",
+    "_scaled_dot_product_flash_attention": "attn_mask",
+    "_scaled_dot_product_cudnn_attention": "attn_bias",
+    "_scaled_dot_product_fused_attention_overrideable": "attn_bias",
+}
+
+FORMULAS: dict[str, Callable[..., Cost]] = {
+    "mm": _mm,
+    "addmm": _addmm,
+    "_addmm_activation": _addmm_activation,
+    "bmm": _bmm,
+    "baddbmm": _baddbmm,
+    "addbmm": _addbmm,
+    "matmul": _matmul,
+    "mv": _mv,
+    "addmv": _addmv,
+    "dot": _dot,
+    "linear": _linear,
+    "einsum": _einsum,
+    "convolution": _convolution,
+    "_convolution": _convolution,
+    "conv1d": _convolution,
+    "conv2d": _convolution,
+    "conv3d": _convolution,
+    "conv_transpose1d": _conv_transpose,
+    "conv_transpose2d": _conv_transpose,
+    "conv_transpose3d": _conv_transpose,
+    "mkldnn_convolution": _convolution,
+    "_convolution_mode": _convolution,
+    "_slow_conv2d_forward": _slow_conv,
+    "thnn_conv2d": _slow_conv,
+    "_native_multi_head_attention": _native_mha,
+    "_transformer_encoder_layer_fwd": _encoder_layer,
+    **{name: _sdpa(mask) for name, mask in _SDPA_NAMES.items()},
+}
+"""Op name (aten, no namespace) -> ``formula(args, out_specs) -> Cost``."""

@@ -1,0 +1,114 @@
+"""Model inputs for profiling: batches, per-sample splits, and calling the model.
+
+Inputs are a dict of tensors passed as ``model(**inputs)`` whose first dimension is
+the batch; tensors whose first dimension is not the batch size (or 0-d tensors,
+or non-tensors) are passed unchanged to every sample. A positional tuple or a
+single tensor also works for plain models. A *maker* is a callable
+``maker(batch_size, seed=...) -> dict`` (e.g. ``Backbone.example_inputs``).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+
+from trimkit.errors import ConfigError
+
+__all__ = ["Inputs", "batch_size_of", "split_samples", "take_rows", "samples_from", "batch_from",
+           "call_model"]
+
+Inputs = Union[Mapping[str, Any], Sequence[Any], torch.Tensor]
+Maker = Callable[..., Inputs]
+
+
+def _values(inputs: Inputs) -> list[Any]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return list(inputs.values())
+    return list(inputs)
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """The first dimension of the first tensor with at least one dimension."""
+    for v in _values(inputs):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ConfigError("inputs hold no tensor with a batch dimension")
+
+
+def take_rows(inputs: Inputs, rows: Sequence[int] | torch.Tensor) -> Inputs:
+    """Select batch rows (repeats allowed) from every batched tensor; the rest passes unchanged."""
+    batch = batch_size_of(inputs)
+    index = torch.as_tensor(rows, dtype=torch.long)
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v.index_select(0, index.to(v.device))
+        return v
+
+    if isinstance(inputs, torch.Tensor):
+        return pick(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: pick(v) for k, v in inputs.items()}
+    picked = [pick(v) for v in inputs]
+    return tuple(picked) if isinstance(inputs, tuple) else picked
+
+
+def split_samples(inputs: Inputs) -> list[Inputs]:
+    """One batch-of-1 input per row."""
+    return [take_rows(inputs, [i]) for i in range(batch_size_of(inputs))]
+
+
+def _is_input_list(source: Any) -> bool:
+    return isinstance(source, (list, tuple)) and bool(source) and all(
+        isinstance(s, Mapping) for s in source)
+
+
+def _call_maker(maker: Maker, batch_size: int, seed: int) -> Inputs:
+    try:
+        params = inspect.signature(maker).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "seed" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return maker(batch_size, seed=seed)
+    return maker(batch_size)
+
+
+def samples_from(source: Inputs | Sequence[Mapping] | Maker, n: int) -> list[Inputs]:
+    """Up to ``n`` batch-of-1 inputs from a batch, a list of batches, or a maker (seeds 0..n-1)."""
+    if n < 1:
+        raise ConfigError(f"samples must be at least 1, got {n}")
+    if callable(source) and not isinstance(source, (Mapping, torch.Tensor)):
+        out = []
+        for seed in range(n):
+            made = _call_maker(source, 1, seed)
+            out.append(split_samples(made)[0])
+        return out
+    batches = list(source) if _is_input_list(source) else [source]
+    out = []
+    for b in batches:
+        out.extend(split_samples(b))
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def batch_from(source: Inputs | Sequence[Mapping] | Maker, batch_size: int) -> Inputs:
+    """A batch of ``batch_size``: from the maker (seed 0), else rows of the first batch, cycled."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if callable(source) and not isinstance(source, (Mapping, torch.Tensor)):
+        return _call_maker(source, batch_size, 0)
+    first = source[0] if _is_input_list(source) else source
+    have = batch_size_of(first)
+    return take_rows(first, [i % have for i in range(batch_size)])
+
+
+def call_model(model: torch.nn.Module, inputs: Inputs) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    return model(*inputs)
