@@ -94,7 +94,7 @@ class Layer:
     width: int = 0
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "width": self.width,
+        return {"path": self.path, "width": self.width, "index": self.index,
                 "attention": [a.to_dict() for a in self.attention],
                 "ffn": self.ffn.to_dict() if self.ffn else None}
 
@@ -136,7 +136,7 @@ class ModelMap:
             for lay in s["layers"]:
                 sites = [AttentionSite(**a) for a in lay["attention"]]
                 ffn = FFN(**lay["ffn"]) if lay.get("ffn") else None
-                layers.append(Layer(lay["path"], sites, ffn, width=lay.get("width", 0)))
+                layers.append(Layer(lay["path"], sites, ffn, index=lay.get("index", 0), width=lay.get("width", 0)))
             streams.append(Stream(s["name"], s["modality"], layers, list(s.get("inputs", []))))
         return cls(d["model"], d["class"], streams, dict(d.get("inputs", {})),
                    list(d.get("unclassified", [])), list(d.get("notes", [])))
@@ -656,18 +656,18 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
     names_used: set[str] = set()
     for members in streams:
         base = _common_prefix(_parent(m) for m in members) or _parent(members[0]) or members[0]
-        name, k = base, 2
-        while name in names_used:
-            name, k = f"{base}#{k}", k + 1
-        names_used.add(name)
+        sname, k = base, 2
+        while sname in names_used:
+            sname, k = f"{base}#{k}", k + 1
+        names_used.add(sname)
         src = main_in[members[0]]
         origins = sorted(o for o in (src.meta["trimkit.origins"] if src is not None else ())
                          if roles.get(o) in ("vision", "text"))
         mods = {roles[o] for o in origins}
         modality = mods.pop() if len(mods) == 1 else "fused"
         if not origins:
-            notes.append(f"stream '{name}': its input descends from no vision or text input; called fused")
-        out_streams.append(Stream(name, modality, [layers[m] for m in members], origins))
+            notes.append(f"stream '{sname}': its input descends from no vision or text input; called fused")
+        out_streams.append(Stream(sname, modality, [layers[m] for m in members], origins))
     stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
 
     # query / key streams of each site

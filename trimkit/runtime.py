@@ -68,12 +68,21 @@ def _path_of(name: str) -> tuple[str, ...]:
     return tuple(name.split("."))
 
 
+def _batch_size(cap: Capture) -> int:
+    for t in cap.inputs.values():
+        if t.dim() >= 2:
+            return t.shape[0]
+    return 1
+
+
 def layer_arg_axes(cap: Capture, layer_path: str, other: Capture | None = None) -> dict[str, Any]:
     """Which arguments of a layer call are sequence-aligned with its main input, and on which dims.
 
-    With a second capture whose lengths differ, a dim counts only if it follows the length in both.
+    ``seq_first`` is True for ``[L, B, D]`` layouts. With a second capture whose lengths differ, a
+    dim counts only if it follows the length in both.
     """
     def one(c: Capture):
+        b = _batch_size(c)
         call = next((k for k in c.calls if k.path == layer_path), None)
         if call is None:
             return None
@@ -81,7 +90,8 @@ def layer_arg_axes(cap: Capture, layer_path: str, other: Capture | None = None) 
         for n, name in zip(call.inputs, call.input_names):
             s, dt = n.meta["trimkit.shape"], n.meta["trimkit.dtype"]
             if s is not None and len(s) == 3 and dt is not None and dt.is_floating_point:
-                main = (name, s[1])
+                seq_first = s[0] != b and s[1] == b
+                main = (name, s[0] if seq_first else s[1], seq_first)
                 break
         if main is None:
             return None
@@ -93,16 +103,16 @@ def layer_arg_axes(cap: Capture, layer_path: str, other: Capture | None = None) 
             dims = [d for d in range(1, len(s)) if s[d] == main[1]]
             if dims:
                 axes[name] = dims
-        return main[0], axes
+        return main[0], axes, main[2]
 
     a = one(cap)
     if a is None:
-        return {"main": None, "axes": {}}
+        return {"main": None, "axes": {}, "seq_first": False}
     if other is not None:
         b = one(other)
         if b is not None and b[0] == a[0]:
-            return {"main": a[0], "axes": {k: v for k, v in a[1].items() if b[1].get(k) == v}}
-    return {"main": a[0], "axes": a[1]}
+            return {"main": a[0], "axes": {k: v for k, v in a[1].items() if b[1].get(k) == v}, "seq_first": a[2]}
+    return {"main": a[0], "axes": a[1], "seq_first": a[2]}
 
 
 def _get_arg(args, kwargs, name: str):
@@ -215,12 +225,13 @@ class TokenRuntime:
 
     def __init__(self, model: nn.Module, model_map: ModelMap, cap: Capture, trimmers: dict[str, TokenTrimmer],
                  guidance: dict[str, str | None], *, threshold: float = 0.5, special: dict[str, list[int]] | None = None,
-                 other_cap: Capture | None = None, tau: float = 1.0):
+                 other_cap: Capture | None = None, tau: float = 1.0, text_embed: tuple[str, str] | None = None):
         self.model, self.map = model, model_map
         self.trimmers = trimmers  # layer path -> trimmer
         self.guidance = guidance  # stream -> other stream whose global vector guides it (or None)
         self.threshold, self.tau = threshold, tau
         self.special = special or {}
+        self.text_embed = text_embed
         self.enabled = True
         self.state = TrimState()
         self.stream_of: dict[str, str] = {}
@@ -240,7 +251,7 @@ class TokenRuntime:
     # -- installation -------------------------------------------------------------------------
     def _install(self):
         m = self.model
-        self.handles.append(m.register_forward_pre_hook(self._reset))
+        self.handles.append(m.register_forward_pre_hook(self._reset, with_kwargs=True))
         for path, stream in self.stream_of.items():
             if stream not in self.trimmed_streams and stream not in self.guidance.values():
                 continue
@@ -261,8 +272,18 @@ class TokenRuntime:
         self.handles.clear()
 
     # -- hooks --------------------------------------------------------------------------------
-    def _reset(self, module, args):
+    def _reset(self, module, args, kwargs):
         self.state = TrimState()
+        if self.enabled and self.text_embed and any(str(v).startswith("embed:") for v in self.guidance.values()):
+            name, path = self.text_embed
+            ids = kwargs.get(name)
+            if isinstance(ids, torch.Tensor):
+                emb = self.model.get_submodule(path)(ids)
+                weight = (ids != 0).unsqueeze(-1).to(emb.dtype)
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+                    weight = mask.unsqueeze(-1).to(emb.dtype)
+                self.state.embeds["embed:" + name] = (emb * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
     def _make_pre(self, path: str):
         stream = self.stream_of[path]
@@ -272,12 +293,16 @@ class TokenRuntime:
             if not self.enabled or spec["main"] is None:
                 return None
             hidden = _get_arg(args, kwargs, spec["main"])
+            if spec["seq_first"]:
+                hidden = hidden.transpose(0, 1)
             st = self.state.streams.get(stream)
             if st is None:
                 st = self.state.streams[stream] = StreamState(hidden.shape[1])
             trimmer = self.trimmers.get(path) if stream in self.trimmed_streams else None
             if trimmer is not None:
                 hidden = self._decide(stream, st, trimmer, hidden)
+                if spec["seq_first"]:
+                    hidden = hidden.transpose(0, 1)
                 args, kwargs = _set_arg(args, kwargs, spec["main"], hidden)
             if st.index is not None:
                 for name, dims in spec["axes"].items():
@@ -300,7 +325,7 @@ class TokenRuntime:
             if st is not None:
                 flat = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
                 if flat:
-                    st.last = flat[0]
+                    st.last = flat[0].transpose(0, 1) if self.axes[path]["seq_first"] else flat[0]
             return None
 
         return post
@@ -312,7 +337,7 @@ class TokenRuntime:
                 self._modes.append(None)
                 return None
             mask = None
-            if module.training and st.mask is not None:
+            if self.model.training and st.mask is not None:
                 mask = ops.additive_key_mask(st.mask, eps=1e-6)
             elif st.valid is not None and not bool(st.valid.all()):
                 mask = ops.padding_key_mask(st.valid)
@@ -336,9 +361,11 @@ class TokenRuntime:
     def _global(self, stream: str | None, like: torch.Tensor) -> torch.Tensor | None:
         if stream is None:
             return None
+        if stream.startswith("embed:"):
+            return self.state.embeds.get(stream)
         st = self.state.streams.get(stream)
         if st is None or st.last is None:
-            return self.state.embeds.get(stream)
+            return None
         return self._pool(st, st.last)
 
     @staticmethod
@@ -362,7 +389,7 @@ class TokenRuntime:
         positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
         for p in self.special.get(stream, [0]):
             special |= positions == p
-        if trimmer.training:
+        if self.model.training:
             sample = ops.gumbel_sigmoid(logits, tau=self.tau)
             sample = torch.where(special, torch.ones_like(sample), sample)
             prev = st.mask if st.mask is not None else torch.ones_like(sample)

@@ -1,0 +1,214 @@
+"""SmartTrim token trimming as a pass: ``smarttrim.tokens``.
+
+Inserts one :class:`~trimkit.runtime.TokenTrimmer` before every trimmed layer of every trimmed
+stream (by default: all layers but the first of each stream whose tokens are not the task's
+per-token outputs). Guidance for a stream comes from the stream it cross-attends to, or the stream
+that cross-attends to it, or — for a fused single stream — the text input's embedding; dual
+encoders fall back to same-modality guidance and the report says so.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from trimkit.errors import ConfigError
+from trimkit.graph import capture
+from trimkit.locate import ModelMap
+from trimkit.passes.base import PassConfig, PassContext, PassResult
+from trimkit.passes.registry import register_pass
+from trimkit.runtime import TokenRuntime, TokenTrimmer
+
+__all__ = ["SmartTrimTokensConfig", "token_runtime"]
+
+_ATTR = "trimkit_token_trimmers"
+
+
+@dataclass(frozen=True)
+class SmartTrimTokensConfig(PassConfig):
+    """Per-input token trimming.
+
+    target_ratio: the executed-FLOPs ratio training steers to (used by the trainer's cost loss).
+    threshold: at inference a token is kept when its keep probability is above it (0 keeps all).
+    streams: regex on stream names to trim ("" = every stream that can be trimmed).
+    start_layer: first layer index (within each stream) that gets a trimmer.
+    guidance: "cross" (other modality's global vector) or "self" (same modality only).
+    hidden: width of the trimmer MLP (0 = width // 8, at least 8).
+    tau: Gumbel temperature used in training.
+    """
+
+    name: ClassVar[str] = "smarttrim.tokens"
+    tags: ClassVar[tuple[str, ...]] = ("trim",)
+    forbids_after: ClassVar[tuple[str, ...]] = ()
+
+    target_ratio: float = 0.5
+    threshold: float = 0.5
+    streams: str = ""
+    start_layer: int = 1
+    guidance: str = "cross"
+    hidden: int = 0
+    tau: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ConfigError(f"smarttrim.tokens: target_ratio must be in (0, 1], got {self.target_ratio}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"smarttrim.tokens: threshold must be in [0, 1], got {self.threshold}")
+        if self.guidance not in ("cross", "self"):
+            raise ConfigError(f"smarttrim.tokens: guidance must be 'cross' or 'self', got {self.guidance!r}")
+        if self.start_layer < 0 or self.hidden < 0 or self.tau <= 0:
+            raise ConfigError("smarttrim.tokens: start_layer and hidden must be >= 0 and tau > 0, got "
+                              f"start_layer={self.start_layer}, hidden={self.hidden}, tau={self.tau}")
+        try:
+            re.compile(self.streams)
+        except re.error as exc:
+            raise ConfigError(f"smarttrim.tokens: streams is not a valid regex: {exc}") from exc
+
+
+def _per_token_streams(model_map: ModelMap, cap, logits: torch.Tensor | None) -> set[str]:
+    """Streams whose length shows up in the task logits (their tokens are outputs: never trimmed)."""
+    out = set()
+    if logits is None or logits.dim() < 3:
+        return out
+    for s in model_map.streams:
+        call = next((c for c in cap.calls if c.path == s.layers[-1].path), None)
+        if call is None or not call.outputs:
+            continue
+        shape = call.outputs[0].meta["trimkit.shape"]
+        if shape and len(shape) == 3 and logits.shape[1] == shape[1]:
+            out.add(s.name)
+    return out
+
+
+def _text_embedding(model: nn.Module, cap, roles: dict[str, str]):
+    """(input name, embedding module path) of the Embedding that reads a text input directly."""
+    for n in cap.nodes:
+        if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Embedding):
+            src = n.args[0] if n.args else None
+            if getattr(src, "op", "") == "placeholder" and roles.get(src.target) == "text":
+                return src.target, n.target
+    return None
+
+
+def _guidance(model_map: ModelMap, trimmed: list[str], mode: str, text_embed) -> tuple[dict, list[str]]:
+    other: dict[str, str | None] = {}
+    notes = []
+    for name in trimmed:
+        s = model_map.stream(name)
+        if mode == "self":
+            other[name] = None
+            continue
+        keyed = [a.key_stream for lay in s.layers for a in lay.attention
+                 if a.kind == "cross" and not a.key_stream.startswith("input:")]
+        keying = [t.name for t in model_map.streams for lay in t.layers for a in lay.attention
+                  if a.kind == "cross" and a.key_stream == name]
+        first = s.layers[0].index
+        later = [k for k in keying if model_map.stream(k).layers[0].index > first]
+        if keyed:
+            other[name] = keyed[0]
+        elif keying and not later:
+            other[name] = keying[0]
+        elif keying and text_embed is not None and model_map.stream(later[0]).modality in ("text", "fused"):
+            # the guiding stream runs later: use the text input's embedding, available up front
+            other[name] = "embed:" + text_embed[0]
+        elif keying:
+            other[name] = None
+            notes.append(f"stream '{name}': the stream that attends to it runs later and no text embedding "
+                         "was found: same-modality guidance")
+        elif s.modality == "fused" and text_embed is not None:
+            other[name] = "embed:" + text_embed[0]
+        else:
+            other[name] = None
+            notes.append(f"stream '{name}' has no cross-modal signal (dual encoder or single modality): "
+                         "same-modality guidance")
+    return other, notes
+
+
+def _other_width(model_map: ModelMap, model: nn.Module, other: str | None, text_embed) -> int | None:
+    if other is None:
+        return None
+    if other.startswith("embed:"):
+        return model.get_submodule(text_embed[1]).embedding_dim
+    return model_map.stream(other).layers[-1].width or None
+
+
+@register_pass(SmartTrimTokensConfig)
+def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTokensConfig,
+                     context: PassContext) -> PassResult:
+    if context.inputs is None:
+        raise ConfigError("smarttrim.tokens needs example inputs to find each layer's sequence-aligned arguments")
+    if hasattr(model, _ATTR):
+        raise ConfigError("smarttrim.tokens is already applied to this model")
+    cap = capture(model, context.inputs)
+    logits = None
+    task = context.hints.get("task") if context.hints else None
+    try:
+        logits = task.logits(cap.output) if task is not None else None
+    except Exception:
+        logits = None
+    if logits is None:
+        first = getattr(cap.output, "logits", None)
+        logits = first if isinstance(first, torch.Tensor) else None
+    per_token = _per_token_streams(model_map, cap, logits)
+    pattern = re.compile(config.streams)
+    trimmed = [s.name for s in model_map.streams if pattern.search(s.name) and s.name not in per_token
+               and len(s.layers) > config.start_layer]
+    skipped = [s.name for s in model_map.streams if s.name not in trimmed]
+    text_embed = _text_embedding(model, cap, model_map.inputs)
+    other, notes = _guidance(model_map, trimmed, config.guidance, text_embed)
+    def build(names: list[str]):
+        by_path: dict[str, TokenTrimmer] = {}
+        for name in names:
+            s = model_map.stream(name)
+            ow = _other_width(model_map, model, other[name], text_embed)
+            for layer in s.layers[config.start_layer:]:
+                by_path[layer.path] = TokenTrimmer(layer.width, ow, hidden=config.hidden or None)
+        return by_path
+
+    special = {name: list((context.hints or {}).get("special_tokens", {}).get(model_map.stream(name).modality, [0]))
+               for name in trimmed}
+    # Probe each stream at the harshest threshold: a stream whose consumers index tokens by
+    # position (e.g. pooling at an EOS position) cannot lose tokens and is left whole.
+    if not context.restoring:
+        kept_streams = []
+        for name in trimmed:
+            probe = TokenRuntime(model, model_map, cap, build([name]), other, threshold=1.0, special=special,
+                                 text_embed=text_embed)
+            was_training = model.training
+            try:
+                model.eval()
+                with torch.no_grad():
+                    model(**context.inputs)
+                kept_streams.append(name)
+            except Exception as exc:  # the probe decides; any failure means "not trimmable"
+                notes.append(f"stream '{name}' left whole: removing its tokens breaks the forward "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
+            finally:
+                probe.remove()
+                model.train(was_training)
+        skipped += [n for n in trimmed if n not in kept_streams]
+        trimmed = kept_streams
+    by_path = build(trimmed)
+    trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
+    trimmers.train(model.training)
+    model.add_module(_ATTR, trimmers)
+    runtime = TokenRuntime(model, model_map, cap, by_path, other, threshold=config.threshold, special=special,
+                           tau=config.tau, text_embed=text_embed)
+    model._trimkit_token_runtime = runtime
+
+    def undo():
+        runtime.remove()
+        delattr(model, _ATTR)
+        del model._trimkit_token_runtime
+
+    report = {"trimmed_streams": trimmed, "skipped_streams": skipped, "per_token_streams": sorted(per_token),
+              "trimmers": len(by_path), "guidance": {k: v for k, v in other.items()}, "notes": notes,
+              "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
+    return PassResult(model, report, undo, trainable=True)
+
+
+def token_runtime(model: nn.Module) -> TokenRuntime | None:
+    return getattr(model, "_trimkit_token_runtime", None)
