@@ -65,7 +65,7 @@ def _takes_context(handler: Handler) -> bool:
 def _check_config_class(cls: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, PassConfig) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"register_pass needs a PassConfig dataclass, got {cls!r}")
-    if not cls.__dataclass_params__.frozen:
+    if "__dataclass_fields__" not in cls.__dict__ or not cls.__dataclass_params__.frozen:
         raise TypeError(f"pass config {cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
     if not isinstance(cls.name, str) or not cls.name:
         raise TypeError(f"pass config {cls.__name__} needs a class attribute name = '...'")
@@ -272,7 +272,7 @@ def _toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {type(value).__name__} {value!r} to TOML")
