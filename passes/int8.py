@@ -126,26 +126,36 @@ class Int8DynamicLinear(nn.Module):
         weight = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")
+        out = torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed_weight(), reduce_range)
+        return out.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed int8 kernel on CPU; with autograd on, its values and the dequantized layer's gradient."""
+        """The packed int8 kernel on CPU (gradients w.r.t. `x` through the dequantized weight)."""
         if self._fast_path(x):
             try:
-                reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")
-                with torch.no_grad():
-                    out = torch.ops.quantized.linear_dynamic(x.detach().float().contiguous(),
-                                                             self._packed_weight(), reduce_range).to(x.dtype)
+                return _PackedLinear.apply(x, self)
             except (RuntimeError, NotImplementedError):
                 type(self)._packing_ok = False
                 self._reset_packed()
-            else:
-                if x.requires_grad and torch.is_grad_enabled():
-                    slow = self._dequantized(x)
-                    return slow + (out - slow).detach()
-                return out
         return self._dequantized(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _PackedLinear(torch.autograd.Function):
+    """Values of the packed kernel; gradient of the dequantized layer (the weights get none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Int8DynamicLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._kernel(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.weight.to(grad.dtype), None
 
 
 def _excluded(module: nn.Module) -> bool:
