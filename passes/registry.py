@@ -192,8 +192,9 @@ def build_config(cls: type[PassConfig], data: dict, where: str = "") -> PassConf
         return cls(**data)
     except ConfigError as err:
         text = str(err)
-        prefix = f"pass {cls.name!r}: "
-        raise ConfigError(f"{label}: {text[len(prefix):] if text.startswith(prefix) else text}") from None
+        for prefix in (f"pass {cls.name!r}: ", f"{cls.name}: "):
+            text = text[len(prefix):] if text.startswith(prefix) else text
+        raise ConfigError(f"{label}: {text}") from None
 
 
 def config_from_dict(d: dict) -> PassConfig:

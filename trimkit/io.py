@@ -232,11 +232,23 @@ def _load_weights(model: nn.Module, file: Path, what: str) -> None:
     if not file.is_file():
         raise ConfigError(f"saved folder lacks {str(file)!r}")
     try:
-        load_model(model, str(file), strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
+        missing, unexpected = load_model(model, str(file), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        text = " ".join(str(err).split())
+        raise TrimkitError(f"{what} in {str(file)!r} do not fit the rebuilt model: {_clip(text)}") from None
+    if missing or unexpected:
         raise TrimkitError(f"{what} in {str(file)!r} do not fit the rebuilt model: "
-                           f"{' '.join(line.strip() for line in first[:3])}") from None
+                           f"{_some('missing', missing)}; {_some('unexpected', unexpected)}")
+
+
+def _some(label: str, keys, shown: int = 3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} {label} ({', '.join(keys[:shown])}{more})" if keys else f"0 {label}"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_folder(path: str | os.PathLike):
