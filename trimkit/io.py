@@ -17,6 +17,7 @@ place, so a failure never leaves a half-written folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,23 @@ BaseWriter = Callable[[Path], None]
 def is_trimkit_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder holding a ``trimkit.json``."""
     return (Path(path) / MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers progress bars while writing or reading a folder (restored afterwards)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -99,9 +117,11 @@ def _write_base(where: Path, base_ref: str, writer: BaseWriter | None) -> str:
     if writer is None:
         from trimkit.backbones import load_backbone
 
-        base = load_backbone(base_ref).model
+        with _quiet_transformers():
+            base = load_backbone(base_ref).model
         writer = hf_base_writer(base) if _is_hf(base) else state_dict_base_writer(base)
-    writer(where)
+    with _quiet_transformers():
+        writer(where)
     if (where / "config.json").is_file():
         return "hf"
     if (where / WEIGHTS).is_file():
@@ -219,7 +239,8 @@ def _load_base(folder: Path, base: dict):
 
     kind = base.get("kind")
     if kind == "hf":
-        backbone = load_backbone(str(folder / BASE_DIR))
+        with _quiet_transformers():
+            backbone = load_backbone(str(folder / BASE_DIR))
     elif kind == "factory":
         backbone = load_backbone(_factory_ref(base))
         _load_weights(backbone.model, folder / BASE_DIR / WEIGHTS, "base weights")
