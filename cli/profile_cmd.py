@@ -10,7 +10,7 @@ import click
 import torch
 
 from trimkit.cli import command
-from trimkit.errors import ConfigError, TrimkitError
+from trimkit.errors import ConfigError
 
 __all__ = ["profile"]
 
@@ -32,8 +32,9 @@ def _model_map(backbone) -> Any | None:
     try:
         return locate(backbone.model, backbone.example_inputs(2), name=backbone.name,
                       hints=backbone.hints)
-    except TrimkitError as exc:
-        click.echo(f"note: no block map ({exc}); blocks are the top-level modules", err=True)
+    except Exception as exc:  # profiling goes on without a map; say why on stderr
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        click.echo(f"note: no block map ({reason}); blocks are the top-level modules", err=True)
         return None
 
 
@@ -76,7 +77,8 @@ def _rows(report: dict) -> list[tuple[str, str]]:
         ("parameters", f"{report['params']:,}"),
         ("trimmer parameters", f"{report['trimmer_params']:,}"),
     ]
-    rows += [(f"latency {key.replace('_', ' ')}", _ms(v)) for key, v in report["latency_ms"].items()]
+    for key, value in report["latency_ms"].items():
+        rows.append((f"latency {key.replace('_', ' ')}", _ms(value)))
     rows.append(("peak memory (batch 1)", f"{report['peak_memory_mb']:.2f} MiB"))
     return rows
 
@@ -130,7 +132,8 @@ def _print(report: dict, by_block: bool, title: str) -> None:
 
 
 @command("profile")
-@click.option("--model", "model_ref", required=True, help="Backbone name, hub id, folder or file.py:factory.")
+@click.option("--model", "model_ref", required=True,
+              help="Backbone name, hub id, folder or file.py:factory.")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
               help="Profile before and after applying this recipe (TOML).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),

@@ -228,3 +228,12 @@ def test_conv_and_bmm_forms():
     report = count_flops(M(), (x, a, b))
     conv = 2 * 4 * 3 * 9 * 36
     assert report.flops == conv + 2 * (2 * 5 * 4 * 3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dynamic_int8_linear_counts_its_multiply_adds():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    report = count_flops(quantized, (torch.randn(2, 3, 8),))
+    assert "quantized.linear_dynamic" in report.by_op
+    assert report.flops == 2 * 3 * 8 * 4 + 2 * 3 * 4 * 4

@@ -123,3 +123,21 @@ def test_elementwise_conventions():
     assert elementwise_cost("view", {"self": x}, [x]) == 0
     assert elementwise_cost("eq", {"self": x}, [Spec((2, 3, 4), floating=False)]) is None
     assert elementwise_cost("some_unknown_op", {"self": x}, [x]) is None
+
+
+def test_three_operand_einsum_matches_dispatch_count():
+    """torch contracts left to right unless opt_einsum is installed and picks another order."""
+    import importlib.util
+
+    from trimkit.profile import count_flops
+
+    if importlib.util.find_spec("opt_einsum") is not None:
+        pytest.skip("opt_einsum chooses the contraction order")
+
+    class E(torch.nn.Module):
+        def forward(self, a, b, c):
+            return torch.einsum("bij,bjk,bkl->bil", a, b, c)
+
+    a, b, c = torch.randn(1, 2, 3), torch.randn(1, 3, 4), torch.randn(1, 4, 5)
+    expected = einsum_cost("bij,bjk,bkl->bil", [(1, 2, 3), (1, 3, 4), (1, 4, 5)]).flops
+    assert count_flops(E(), (a, b, c)).flops == expected == 2 * 2 * 3 * 4 + 2 * 2 * 4 * 5

@@ -91,9 +91,9 @@ def count_flops(model: torch.nn.Module, inputs: Inputs, blocks: Mapping[str, str
         with eval_mode(model):
             return fvcore_count(model, inputs, chosen, name)
     except FvcoreUnavailable as exc:
+        report = _torch_count(model, inputs, chosen, name)  # a model that fails raises here
         message = f"{exc}; counted with the torch dispatch counter instead"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-        report = _torch_count(model, inputs, chosen, name)
         return dataclasses.replace(report, counter="torch (fvcore fallback)",
                                    notes=report.notes + (message,))
 

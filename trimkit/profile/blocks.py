@@ -34,7 +34,9 @@ def _paths(value: Any) -> Iterable[str]:
 
 
 def blocks_from_map(model_map: Any) -> dict[str, str]:
-    """``{path: kind}`` from a ModelMap (``.streams[i].layers[j].attention[k].path``, ``.ffn.path``).
+    """``{path: kind}`` from a ModelMap.
+
+    Reads ``.streams[i].layers[j].path``, ``.attention[k].path`` and ``.ffn.path``.
 
     Duck-typed: objects or the ``trimkit inspect --json`` dict form. Layers become kind
     "layer" (their norms and residual adds), attention sites "attention", FFNs "ffn";
@@ -59,7 +61,8 @@ def blocks_from_map(model_map: Any) -> dict[str, str]:
 def is_trimmer(path: str, module: torch.nn.Module) -> bool:
     if getattr(module, "trimkit_role", None) == "trimmer":
         return True
-    return "trimmer" in type(module).__name__.lower() or "trimmer" in path.rsplit(".", 1)[-1].lower()
+    own_name = path.rsplit(".", 1)[-1].lower()
+    return "trimmer" in type(module).__name__.lower() or "trimmer" in own_name
 
 
 def trimmer_paths(model: torch.nn.Module) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch.nn.modules.module import (
@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry as _torch_registry
 
-from trimkit.profile.formulas import FORMULAS, Cost, Spec, elementwise_cost
+from trimkit.profile.formulas import FORMULAS, QUALIFIED_FORMULAS, Cost, Spec, elementwise_cost
 
 __all__ = ["OTHER", "BlockCost", "FlopReport", "FlopRecorder", "spec_of"]
 
@@ -116,7 +116,9 @@ class _ModuleStack:
     """Paths of the modules running now, and the deepest block enclosing each."""
 
     def __init__(self, model: torch.nn.Module, blocks: Mapping[str, str]):
-        self.paths = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self.paths: dict[int, str] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(module), name)  # a shared module keeps its first name
         self.blocks = dict(blocks)
         self.frames: list[tuple[int, str, str]] = []  # (module id, path, block)
 
@@ -249,8 +251,11 @@ class FlopRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         block = self.stack.block
         outs = [_to_spec(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        qualified = f"{func.namespace}::{name}"
         if func.namespace == "aten" and name in FORMULAS:
             cost = FORMULAS[name](bind(func._schema, args, kwargs), outs)
+        elif qualified in QUALIFIED_FORMULAS:
+            cost = QUALIFIED_FORMULAS[qualified](bind(func._schema, args, kwargs), outs)
         elif func.overloadpacket in _torch_registry:
             cost = Cost(float(_torch_registry[func.overloadpacket](*args, **kwargs, out_val=out)))
         else:
@@ -273,8 +278,3 @@ class FlopRecorder(TorchDispatchMode):
 def _is_view(func) -> bool:
     return any(r.alias_info is not None for r in func._schema.returns)
 
-
-def iter_tensors(x: Any) -> Iterator[torch.Tensor]:
-    for leaf in tree_flatten(x)[0]:
-        if isinstance(leaf, torch.Tensor):
-            yield leaf

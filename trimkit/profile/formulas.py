@@ -27,6 +27,7 @@ __all__ = [
     "Spec",
     "Cost",
     "FORMULAS",
+    "QUALIFIED_FORMULAS",
     "SOFTMAX_FLOPS",
     "matmul_flops",
     "einsum_cost",
@@ -147,6 +148,13 @@ def _linear(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
     return _linear_like(a["input"], a["weight"], a.get("bias"), weight_is_out_in=True)
 
 
+def _packed_linear(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
+    """Quantized linear with packed weights: in/out features from the input and output shapes."""
+    x = a.get("X", a.get("input"))
+    y = out[0]
+    return Cost(2.0 * x.numel * y.shape[-1])
+
+
 # --------------------------------------------------------------------------- einsum
 
 
@@ -225,7 +233,10 @@ def _einsum(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
 
 def conv_cost(x: Sequence[int], w: Sequence[int], out: Sequence[int], transposed: bool,
               bias: bool) -> Cost:
-    """2 * batch * prod(weight) * prod(spatial): spatial of the output, or of the input when transposed."""
+    """2 * batch * prod(weight) * prod(spatial).
+
+    Spatial sizes are the output's, or the input's for a transposed convolution.
+    """
     spatial = x[2:] if transposed else out[2:]
     flops = 2.0 * x[0] * math.prod(w) * math.prod(spatial)
     return Cost(flops, float(math.prod(out)) if bias else 0.0)
@@ -240,7 +251,8 @@ def _conv_out_shape(a: Mapping[str, Any], out: Sequence[Spec]) -> tuple[int, ...
 def _convolution(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
     x, w = a["input"], a["weight"]
     transposed = bool(a.get("transposed", False))
-    return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), transposed, a.get("bias") is not None)
+    bias = a.get("bias") is not None
+    return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), transposed, bias)
 
 
 def _conv_transpose(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
@@ -377,7 +389,8 @@ DATA_MOVEMENT = frozenset({
     "_unsafe_index", "gather", "scatter", "index_put", "slice_scatter", "select_scatter", "repeat",
     "repeat_interleave", "flip", "roll", "zeros", "ones", "empty", "empty_strided", "full",
     "arange", "linspace", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided",
-    "scalar_tensor", "tril", "triu", "split_with_sizes", "unbind", "split", "chunk", "native_dropout",
+    "scalar_tensor", "tril", "triu", "split_with_sizes", "unbind", "split", "chunk",
+    "native_dropout",
     "dropout", "bernoulli", "rand", "randn", "randint", "normal", "uniform", "contiguous",
     "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact2d",
     "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "unfold", "sort", "topk", "argsort",
@@ -459,6 +472,7 @@ _SDPA_NAMES = {
 
 FORMULAS: dict[str, Callable[..., Cost]] = {
     "mm": _mm,
+    "_int_mm": _mm,
     "addmm": _addmm,
     "_addmm_activation": _addmm_activation,
     "bmm": _bmm,
@@ -487,3 +501,10 @@ FORMULAS: dict[str, Callable[..., Cost]] = {
     **{name: _sdpa(mask) for name, mask in _SDPA_NAMES.items()},
 }
 """Op name (aten, no namespace) -> ``formula(args, out_specs) -> Cost``."""
+
+QUALIFIED_FORMULAS: dict[str, Callable[..., Cost]] = {
+    f"quantized::{name}": _packed_linear
+    for name in ("linear_dynamic", "linear_dynamic_fp16", "linear_relu_dynamic",
+                 "linear_relu_dynamic_fp16", "linear", "linear_relu")
+}
+"""Ops outside aten, by qualified name. Integer matmuls count 2 per multiply-add as well."""

@@ -25,6 +25,7 @@ from trimkit.profile.counter import OTHER, BlockCost, FlopReport
 from trimkit.profile.formulas import (
     DATA_MOVEMENT,
     FORMULAS,
+    QUALIFIED_FORMULAS,
     Spec,
     _BATCH_NORMS,
     _INTERPOLATE,
@@ -105,13 +106,15 @@ def _out_specs(outputs: list) -> list[Any]:
     return specs
 
 
-def _make_handle(name: str, problems: Counter):
+def _make_handle(name: str, problems: Counter, formula=None):
+    formula = formula or FORMULAS.get(name)
+
     def handle(inputs: list, outputs: list) -> Counter:
         try:
             args = _jit_bind(inputs, outputs[0].node())
             outs = _out_specs(outputs)
-            if name in FORMULAS:
-                cost = FORMULAS[name](args, outs)
+            if formula is not None:
+                cost = formula(args, outs)
                 counts = Counter({name: cost.flops / 2.0, name + _EW: cost.elementwise})
             else:
                 ew = elementwise_cost(name, args, outs)
@@ -176,6 +179,8 @@ def _handles(problems: Counter) -> dict[str, Any]:
         "aten::addmm": _with_bias(addmm_flop_jit, "addmm", 0, problems),
         "aten::_convolution": _with_bias(conv_flop_jit, "conv", 2, problems),
     }
+    for qualified, formula in QUALIFIED_FORMULAS.items():
+        handles[qualified] = _make_handle(qualified.split("::")[1], problems, formula)
     for name in _handled_names():
         handles[f"aten::{name}"] = _make_handle(name, problems)
         if not name.endswith("_"):
@@ -236,9 +241,12 @@ def _wrap(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, tuple]:
     return _Positional(model, None, {}), args
 
 
-def _analysis(model: nn.Module, inputs: Inputs, problems: Counter):
-    from fvcore.nn import FlopCountAnalysis
-
+def _analysis(model: nn.Module, inputs: Inputs, problems: Counter, name: str):
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError as exc:
+        raise FvcoreUnavailable(f"fvcore cannot count {name}: fvcore is not importable ({exc})") \
+            from exc
     wrapper, args = _wrap(model, inputs)
     analysis = FlopCountAnalysis(wrapper, args)
     analysis.set_op_handle(**_handles(problems))
@@ -288,7 +296,7 @@ def fvcore_count(model: nn.Module, inputs: Inputs, blocks: Mapping[str, str],
                  name: str) -> FlopReport:
     """FLOPs per sample from fvcore; raises FvcoreUnavailable when the trace fails."""
     problems: Counter = Counter()
-    analysis = _analysis(model, inputs, problems)
+    analysis = _analysis(model, inputs, problems, name)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,7 +4,8 @@ Inputs are a dict of tensors passed as ``model(**inputs)`` whose first dimension
 the batch; tensors whose first dimension is not the batch size (or 0-d tensors,
 or non-tensors) are passed unchanged to every sample. A positional tuple or a
 single tensor also works for plain models. A *maker* is a callable
-``maker(batch_size, seed=...) -> dict`` (e.g. ``Backbone.example_inputs``).
+``maker(batch_size, seed=...) -> dict`` (e.g. ``Backbone.example_inputs``) whose rows do not
+depend on the batch size.
 """
 from __future__ import annotations
 
@@ -77,15 +78,16 @@ def _call_maker(maker: Maker, batch_size: int, seed: int) -> Inputs:
 
 
 def samples_from(source: Inputs | Sequence[Mapping] | Maker, n: int) -> list[Inputs]:
-    """Up to ``n`` batch-of-1 inputs from a batch, a list of batches, or a maker (seeds 0..n-1)."""
+    """Up to ``n`` batch-of-1 inputs.
+
+    They are the rows of a batch, of a list of batches, or of ``maker(n, seed=0)``.
+
+    Give a list of batch-of-1 dicts for samples whose shapes differ (text lengths, image sizes).
+    """
     if n < 1:
         raise ConfigError(f"samples must be at least 1, got {n}")
     if callable(source) and not isinstance(source, (Mapping, torch.Tensor)):
-        out = []
-        for seed in range(n):
-            made = _call_maker(source, 1, seed)
-            out.append(split_samples(made)[0])
-        return out
+        return split_samples(_call_maker(source, n, 0))[:n]
     batches = list(source) if _is_input_list(source) else [source]
     out = []
     for b in batches:

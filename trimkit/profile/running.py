@@ -10,8 +10,8 @@ from trimkit.errors import CaptureError, TrimkitError
 from trimkit.profile.counter import FlopRecorder
 from trimkit.profile.inputs import Inputs, call_model
 
-__all__ = ["model_name", "eval_mode", "fixed_threads", "capture_error", "run_forward", "locate_failure",
-           "collect_stats"]
+__all__ = ["model_name", "eval_mode", "fixed_threads", "capture_error", "run_forward",
+           "locate_failure", "collect_stats"]
 
 
 def model_name(model: torch.nn.Module) -> str:
