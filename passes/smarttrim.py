@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from trimkit.errors import ConfigError
 from trimkit.graph import capture
@@ -81,6 +82,28 @@ def _per_token_streams(model_map: ModelMap, cap, logits: torch.Tensor | None) ->
         if shape and len(shape) == 3 and logits.shape[1] == shape[1]:
             out.add(s.name)
     return out
+
+
+def _split_row(inputs: dict, i: int) -> dict:
+    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
+
+
+def _rows_disagree(model: nn.Module, inputs: dict, batched, tol: float = 1e-4) -> str:
+    """Name of the first output that differs between the batch and its rows run one by one ('' if none)."""
+    flat_b = [t for t in tree_flatten(batched)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    n = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    if n < 2:
+        return ""
+    rows = [[t for t in tree_flatten(model(**_split_row(inputs, i)))[0]
+             if isinstance(t, torch.Tensor) and t.is_floating_point()] for i in range(n)]
+    for j, tb in enumerate(flat_b):
+        parts = [r[j] for r in rows if j < len(r)]
+        if len(parts) != n or tb.dim() == 0 or tb.shape[0] != n or any(p.shape[1:] != tb.shape[1:] for p in parts):
+            continue
+        err = (torch.cat(parts) - tb).abs().max().item()
+        if err > tol * max(1.0, tb.abs().max().item()):
+            return f"output {j}: max difference {err:.3g}"
+    return ""
 
 
 def _text_embedding(model: nn.Module, cap, roles: dict[str, str]):
@@ -175,14 +198,27 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     if not context.restoring:
         kept_streams = []
         for name in trimmed:
-            probe = TokenRuntime(model, model_map, cap, build([name]), other, threshold=1.0, special=special,
+            probe_trimmers = build([name])
+            gen = torch.Generator().manual_seed(0)
+            for t in probe_trimmers.values():  # random decisions: about half the tokens, rows differ
+                with torch.no_grad():
+                    t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=gen) * 3)
+                    t.score.bias.zero_()
+            probe = TokenRuntime(model, model_map, cap, probe_trimmers, other, threshold=0.5, special=special,
                                  text_embed=text_embed)
             was_training = model.training
             try:
                 model.eval()
                 with torch.no_grad():
+                    batched = model(**context.inputs)
+                    mismatch = _rows_disagree(model, context.inputs, batched)
+                    probe.threshold = 1.0
                     model(**context.inputs)
-                kept_streams.append(name)
+                if mismatch:
+                    notes.append(f"stream '{name}' left whole: with tokens removed, a padded batch and row-by-row "
+                                 f"runs disagree ({mismatch}); something reads its tokens by position")
+                else:
+                    kept_streams.append(name)
             except Exception as exc:  # the probe decides; any failure means "not trimmable"
                 notes.append(f"stream '{name}' left whole: removing its tokens breaks the forward "
                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")

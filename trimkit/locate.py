@@ -251,7 +251,7 @@ class _Graph:
         return None
 
     @staticmethod
-    def _param_through_views(n: fx.Node, depth: int = 3):
+    def _param_through_views(n: fx.Node, depth: int = 6):
         for _ in range(depth):
             if n.op == "get_attr":
                 return n if n.meta.get("trimkit.param") else None

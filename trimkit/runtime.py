@@ -174,15 +174,16 @@ class _KeyMask(TorchFunctionMode):
         super().__init__()
         self.mask = mask
 
-    def _fit(self, scores: torch.Tensor):
+    def _fit(self, shape: tuple, dtype: torch.dtype):
+        """The mask shaped to add to scores of ``shape`` ([B,H,Lq,Lk] or [B*H,Lq,Lk]), or None."""
         m, lk = self.mask, self.mask.shape[-1]
-        if scores.shape[-1] != lk:
+        if shape[-1] != lk:
             return None
-        if scores.dim() == 4 and scores.shape[0] in (m.shape[0], 1):
-            return m.to(scores.dtype)
-        if scores.dim() == 3 and scores.shape[0] % m.shape[0] == 0:
-            heads = scores.shape[0] // m.shape[0]
-            return m.to(scores.dtype).repeat_interleave(heads, 0)[:, 0]
+        if len(shape) == 4 and shape[0] in (m.shape[0], 1):
+            return m.to(dtype)
+        if len(shape) == 3 and shape[0] % m.shape[0] == 0:
+            heads = shape[0] // m.shape[0]
+            return m.to(dtype).repeat_interleave(heads, 0)[:, 0]
         return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -191,12 +192,22 @@ class _KeyMask(TorchFunctionMode):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             x = args[0]
             if dim in (-1, x.dim() - 1):
-                add = self._fit(x)
+                add = self._fit(tuple(x.shape), x.dtype)
                 if add is not None:
                     args = (torch.clamp(x + add, min=torch.finfo(x.dtype).min),) + tuple(args[1:])
+        elif func is F.multi_head_attention_forward:
+            key = args[1]
+            lk = key.shape[0] if key.dim() == 3 else key.shape[0]
+            add = self.mask[:, 0, 0, :]
+            if add.shape[-1] == lk or (key.dim() == 3 and key.shape[0] == add.shape[-1]):
+                kpm = kwargs.get("key_padding_mask")
+                if kpm is not None and kpm.dtype == torch.bool:
+                    kpm = torch.zeros(kpm.shape, dtype=add.dtype, device=add.device).masked_fill(kpm, float("-inf"))
+                kwargs = dict(kwargs)
+                kwargs["key_padding_mask"] = add.to(key.dtype) if kpm is None else kpm + add.to(key.dtype)
         elif func is F.scaled_dot_product_attention:
             q, k = args[0], args[1]
-            add = self._fit(torch.empty(0).expand(*q.shape[:-1], k.shape[-2]) if q.dim() == 4 else q)
+            add = self._fit((*q.shape[:-1], k.shape[-2]), q.dtype)
             if add is not None:
                 mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
                 causal = kwargs.pop("is_causal", False)
@@ -264,15 +275,23 @@ class TokenRuntime:
                 seen.add(site.path)
                 mod = m.get_submodule(site.path)
                 self.handles.append(mod.register_forward_pre_hook(self._make_attn_pre(site.key_stream)))
-                self.handles.append(mod.register_forward_hook(self._attn_post))
+                self.handles.append(mod.register_forward_hook(self._attn_post, always_call=True))
+
+    def _close_modes(self):
+        while self._modes:
+            mode = self._modes.pop()
+            if mode is not None:
+                mode.__exit__(None, None, None)
 
     def remove(self):
+        self._close_modes()
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
     # -- hooks --------------------------------------------------------------------------------
     def _reset(self, module, args, kwargs):
+        self._close_modes()  # a forward that raised inside an attention module left one open
         self.state = TrimState()
         if self.enabled and self.text_embed and any(str(v).startswith("embed:") for v in self.guidance.values()):
             name, path = self.text_embed
@@ -401,6 +420,10 @@ class TokenRuntime:
         keep = ops.keep_mask_from_probs(torch.sigmoid(logits), self.threshold, always_keep=special)
         if st.valid is not None:
             keep &= st.valid
+        empty = ~keep.any(1)
+        if bool(empty.any()):  # a row keeps at least its most likely token
+            best = logits.masked_fill(~st.valid, float("-inf")) if st.valid is not None else logits
+            keep[empty] |= F.one_hot(best[empty].argmax(1), length).bool()
         if bool(keep.all()):
             st.kept.append(keep.sum(1))
             return hidden
