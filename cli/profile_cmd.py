@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 from typing import Any
 
@@ -38,16 +39,23 @@ def _model_map(backbone) -> Any | None:
         return None
 
 
-def _apply_recipe(model: torch.nn.Module, recipe: str, model_map: Any) -> torch.nn.Module:
+def _apply_recipe(model: torch.nn.Module, recipe: str, model_map: Any,
+                  **context: Any) -> torch.nn.Module:
+    """A copy of `model` with the recipe applied (``inputs`` / ``hints`` passed when accepted)."""
     passes = importlib.import_module("trimkit.passes")
     apply_recipe = getattr(passes, "apply_recipe", None)
     if apply_recipe is None:
         raise ConfigError("recipes need the passes module: trimkit.passes.apply_recipe is missing")
     after = copy.deepcopy(model)
-    result = apply_recipe(after, recipe, model_map)
+    accepted = inspect.signature(apply_recipe).parameters
+    extra = {k: v for k, v in context.items() if k in accepted}
+    result = apply_recipe(after, recipe, model_map, **extra)
+    if isinstance(result, (list, tuple)) and result:
+        result = result[-1]  # the last pass's result holds the final model
     if isinstance(result, torch.nn.Module):
         return result
-    return getattr(result, "model", None) or after
+    final = getattr(result, "model", None)
+    return final if isinstance(final, torch.nn.Module) else after
 
 
 def _existing(model: torch.nn.Module, blocks: dict[str, str]) -> dict[str, str]:
@@ -164,7 +172,8 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
     options = dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
                    name=backbone.name)
     if recipe:
-        after = _apply_recipe(backbone.model, recipe, model_map)
+        after = _apply_recipe(backbone.model, recipe, model_map,
+                              inputs=backbone.example_inputs(2), hints=backbone.hints)
         kept = None if blocks is None else _existing(after, blocks)
         report = compare(backbone.model, after, backbone.example_inputs, blocks_before=blocks,
                          blocks_after=kept, **options)

@@ -332,3 +332,42 @@ class _TwoBuffers(nn.Module):
 def test_peak_memory_counts_live_tensor_bytes():
     report = count_flops(_TwoBuffers(), (torch.ones(1),))
     assert 8000 <= report.peak_memory_bytes <= 8000 + 64
+
+
+class _UsesHelper(nn.Module):
+    def __init__(self, helper):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.helpers = [helper]  # not a child: the helper lives at the root
+
+    def forward(self, x):
+        return self.fc(self.helpers[0](x))
+
+
+class _HookedNet(nn.Module):
+    """A trimmer kept in a container at the root but run from a layer's hook; a shared helper."""
+
+    def __init__(self):
+        super().__init__()
+        self.helper = nn.Linear(D, D)
+        self.layers = nn.ModuleList([_UsesHelper(self.helper), _UsesHelper(self.helper)])
+        self.trimmers = nn.ModuleList([TokenTrimmer()])
+        self.layers[0].register_forward_hook(lambda m, a, out: self.trimmers[0](out))
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_modules_are_charged_to_their_own_block_else_to_their_caller():
+    model = _HookedNet()
+    blocks = {"layers.0": "layer", "layers.1": "layer"}
+    report = count_flops(model, (torch.randn(1, 6, D),), blocks)
+    n, kept = 6, 3
+    assert report.block("trimmers").kind == "trimmer"  # the container is named so
+    assert report.block("trimmers").flops == 2 * n * D  # run from layers.0's hook, charged here
+    assert report.block("layers.0").flops == 2 * (2 * n * D * D)  # fc and the shared helper
+    assert report.block("layers.1").flops == 2 * (2 * kept * D * D)
+    assert report.block("other").flops == 2 * kept * D * 2  # the head

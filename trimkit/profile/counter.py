@@ -112,14 +112,29 @@ def bind(schema: torch.FunctionSchema, args: tuple, kwargs: Mapping[str, Any]) -
     return named
 
 
+def _owning_block(path: str, blocks: Mapping[str, str]) -> str | None:
+    """The longest block path that is ``path`` or one of its ancestors."""
+    while True:
+        if path in blocks:
+            return path
+        if not path:
+            return None
+        path = path.rpartition(".")[0]
+
+
 class _ModuleStack:
-    """Paths of the modules running now, and the deepest block enclosing each."""
+    """Paths of the modules running now, and the block each op is charged to.
+
+    A module inside a block (by path) charges that block, wherever it is called from;
+    a module outside every block charges the block of its caller (a shared helper
+    called by a layer belongs to that layer), or "other".
+    """
 
     def __init__(self, model: torch.nn.Module, blocks: Mapping[str, str]):
         self.paths: dict[int, str] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(module), name)  # a shared module keeps its first name
-        self.blocks = dict(blocks)
+        self.owner = {key: _owning_block(path, blocks) for key, path in self.paths.items()}
         self.frames: list[tuple[int, str, str]] = []  # (module id, path, block)
 
     @property
@@ -134,7 +149,7 @@ class _ModuleStack:
         path = self.paths.get(id(module))
         if path is None:
             return
-        block = path if path in self.blocks else self.block
+        block = self.owner[id(module)] or self.block
         self.frames.append((id(module), path, block))
 
     def pop(self, module: torch.nn.Module, _inputs: Any, _output: Any) -> None:
