@@ -682,8 +682,8 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         if srcs and set(srcs) == set(q_srcs):
             s.kind, s.key_stream = "self", s.query_stream
         elif srcs:
-            latest = max(srcs, key=lambda q: layers[q].index)
-            s.kind, s.key_stream = "cross", stream_name[latest]
+            nearest = srcs[0]  # breadth-first: the layer output fewest ops away from the keys
+            s.kind, s.key_stream = "cross", stream_name[nearest]
         else:
             origins = sorted(r.k_in.meta["trimkit.origins"])
             s.kind, s.key_stream = "cross", "input:" + ",".join(origins or ["?"])
