@@ -312,12 +312,12 @@ def _opname(n: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _product_before(g: _Graph, start: fx.Node, limit: int = 40) -> fx.Node | None:
-    """Nearest q·k product (a non-parameter matmul) upstream of a softmax."""
+def _nearest_product(g: _Graph, start: fx.Node, upstream: bool, limit: int = 40) -> fx.Node | None:
+    """Nearest non-parameter matmul from ``start``, walking inputs (upstream) or users (downstream)."""
     seen, queue = {start}, deque([start])
     while queue and len(seen) < limit:
         n = queue.popleft()
-        for a in n.all_input_nodes:
+        for a in (n.all_input_nodes if upstream else n.users):
             if a in seen:
                 continue
             seen.add(a)
@@ -325,22 +325,6 @@ def _product_before(g: _Graph, start: fx.Node, limit: int = 40) -> fx.Node | Non
                 return a
             if a.op == "call_function":
                 queue.append(a)
-    return None
-
-
-def _product_after(g: _Graph, softmax: fx.Node, limit: int = 40) -> fx.Node | None:
-    """The attention·V product downstream of a softmax."""
-    seen, queue = {softmax}, deque([softmax])
-    while queue and len(seen) < limit:
-        n = queue.popleft()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op == "call_function" and u.target in _PRODUCTS and u not in g.linear:
-                return u
-            if u.op == "call_function":
-                queue.append(u)
     return None
 
 
@@ -385,8 +369,8 @@ def _owner(g: _Graph, path: str) -> str:
 
 
 def _eager_site(g: _Graph, sm: fx.Node, batch: int, unclassified: list[str]) -> _RawSite | None:
-    qk = _product_before(g, sm)
-    av = _product_after(g, sm)
+    qk = _nearest_product(g, sm, upstream=True)  # query·key
+    av = _nearest_product(g, sm, upstream=False)  # attention·value
     where = sm.meta["trimkit.module"]
     if qk is None or av is None:
         unclassified.append(f"softmax in '{where}': no query-key / value product around it (not attention)")
