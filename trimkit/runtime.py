@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from trimkit import ops
+from trimkit.control import register_runtime, unregister_runtime
 from trimkit.graph import Capture
 from trimkit.locate import ModelMap
 
@@ -165,6 +166,8 @@ class TrimState:
     def __init__(self):
         self.streams: dict[str, StreamState] = {}
         self.embeds: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] = {}  # layer path -> [B, L] soft mask (train) or [B] counts
+        self.keys: dict[str, torch.Tensor] = {}  # attention path -> the same, for its keys
 
 
 class _KeyMask(TorchFunctionMode):
@@ -258,6 +261,7 @@ class TokenRuntime:
         self.handles: list = []
         self._modes: list = []
         self._install()
+        register_runtime(model, self)
 
     # -- installation -------------------------------------------------------------------------
     def _install(self):
@@ -274,7 +278,7 @@ class TokenRuntime:
             if site.key_stream in self.trimmed_streams and site.path not in seen:
                 seen.add(site.path)
                 mod = m.get_submodule(site.path)
-                self.handles.append(mod.register_forward_pre_hook(self._make_attn_pre(site.key_stream)))
+                self.handles.append(mod.register_forward_pre_hook(self._make_attn_pre(site.key_stream, site.path)))
                 self.handles.append(mod.register_forward_hook(self._attn_post, always_call=True))
 
     def _close_modes(self):
@@ -285,6 +289,7 @@ class TokenRuntime:
 
     def remove(self):
         self._close_modes()
+        unregister_runtime(self.model, self)
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -323,6 +328,9 @@ class TokenRuntime:
                 if spec["seq_first"]:
                     hidden = hidden.transpose(0, 1)
                 args, kwargs = _set_arg(args, kwargs, spec["main"], hidden)
+            alive = self._alive(st)
+            if alive is not None:
+                self.state.tokens[path] = alive
             if st.index is not None:
                 for name, dims in spec["axes"].items():
                     t = _get_arg(args, kwargs, name)
@@ -349,12 +357,15 @@ class TokenRuntime:
 
         return post
 
-    def _make_attn_pre(self, key_stream: str):
+    def _make_attn_pre(self, key_stream: str, site_path: str):
         def pre(module, args):
             st = self.state.streams.get(key_stream)
             if not self.enabled or st is None:
                 self._modes.append(None)
                 return None
+            alive = self._alive(st)
+            if alive is not None:
+                self.state.keys[site_path] = alive
             mask = None
             if self.model.training and st.mask is not None:
                 mask = ops.additive_key_mask(st.mask, eps=1e-6)
@@ -375,6 +386,26 @@ class TokenRuntime:
         if mode is not None:
             mode.__exit__(None, None, None)
         return None
+
+    # -- what the last forward kept -------------------------------------------------------------
+    def _alive(self, st: StreamState) -> torch.Tensor | None:
+        """Tokens the stream computes now: the soft mask in training, per-row counts in eval."""
+        if self.model.training:
+            return st.mask
+        if st.valid is not None:
+            return st.valid.sum(1)
+        return None
+
+    def stats(self) -> dict:
+        """Tokens alive after each trimmed layer, per stream, as the batch mean of the last forward."""
+        out = {}
+        for name, st in self.state.streams.items():
+            if st.kept:
+                out[name] = {"length": st.length, "kept": [float(k.float().mean()) for k in st.kept]}
+        return {"tokens": out}
+
+    def cost_inputs(self) -> dict:
+        return {"tokens": dict(self.state.tokens), "keys": dict(self.state.keys)}
 
     # -- decisions ------------------------------------------------------------------------------
     def _global(self, stream: str | None, like: torch.Tensor) -> torch.Tensor | None:

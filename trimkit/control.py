@@ -1,0 +1,82 @@
+"""Switches shared by every trimming runtime installed on a model.
+
+A trimming pass installs a *runtime* object (hooks plus per-forward state) and registers it here.
+A runtime has these attributes and methods:
+
+``enabled: bool``
+    False makes the runtime a no-op: the model runs at full capacity (the teacher of
+    self-distillation, the "untrimmed" side of every ratio).
+``threshold: float``
+    Inference keeps a unit when its keep probability is above it.
+``tau: float``
+    Gumbel temperature used in training.
+``stats() -> dict``
+    Facts about the last forward (tokens / heads alive per row), JSON-friendly.
+``cost_inputs() -> dict``
+    What the last forward kept, for :mod:`trimkit.cost`: any of the keys
+    ``"tokens"`` ({layer path: ``[B, L]`` soft keep mask or ``[B]`` counts of the tokens the
+    layer computes}), ``"keys"`` ({attention path: same, for the keys it attends to}) and
+    ``"heads"`` ({attention path: ``[B, H]`` soft keep mask}). Soft masks carry gradients in
+    training mode.
+``remove()``
+    Takes the hooks out.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from torch import nn
+
+__all__ = ["register_runtime", "unregister_runtime", "runtimes", "trimming_off", "set_threshold", "set_tau",
+           "trim_stats"]
+
+_ATTR = "_trimkit_runtimes"
+
+
+def register_runtime(model: nn.Module, runtime: Any) -> None:
+    lst = model.__dict__.setdefault(_ATTR, [])
+    if runtime not in lst:
+        lst.append(runtime)
+
+
+def unregister_runtime(model: nn.Module, runtime: Any) -> None:
+    lst = model.__dict__.get(_ATTR, [])
+    if runtime in lst:
+        lst.remove(runtime)
+
+
+def runtimes(model: nn.Module) -> list:
+    return list(model.__dict__.get(_ATTR, []))
+
+
+@contextmanager
+def trimming_off(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` at full capacity inside the block (every runtime disabled, then restored)."""
+    saved = [(rt, rt.enabled) for rt in runtimes(model)]
+    try:
+        for rt, _ in saved:
+            rt.enabled = False
+        yield
+    finally:
+        for rt, was in saved:
+            rt.enabled = was
+
+
+def set_threshold(model: nn.Module, threshold: float) -> None:
+    for rt in runtimes(model):
+        if hasattr(rt, "threshold"):
+            rt.threshold = float(threshold)
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    for rt in runtimes(model):
+        if hasattr(rt, "tau"):
+            rt.tau = float(tau)
+
+
+def trim_stats(model: nn.Module) -> dict:
+    out: dict = {}
+    for rt in runtimes(model):
+        out.update(rt.stats())
+    return out
