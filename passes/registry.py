@@ -36,7 +36,8 @@ __all__ = ["register_pass", "registered_passes", "pass_config", "handler_for", "
            "config_from_dict", "parse_recipe", "recipe_to_toml", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "trimkit.passes"
-BUILTIN_MODULES = ("trimkit.passes.int8", "trimkit.passes.smarttrim", "trimkit.passes.baselines")
+BUILTIN_MODULES = ("trimkit.passes.int8", "trimkit.passes.smarttrim", "trimkit.passes.smarttrim_heads",
+                   "trimkit.passes.baselines")
 
 Handler = Callable[..., PassResult]
 
