@@ -16,8 +16,8 @@ A runtime has these attributes and methods:
     What the last forward kept, for :mod:`trimkit.cost`: any of the keys
     ``"tokens"`` ({layer path: ``[B, L]`` soft keep mask or ``[B]`` counts of the tokens the
     layer computes}), ``"keys"`` ({attention path: same, for the keys it attends to}) and
-    ``"heads"`` ({attention path: ``[B, H]`` soft keep mask}). Soft masks carry gradients in
-    training mode.
+    ``"heads"`` ({attention path: ``[B, H]`` soft keep mask}) and ``"lengths"`` ({layer or
+    attention path: the untrimmed token count}). Soft masks carry gradients in training mode.
 ``remove()``
     Takes the hooks out.
 """

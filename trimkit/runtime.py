@@ -168,6 +168,7 @@ class TrimState:
         self.embeds: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, torch.Tensor] = {}  # layer path -> [B, L] soft mask (train) or [B] counts
         self.keys: dict[str, torch.Tensor] = {}  # attention path -> the same, for its keys
+        self.lengths: dict[str, int] = {}  # layer or attention path -> untrimmed length of those tokens
 
 
 class _KeyMask(TorchFunctionMode):
@@ -331,6 +332,7 @@ class TokenRuntime:
             alive = self._alive(st)
             if alive is not None:
                 self.state.tokens[path] = alive
+                self.state.lengths[path] = st.length
             if st.index is not None:
                 for name, dims in spec["axes"].items():
                     t = _get_arg(args, kwargs, name)
@@ -366,6 +368,7 @@ class TokenRuntime:
             alive = self._alive(st)
             if alive is not None:
                 self.state.keys[site_path] = alive
+                self.state.lengths[site_path] = st.length
             mask = None
             if self.model.training and st.mask is not None:
                 mask = ops.additive_key_mask(st.mask, eps=1e-6)
@@ -405,7 +408,8 @@ class TokenRuntime:
         return {"tokens": out}
 
     def cost_inputs(self) -> dict:
-        return {"tokens": dict(self.state.tokens), "keys": dict(self.state.keys)}
+        return {"tokens": dict(self.state.tokens), "keys": dict(self.state.keys),
+                "lengths": dict(self.state.lengths)}
 
     # -- decisions ------------------------------------------------------------------------------
     def _global(self, stream: str | None, like: torch.Tensor) -> torch.Tensor | None:
