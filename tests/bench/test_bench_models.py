@@ -1,0 +1,195 @@
+"""Bench models: builders, forward shapes, located streams, training, cache and backbones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trimkit.backbones.base import Backbone
+from trimkit.bench import FAMILIES, ModelConfig, TrainConfig, build_model, model_config, train_base
+from trimkit.bench.backbone import DataInputs, _fit_text
+from trimkit.bench.base import cache_key, cache_root, data_specs, lr_factor, train_model
+from trimkit.data import collate, load_dataset
+from trimkit.errors import ConfigError, DataError
+from trimkit.locate import locate
+
+TINY = dict(hidden=64, layers=2, heads=2, cross_layers=1, patch=16)
+SPEC = "synthetic:vqa?n=16&image=32&seed=3"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(SPEC, "train")
+
+
+def _batch(data, n=3):
+    batch = collate([data[i] for i in range(n)])
+    labels = batch.pop("labels")
+    return batch, labels
+
+
+def _tiny(family, data, **kw):
+    return build_model(model_config(family, data, **{**TINY, **kw}), seed=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_gives_one_logit_per_answer(family, data):
+    batch, _ = _batch(data)
+    out = _tiny(family, data).eval()(**batch)
+    assert out.logits.shape == (3, data.num_labels)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_sized_to_dataset(family, data):
+    model = _tiny(family, data)
+    emb = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == data.vocab_size]
+    assert emb, f"no word embedding of size {data.vocab_size}"
+
+
+def test_build_is_deterministic_by_seed(data):
+    cfg = model_config("vilt", data, **TINY)
+    a, b, c = build_model(cfg, seed=4), build_model(cfg, seed=4), build_model(cfg, seed=5)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("family,expected", [
+    ("blip", {("vision", "self"), ("text", "self"), ("text", "cross")}),
+    ("bridgetower", {("vision", "self"), ("text", "self"), ("text", "cross"), ("vision", "cross")}),
+    ("vilt", {("fused", "self")}),
+])
+def test_locate_finds_streams(family, expected, data):
+    batch, _ = _batch(data, 2)
+    model_map = locate(_tiny(family, data).eval(), batch)
+    found = {(s.modality, a.kind) for s in model_map.streams for layer in s.layers for a in layer.attention}
+    assert expected <= found
+    assert sum(len(s.layers) for s in model_map.streams) >= 2
+
+
+def test_bad_configs_raise_config_error():
+    with pytest.raises(ConfigError, match="unknown bench family 'clip'"):
+        ModelConfig("clip", vocab_size=10, num_labels=2)
+    with pytest.raises(ConfigError, match="multiple of the patch size 7"):
+        ModelConfig("vilt", vocab_size=10, num_labels=2, patch=7)
+    with pytest.raises(ConfigError, match="hidden % 64"):
+        ModelConfig("bridgetower", vocab_size=10, num_labels=2, hidden=96, heads=4)
+    with pytest.raises(ConfigError, match="unknown bench task"):
+        train_base("vilt", "captioning")
+    with pytest.raises(DataError, match="is for task 'truefalse'"):
+        data_specs("vqa", TrainConfig(), "synthetic:truefalse")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_few_steps_lower_the_loss(family, data):
+    torch.manual_seed(0)
+    model = _tiny(family, data)
+    batch, labels = _batch(data, 8)
+    train = TrainConfig(steps=12, batch_size=8, lr=2e-3, warmup=2)
+    fixed = [dict(data[i]) for i in range(8)] * 12  # one batch, repeated: the loss must drop on it
+    
+    def loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(**batch).logits, labels))
+
+    model.eval()
+    before = loss()
+    train_model(model, fixed, train, progress=False)
+    model.eval()
+    assert loss() < before - 0.1
+
+
+def test_lr_schedule_warms_up_then_decays():
+    train = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    f = [lr_factor(s, train) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRIMKIT_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path / "bench"
+    assert cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("TRIMKIT_CACHE")
+    assert cache_root().parts[-3:] == (".cache", "trimkit", "bench")
+
+
+def test_cache_key_changes_with_every_input(data):
+    cfg = model_config("vilt", data, **TINY)
+    train = TrainConfig(steps=3)
+    specs = data_specs("vqa", train, SPEC)
+    base = cache_key("vilt", "vqa", cfg, specs, train, 0)
+    assert base == cache_key("vilt", "vqa", cfg, dict(specs), TrainConfig(steps=3), 0)
+    others = [cache_key("vilt", "vqa", cfg, specs, train, 1),
+              cache_key("vilt", "vqa", model_config("vilt", data, **{**TINY, "hidden": 32}), specs, train, 0),
+              cache_key("vilt", "vqa", cfg, specs, TrainConfig(steps=3, lr=1e-4), 0),
+              cache_key("vilt", "vqa", cfg, data_specs("vqa", train, SPEC.replace("seed=3", "seed=4")), train, 0)]
+    assert len({base, *others}) == 5
+
+
+def _train_tiny(tmp_path, **kw):
+    return train_base("vilt", "vqa", seed=2, data_spec=SPEC, cache_dir=tmp_path, progress=False, threads=None,
+                      model=TINY, train=dict(steps=3, batch_size=4, val_n=8, test_n=8, warmup=1), **kw)
+
+
+def test_train_base_caches_and_reloads(tmp_path, data, monkeypatch):
+    first = _train_tiny(tmp_path)
+    assert not first.loaded and first.path.is_file()
+    record = json.loads(first.path.with_suffix(".json").read_text())
+    assert record["steps"] == 3 and record["metrics"]["val"]["n"] == 8
+    assert set(record["data"]) == {"train", "val", "test"} and "n=12&" in record["data"]["train"]
+    assert 0.0 <= first.metrics["val"]["accuracy"] <= 1.0 and record["train_seconds"] > 0
+
+    import trimkit.bench.base as base
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again instead of loading")
+
+    monkeypatch.setattr(base, "train_model", no_training)
+    second = _train_tiny(tmp_path)
+    assert second.loaded and not second.model.training
+    state, loaded = first.model.state_dict(), second.model.state_dict()
+    assert state.keys() == loaded.keys() and all(torch.equal(state[k], loaded[k]) for k in state)
+    batch, _ = _batch(data, 4)
+    with torch.no_grad():  # same weights; only the kernels' summation order may differ
+        torch.testing.assert_close(first.model(**batch).logits, second.model(**batch).logits, rtol=0, atol=1e-6)
+    assert second.metrics == first.metrics
+    with pytest.raises(AssertionError, match="trained again"):
+        _train_tiny(tmp_path, retrain=True)
+
+
+def test_backbone_reads_inputs_from_the_data(tmp_path):
+    bench = _train_tiny(tmp_path)
+    bb = bench.backbone()
+    assert isinstance(bb, Backbone) and bb.task.num_labels == bench.num_labels
+    one, three = bb.example_inputs(1), bb.example_inputs(3)
+    assert torch.equal(one["input_ids"][0], three["input_ids"][0][: one["input_ids"].shape[1]])
+    assert torch.equal(one["pixel_values"][0], three["pixel_values"][0])
+    out = bb.model(**bb.example_inputs(2, text_len=12))
+    assert bb.task.logits(out).shape == (2, bench.num_labels)
+    longer = bb.example_inputs(2, text_len=20)
+    assert longer["input_ids"].shape == (2, 20) and longer["attention_mask"][:, -1].eq(0).all()
+    batch = dict(bb.example_batch(2))
+    loss = bb.task.loss(bb.model(**{k: v for k, v in batch.items() if k != "labels"}), batch)
+    assert torch.isfinite(loss)
+
+
+def test_fit_text_truncates_keeping_sep():
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 2, 0, 0]])
+    mask = (ids != 0).long()
+    short, short_mask = _fit_text(ids, mask, 4, 2)
+    assert short.tolist() == [[1, 5, 6, 2], [1, 5, 2, 0]] and short_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    with pytest.raises(ConfigError, match="text_len"):
+        DataInputs(SPEC, "vqa", 16, 32)(1, text_len=1)

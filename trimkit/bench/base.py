@@ -1,0 +1,350 @@
+"""Train, evaluate and cache the full bench models.
+
+:func:`train_base` trains a bench model of one family on one synthetic task, evaluates it on the
+validation split and stores the weights (safetensors) and a JSON record (metrics, time, steps,
+hyper-parameters) in a cache folder, keyed by a content hash of everything that decides the
+weights. A second call with the same arguments loads instead of training.
+
+Training reads every sample once: the train split is generated with ``n = steps * batch_size``
+and read in order, so the model never sees a sample twice (the generator is cheap next to a
+training step). Cache folder: ``$TRIMKIT_CACHE/bench`` when ``TRIMKIT_CACHE`` is set, else
+``~/.cache/trimkit/bench``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trimkit.bench.models import FAMILIES, ModelConfig, build_model, model_config
+from trimkit.data import collate, format_data_spec, itm_pairs, load_dataset, metric, parse_data_spec
+from trimkit.errors import ConfigError, DataError
+
+__all__ = ["CODE_VERSION", "TASKS", "TrainConfig", "BenchModel", "cache_root", "default_recipe",
+           "data_specs", "cache_key", "train_base", "evaluate"]
+
+CODE_VERSION = 1
+TASKS: tuple[str, ...] = ("vqa", "truefalse", "retrieval")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of base training.
+
+    steps x batch_size fresh training samples; AdamW (betas 0.9/0.98, weight decay on matrices
+    only) with a linear warm-up over ``warmup`` steps and a cosine decay to ``min_lr_ratio * lr``;
+    gradients clipped at ``grad_clip``; ``val_n`` / ``test_n`` samples in the evaluation splits.
+    """
+
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 300
+    min_lr_ratio: float = 0.02
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    init_std: float = 0.02
+    val_n: int = 1000
+    test_n: int = 1000
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_n", "test_n", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+# Settings found to reach high validation accuracy (see trimkit/bench/README.md).
+_RECIPES: dict[tuple[str, str], tuple[dict, dict]] = {}
+_DEFAULT_MODEL: dict[str, dict] = {
+    "blip": dict(hidden=128, layers=4, heads=4),
+    "bridgetower": dict(hidden=128, layers=4, heads=4, cross_layers=2),
+    "vilt": dict(hidden=128, layers=4, heads=4),
+}
+
+
+def default_recipe(family: str, task: str) -> tuple[dict, TrainConfig]:
+    """The model-size overrides and the `TrainConfig` used for `family` on `task` by default."""
+    _check(family, task)
+    model, train = _RECIPES.get((family, task), (_DEFAULT_MODEL[family], {}))
+    return dict(model), TrainConfig(**train)
+
+
+def _check(family: str, task: str) -> None:
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown bench family {family!r}; known: {', '.join(FAMILIES)}")
+    if task not in TASKS:
+        raise ConfigError(f"unknown bench task {task!r}; known: {', '.join(TASKS)}")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$TRIMKIT_CACHE/bench``, else ``~/.cache/trimkit/bench``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("TRIMKIT_CACHE")
+    if env:
+        return Path(env).expanduser() / "bench"
+    return Path.home() / ".cache" / "trimkit" / "bench"
+
+
+def data_specs(task: str, train: TrainConfig, data_spec: str | None = None) -> dict[str, str]:
+    """Canonical train/val/test specs: `data_spec` (default ``synthetic:<task>``) with ``n`` set to
+    ``steps * batch_size`` / ``val_n`` / ``test_n`` and the split set."""
+    spec = parse_data_spec(data_spec or f"synthetic:{task}")
+    if spec.source != "synthetic":
+        raise DataError(f"bench base training needs a synthetic data spec, got {data_spec!r}")
+    if spec.task != task:
+        raise DataError(f"data spec {data_spec!r} is for task {spec.task!r}, not {task!r}")
+    sizes = {"train": train.steps * train.batch_size, "val": train.val_n, "test": train.test_n}
+    return {split: format_data_spec(replace(spec, split=split, n=n)) for split, n in sizes.items()}
+
+
+def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str], train: TrainConfig,
+              seed: int) -> str:
+    """Hex digest of everything that decides the trained weights."""
+    payload = {"family": family, "task": task, "model": config.to_dict(), "data": specs,
+               "train": asdict(train), "seed": seed, "version": CODE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _dataset(spec: str, task: str):
+    ds = load_dataset(spec)
+    return itm_pairs(ds, seed=ds.spec.seed) if task == "retrieval" else ds
+
+
+def _metric_task(task: str) -> str:
+    return "itm" if task == "retrieval" else task
+
+
+@dataclass
+class BenchModel:
+    """A trained bench model: the module (eval mode) and what it was trained and measured on.
+
+    data: split -> canonical data spec; metrics: ``{"val": {"accuracy": ...}, ...}``; record: the
+    JSON stored next to the weights. :meth:`backbone` wraps it for the rest of trimkit.
+    """
+
+    family: str
+    task: str
+    model: nn.Module
+    config: ModelConfig
+    train: TrainConfig
+    seed: int
+    data: dict[str, str]
+    num_labels: int
+    metrics: dict
+    path: Path
+    record: dict = field(default_factory=dict)
+    loaded: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"bench-{self.family}-{self.task}"
+
+    @property
+    def metric_task(self) -> str:
+        """The task name :func:`trimkit.data.metric` reads this model's logits with."""
+        return _metric_task(self.task)
+
+    def dataset(self, split: str = "val"):
+        """The data set of `split` (retrieval: image-text matching pairs)."""
+        if split not in self.data:
+            raise DataError(f"unknown split {split!r}; expected one of {', '.join(self.data)}")
+        return _dataset(self.data[split], self.task)
+
+    def backbone(self):
+        """This model as a `trimkit.backbones.base.Backbone` (see :mod:`trimkit.bench.backbone`)."""
+        from trimkit.bench.backbone import bench_backbone
+
+        return bench_backbone(self)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _batches(dataset, batch_size: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    for lo in range(start, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then cosine down to ``min_lr_ratio``."""
+    if step < train.warmup:
+        return (step + 1) / train.warmup
+    progress = (step - train.warmup) / max(1, train.steps - train.warmup)
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, task: str, batch_size: int = 128) -> dict:
+    """``{metric_name: value, "loss": mean cross-entropy, "n": samples}`` of `model` on `dataset`."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in _batches(dataset, batch_size):
+            logits.append(model(**_inputs(batch)).logits.float())
+            labels.append(batch["labels"])
+    finally:
+        model.train(was_training)
+    logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+    name, value = metric(_metric_task(task), logits_t, labels_t)
+    return {name: value, "loss": float(F.cross_entropy(logits_t, labels_t)), "n": int(labels_t.numel())}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def train_model(model: nn.Module, train_set, train: TrainConfig, *, description: str = "train",
+                progress: bool = True, log: Callable[[int, float], None] | None = None,
+                log_every: int = 100) -> dict:
+    """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
+    with the mean loss of every `log_every` steps."""
+    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
+    model.train()
+    losses, window = [], []
+    start = time.perf_counter()
+    with _progress(progress) as bar:
+        task_id = bar.add_task(description, total=train.steps, loss=float("nan"))
+        for step, batch in enumerate(_batches(train_set, train.batch_size)):
+            if step >= train.steps:
+                break
+            logits = model(**_inputs(batch)).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=train.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            schedule.step()
+            window.append(float(loss.detach()))
+            if len(window) == log_every or step == train.steps - 1:
+                losses.append(sum(window) / len(window))
+                window = []
+                if log is not None:
+                    log(step + 1, losses[-1])
+            bar.update(task_id, advance=1, loss=sum(window[-20:]) / len(window[-20:]) if window else losses[-1])
+    return {"losses": losses, "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _paths(root: Path, family: str, task: str, key: str) -> tuple[Path, Path]:
+    stem = f"{family}-{task}-{key[:16]}"
+    return root / f"{stem}.safetensors", root / f"{stem}.json"
+
+
+def _save(model: nn.Module, record: dict, weights: Path, meta: Path) -> None:
+    from safetensors.torch import save_model
+
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp_w, tmp_m = weights.with_suffix(".tmp.safetensors"), meta.with_suffix(".tmp.json")
+    save_model(model, str(tmp_w), metadata={"key": record["key"]})
+    tmp_m.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp_w, weights)
+    os.replace(tmp_m, meta)
+
+
+def _load(model: nn.Module, weights: Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"cached weights {weights} do not fit the model: missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}; delete the file to retrain")
+
+
+def _record_metrics(record: dict) -> dict:
+    return {k: v for k, v in record.get("metrics", {}).items()}
+
+
+def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | None = None,
+               data_spec: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+               model: dict | None = None, train: TrainConfig | dict | None = None,
+               evaluate_test: bool = False, threads: int | None = 2, retrain: bool = False) -> BenchModel:
+    """Train (or load from the cache) the full bench model of `family` on `task`.
+
+    family: ``blip``, ``bridgetower`` or ``vilt``; task: ``vqa``, ``truefalse`` or ``retrieval``
+    (image-text matching pairs). seed: weight initialisation. steps: overrides the recipe's step
+    count. data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
+    model / train: overrides of the model size / the `TrainConfig` (a dict updates the recipe's).
+    evaluate_test: also measure the test split. threads: ``torch.set_num_threads`` during training
+    (None leaves it). retrain: ignore a cached result.
+    """
+    _check(family, task)
+    size, recipe = default_recipe(family, task)
+    size.update(model or {})
+    if isinstance(train, TrainConfig):
+        recipe = train
+    elif train:
+        recipe = replace(recipe, **train)
+    if steps is not None:
+        recipe = replace(recipe, steps=steps, warmup=min(recipe.warmup, max(1, steps // 10)))
+    specs = data_specs(task, recipe, data_spec)
+    probe = _dataset(replace(parse_data_spec(specs["val"]), n=1), task)
+    config = model_config(family, probe.base if task == "retrieval" else probe, **size)
+    key = cache_key(family, task, config, specs, recipe, seed)
+    weights, meta = _paths(cache_root(cache_dir), family, task, key)
+    net = build_model(config, seed=seed, init_std=recipe.init_std)
+    if weights.is_file() and meta.is_file() and not retrain:
+        _load(net, weights)
+        record = json.loads(meta.read_text(encoding="utf-8"))
+        return BenchModel(family, task, net.eval(), config, recipe, seed, specs, config.num_labels,
+                          _record_metrics(record), weights, record, loaded=True)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            history = train_model(net, _dataset(specs["train"], task), recipe,
+                                  description=f"{family} {task}", progress=progress)
+            metrics = {"val": evaluate(net, _dataset(specs["val"], task), task, recipe.eval_batch_size)}
+            if evaluate_test:
+                metrics["test"] = evaluate(net, _dataset(specs["test"], task), task, recipe.eval_batch_size)
+    finally:
+        torch.set_num_threads(old_threads)
+    record = {"key": key, "family": family, "task": task, "seed": seed, "model": config.to_dict(),
+              "train": asdict(recipe), "data": specs, "metrics": metrics, "steps": recipe.steps,
+              "train_seconds": round(history["seconds"], 2), "losses": [round(x, 4) for x in history["losses"]],
+              "threads": threads, "version": CODE_VERSION, "torch": torch.__version__}
+    _save(net, record, weights, meta)
+    return BenchModel(family, task, net.eval(), config, recipe, seed, specs, config.num_labels, metrics,
+                      weights, record, loaded=False)
