@@ -369,11 +369,7 @@ class TokenRuntime:
             if alive is not None:
                 self.state.keys[site_path] = alive
                 self.state.lengths[site_path] = st.length
-            mask = None
-            if self.model.training and st.mask is not None:
-                mask = ops.additive_key_mask(st.mask, eps=1e-6)
-            elif st.valid is not None and not bool(st.valid.all()):
-                mask = ops.padding_key_mask(st.valid)
+            mask = self._key_mask(key_stream, st)
             if mask is None:
                 self._modes.append(None)
                 return None
@@ -383,6 +379,14 @@ class TokenRuntime:
             return None
 
         return pre
+
+    def _key_mask(self, stream: str, st: StreamState) -> torch.Tensor | None:
+        """Additive mask ``[B, 1, 1, Lk]`` for attention whose keys are ``stream``'s tokens (None: none)."""
+        if self.model.training and st.mask is not None:
+            return ops.additive_key_mask(st.mask, eps=1e-6)
+        if st.valid is not None and not bool(st.valid.all()):
+            return ops.padding_key_mask(st.valid)
+        return None
 
     def _attn_post(self, module, args, output):
         mode = self._modes.pop() if self._modes else None
