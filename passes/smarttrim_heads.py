@@ -79,7 +79,7 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
             skipped[site.path] = reason
         else:
             plans[site.path] = plan
-    by_path = {p: HeadTrimmer(plan.width, plan.heads, hidden=config.hidden or None) for p, plan in plans.items()}
+    by_path = {p: HeadTrimmer(plan.width, plan.units, hidden=config.hidden or None) for p, plan in plans.items()}
     trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
     model.add_module(_ATTR, trimmers)

@@ -74,9 +74,15 @@ class SitePlan:
     query_stream: str
     mha: bool = False
     seq_first: bool = False
-    inputs: list = dataclasses.field(default_factory=list)  # [(weight, bias, blocks)] q/k/v projections
+    inputs: list = dataclasses.field(default_factory=list)  # [(weight, bias, blocks, unit)] q/k/v projections
     out: tuple | None = None  # (weight, bias) output projection
     attrs: list = dataclasses.field(default_factory=list)  # [(module, name, "heads" | "inner")]
+    group: int = 1  # query heads per decision unit (grouped-query attention: per key/value head)
+
+    @property
+    def units(self) -> int:
+        """What a trimmer decides on: heads, or key/value groups under grouped-query attention."""
+        return self.heads // self.group
 
 
 def _inner_attrs(mod: nn.Module, skip: set[int], heads: int, head_dim: int) -> list:
@@ -112,9 +118,9 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
             return None, f"module has {mod.num_heads} heads of width {mod.embed_dim}, map says {h} x {dh}"
         if mod._qkv_same_embed_dim:
             w, b = mod.in_proj_weight, mod.in_proj_bias
-            inputs = [(w, b, 3)]
+            inputs = [(w, b, 3, dh)]
         else:
-            inputs = [(p, None, 1) for p in (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight)]
+            inputs = [(p, None, 1, dh) for p in (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight)]
         plan = SitePlan(site.path, h, dh, mod.embed_dim, site.query_stream, mha=True, seq_first=not mod.batch_first,
                         inputs=inputs, out=(mod.out_proj.weight, mod.out_proj.bias))
         return plan, ""
@@ -127,23 +133,30 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
         return None, f"projections are not plain nn.Linear ({', '.join(kinds)})"
     if not site.o.startswith(site.path + "."):
         return None, "the output projection runs outside the attention module"
-    q, k, o = mods[site.q], mods[site.k], mods[site.o]
-    if k is not q and k.out_features % inner:
-        return None, f"grouped-query attention: keys have {k.out_features} features for {h} heads of {dh}"
+    q, k, v, o = (mods[n] for n in names)
     if o.in_features != inner:
         return None, f"output projection takes {o.in_features} features, not {h} heads x {dh}"
+    group = 1
+    if k is not q and k.out_features % inner:  # grouped-query attention: decide per key/value head
+        kv = k.out_features // dh
+        if q.out_features != inner or v.out_features != k.out_features or k.out_features % dh or h % max(kv, 1):
+            return None, f"keys have {k.out_features} features for {h} heads of {dh}: no head grouping found"
+        if kv < 2:
+            return None, "a single key/value head"
+        group = h // kv
     inputs, seen = [], set()
     for n in names[:3]:
         m = mods[n]
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if m.out_features % inner:
+        unit = group * dh if m is q else dh
+        if m.out_features % (unit * (h // group)):
             return None, f"{n} has {m.out_features} outputs, not a multiple of {h} heads x {dh}"
-        inputs.append((m.weight, m.bias, m.out_features // inner))
+        inputs.append((m.weight, m.bias, m.out_features // (unit * (h // group)), unit))
     attrs = _inner_attrs(mod, {id(m) for m in mods.values()}, h, dh)
     plan = SitePlan(site.path, h, dh, q.in_features, site.query_stream, inputs=inputs, out=(o.weight, o.bias),
-                    attrs=attrs)
+                    attrs=attrs, group=group)
     return plan, ""
 
 
@@ -152,8 +165,8 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Decision:
-    heads: int
-    head_dim: int
+    heads: int  # decision units (heads, or key/value groups)
+    head_dim: int  # output-projection features per unit
     mask: torch.Tensor | None = None  # [B, H] float: scale head outputs (train, reference)
     idx: torch.Tensor | None = None  # [B, Hk] kept heads (eval removal), 0 where padded
     valid: torch.Tensor | None = None  # [B, Hk] bool
@@ -187,19 +200,19 @@ def _unit_valid(valid: torch.Tensor, unit: int, blocks: int) -> torch.Tensor:
     return valid.repeat_interleave(unit, dim=-1).repeat(*([1] * (valid.dim() - 1)), blocks)
 
 
-def _project_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: int,
+def _project_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, unit: int,
                 d: Decision) -> torch.Tensor:
-    """A q/k/v projection (``blocks`` of ``H * hd`` rows) of batch-first ``x`` for the kept heads only."""
+    """A q/k/v projection (``blocks`` of ``units * unit`` rows) of batch-first ``x`` for the kept units only."""
     if d.idx is None:
         return F.linear(x, weight, bias)
     if d.uniform is not None:
-        rows = _unit_index(d.uniform, d.head_dim, d.heads, blocks)
+        rows = _unit_index(d.uniform, unit, d.heads, blocks)
         return F.linear(x, weight[rows], None if bias is None else bias[rows])
     b = d.idx.shape[0]
     if x.shape[0] != b:
         raise ValueError(f"projection input has batch {x.shape[0]}, decisions have {b} rows")
-    rows = _unit_index(d.idx, d.head_dim, d.heads, blocks)  # [B, R]
-    keep = _unit_valid(d.valid, d.head_dim, blocks).to(weight.dtype)
+    rows = _unit_index(d.idx, unit, d.heads, blocks)  # [B, R]
+    keep = _unit_valid(d.valid, unit, blocks).to(weight.dtype)
     w = weight[rows] * keep[..., None]  # [B, R, Din]
     y = torch.bmm(x.reshape(b, -1, x.shape[-1]), w.transpose(1, 2))
     if bias is not None:
@@ -280,7 +293,7 @@ def _mha_forward(a: dict, plan: SitePlan, d: Decision):
     else:
         ws = list(a["in_proj_weight"].chunk(3))
     bs = list(a["in_proj_bias"].chunk(3)) if a["in_proj_bias"] is not None else [None] * 3
-    q, k, v = (_project_in(x, w, bias, 1, d) for x, w, bias in zip((x_q, x_k, x_v), ws, bs))
+    q, k, v = (_project_in(x, w, bias, 1, dh, d) for x, w, bias in zip((x_q, x_k, x_v), ws, bs))
     b, lq, lk = x_q.shape[0], x_q.shape[1], x_k.shape[1]
     hk = d.kept
     q, k, v = (t.reshape(b, t.shape[1], hk, dh).transpose(1, 2) for t in (q, k, v))
@@ -320,7 +333,7 @@ class _HeadMode(TorchFunctionMode):
     def __init__(self, plan: SitePlan, decision: Decision):
         super().__init__()
         self.plan, self.d = plan, decision
-        self.ins = {id(w): (w, b, blocks) for w, b, blocks in plan.inputs}
+        self.ins = {id(w): (w, b, blocks, unit) for w, b, blocks, unit in plan.inputs}
         self.out_id = id(plan.out[0]) if plan.out is not None else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -335,15 +348,15 @@ class _HeadMode(TorchFunctionMode):
             hit = self.ins.get(id(w))
             if hit is not None and hit[0] is w and d.idx is not None:
                 bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
-                return _project_in(x, w, bias, hit[2], d)
+                return _project_in(x, w, bias, hit[2], hit[3], d)
         elif func in _VIEWS and d.idx is not None and len(args) > 1 and not isinstance(args[1], torch.dtype):
             shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
             if all(isinstance(s, int) for s in shape):
-                new = repair_shape(tuple(shape), args[0].numel(), plan.heads, plan.head_dim, d.kept)
+                new = repair_shape(tuple(shape), args[0].numel(), plan.heads, plan.head_dim, d.kept * plan.group)
                 if new is not None:
                     return func(args[0], new)
         elif func is torch.reshape and d.idx is not None and len(args) > 1:
-            new = repair_shape(tuple(args[1]), args[0].numel(), plan.heads, plan.head_dim, d.kept)
+            new = repair_shape(tuple(args[1]), args[0].numel(), plan.heads, plan.head_dim, d.kept * plan.group)
             if new is not None:
                 return func(args[0], new)
         elif func is F.multi_head_attention_forward and plan.mha:
@@ -400,11 +413,12 @@ class HeadRuntime:
         self.handles.clear()
 
     def stats(self) -> dict:
-        return {"heads": {p: {"heads": self.plans[p].heads, "kept": float(k.float().mean())}
+        return {"heads": {p: {"heads": self.plans[p].heads, "kept": float(k.float().mean()) * self.plans[p].group}
                           for p, k in self.kept.items()}}
 
     def cost_inputs(self) -> dict:
-        return {"heads": dict(self.masks)}
+        return {"heads": {p: (m.repeat_interleave(self.plans[p].group, dim=1) if self.plans[p].group > 1 else m)
+                          for p, m in self.masks.items()}}
 
     def active_sites(self) -> list[str]:
         return [p for p in self.plans if bool(self.trimmers[p].active)]
@@ -444,8 +458,8 @@ class HeadRuntime:
         return x.mean(1)
 
     def _decide(self, plan: SitePlan, logits: torch.Tensor) -> Decision | None:
-        h, dh = plan.heads, plan.head_dim
-        k = min(max(self.min_heads, 0), h)
+        h, dh = plan.units, plan.head_dim * plan.group
+        k = min(-(-max(self.min_heads, 0) // plan.group), h)
         forced = (self.forced or {}).get(plan.path)
         if self.model.training and forced is None:
             mask = ops.gumbel_sigmoid(logits, tau=self.tau)
@@ -491,7 +505,8 @@ class HeadRuntime:
             if d.idx is not None and int(trimmer.layout) == LAYOUT_ATTRS:
                 for m, name, kind in plan.attrs:
                     saved.append((m, name, getattr(m, name)))
-                    setattr(m, name, d.kept if kind == "heads" else d.kept * plan.head_dim)
+                    kept = d.kept * plan.group
+                    setattr(m, name, kept if kind == "heads" else kept * plan.head_dim)
             mode = _HeadMode(plan, d)
             mode.__enter__()
             self._open.append((mode, saved))
@@ -552,7 +567,7 @@ def _random_keep(plans: dict[str, SitePlan], batch: int, seed: int = 0) -> dict[
     g = torch.Generator().manual_seed(seed)
     out = {}
     for path, plan in plans.items():
-        r = torch.rand(batch, plan.heads, generator=g)
+        r = torch.rand(batch, plan.units, generator=g)
         keep = r < 0.5
         keep[torch.arange(batch), r.argmin(1)] = True
         keep[torch.arange(batch), r.argmax(1)] = False

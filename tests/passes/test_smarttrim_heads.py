@@ -80,10 +80,7 @@ def test_threshold_zero_is_exact_and_remove_restores(ref):
     report = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.0)).results[0].report
     _randomise(bb.model)
     assert report["trimmed_sites"], report
-    if ref == "llava-tiny":  # grouped-query attention in the language model is left whole, with the reason
-        assert report["skipped_sites"] and all("grouped-query" in r for r in report["skipped_sites"].values())
-    else:
-        assert report["skipped_sites"] == {}, report["skipped_sites"]
+    assert report["skipped_sites"] == {}, report["skipped_sites"]
     assert report["trimmer_params"] == sum(p.numel() for t in _trimmers(bb.model) for p in t.parameters())
     assert (_out(bb, inputs) - expected).abs().max().item() <= 1e-5
     stats = head_runtime(bb.model).stats()["heads"]
@@ -107,15 +104,15 @@ def test_pruned_heads_are_not_computed(ref):
     _half(bb.model)
     half = count_flops(bb.model, inputs).flops
     # the q/k/v/o projections and the score/context products of a site scale with its heads
-    pruned = {p: rt.plans[p].heads // 2 / rt.plans[p].heads for p in sites}
+    pruned = {p: rt.plans[p].units // 2 / rt.plans[p].units for p in sites}
     bound = sum(pruned[p] * full.block(p).flops for p in sites)
     assert full.flops - half >= 0.9 * bound, (full.flops, half, bound)
     assert all(s["kept"] == s["heads"] - s["heads"] // 2 for s in rt.stats()["heads"].values())
     rt.threshold = 1.0
     harsh = count_flops(bb.model, inputs).flops
-    assert all(s["kept"] == 1 for s in rt.stats()["heads"].values())
+    assert all(s["kept"] == rt.plans[p].group for p, s in rt.stats()["heads"].items())
     assert half < full.flops
-    if any(rt.plans[p].heads > 2 for p in sites):
+    if any(rt.plans[p].units > 2 for p in sites):
         assert harsh < half
     else:  # two heads per site: "half" already keeps only one
         assert harsh == half
@@ -289,3 +286,18 @@ def test_sites_regex_and_min_heads():
     rt.threshold = 1.0
     _out(bb, inputs)
     assert all(s["kept"] == 2 for s in rt.stats()["heads"].values())
+
+
+def test_grouped_query_attention_is_trimmed_per_key_value_head():
+    bb, inputs = _setup("llava-tiny")
+    report = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5)).results[0].report
+    rt = head_runtime(bb.model)
+    grouped = [p for p in report["trimmed_sites"] if rt.plans[p].group > 1]
+    assert grouped and all(p.startswith("model.language_model.") for p in grouped)
+    _randomise(bb.model)
+    _out(bb, inputs)
+    for p in grouped:
+        mask = rt.cost_inputs()["heads"][p]
+        g = rt.plans[p].group
+        assert mask.shape[1] == rt.plans[p].heads
+        assert torch.equal(mask, mask[:, ::g].repeat_interleave(g, dim=1))  # the heads sharing keys go together
