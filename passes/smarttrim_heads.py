@@ -86,6 +86,12 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
     runtime = HeadRuntime(model, plans, by_path, threshold=config.threshold, tau=config.tau,
                           min_heads=config.min_heads)
     model.__dict__[_RT_ATTR] = runtime
+    marked = []  # projections are sliced per input: int8.dynamic must leave them in float
+    for plan in plans.values():
+        for m in plan.linears:
+            if not getattr(m, "trimkit_no_quant", False):
+                m.trimkit_no_quant = True
+                marked.append(m)
     notes = []
     if not context.restoring:
         if context.inputs is None:
@@ -95,6 +101,8 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
 
     def undo():
         runtime.remove()
+        for m in marked:
+            m.__dict__.pop("trimkit_no_quant", None)
         delattr(model, _ATTR)
         model.__dict__.pop(_RT_ATTR, None)
 

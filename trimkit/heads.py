@@ -78,6 +78,7 @@ class SitePlan:
     out: tuple | None = None  # (weight, bias) output projection
     attrs: list = dataclasses.field(default_factory=list)  # [(module, name, "heads" | "inner")]
     group: int = 1  # query heads per decision unit (grouped-query attention: per key/value head)
+    linears: list = dataclasses.field(default_factory=list)  # projection modules (sliced per input: stay float)
 
     @property
     def units(self) -> int:
@@ -122,7 +123,7 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
         else:
             inputs = [(p, None, 1, dh) for p in (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight)]
         plan = SitePlan(site.path, h, dh, mod.embed_dim, site.query_stream, mha=True, seq_first=not mod.batch_first,
-                        inputs=inputs, out=(mod.out_proj.weight, mod.out_proj.bias))
+                        inputs=inputs, out=(mod.out_proj.weight, mod.out_proj.bias), linears=[mod.out_proj])
         return plan, ""
     names = [site.q, site.k, site.v, site.o]
     if any(n is None for n in names):
@@ -156,7 +157,7 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
         inputs.append((m.weight, m.bias, m.out_features // (unit * (h // group)), unit))
     attrs = _inner_attrs(mod, {id(m) for m in mods.values()}, h, dh)
     plan = SitePlan(site.path, h, dh, q.in_features, site.query_stream, inputs=inputs, out=(o.weight, o.bias),
-                    attrs=attrs, group=group)
+                    attrs=attrs, group=group, linears=list({id(m): m for m in mods.values()}.values()))
     return plan, ""
 
 

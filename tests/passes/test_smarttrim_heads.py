@@ -301,3 +301,25 @@ def test_grouped_query_attention_is_trimmed_per_key_value_head():
         g = rt.plans[p].group
         assert mask.shape[1] == rt.plans[p].heads
         assert torch.equal(mask, mask[:, ::g].repeat_interleave(g, dim=1))  # the heads sharing keys go together
+
+
+def test_int8_after_heads_leaves_the_sliced_projections_in_float():
+    from trimkit.passes import Int8DynamicConfig, Int8DynamicLinear
+    bb, inputs = _setup("vilt-vqa-tiny")
+    heads = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5), Int8DynamicConfig()).results[0].report
+    rt = head_runtime(bb.model)
+    for path in heads["trimmed_sites"]:
+        site = bb.model.get_submodule(path)
+        assert type(site.attention.query) is nn.Linear and type(site.output.dense) is nn.Linear
+    assert any(isinstance(m, Int8DynamicLinear) for m in bb.model.modules())
+    _randomise(bb.model)
+    removed = _out(bb, inputs)
+    assert any(bool((m == 0).any()) for m in rt.cost_inputs()["heads"].values())
+    rt.reference = True
+    assert (_out(bb, inputs) - removed).abs().max().item() <= 1e-4
+    rt.reference = False
+    half = count_flops(bb.model, inputs).flops
+    rt.threshold = 0.0
+    assert half < count_flops(bb.model, inputs).flops
+    remove_(bb.model)
+    assert not any(hasattr(m, "trimkit_no_quant") for m in bb.model.modules())
