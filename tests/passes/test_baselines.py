@@ -1,0 +1,348 @@
+"""random.tokens, topk.cls_attention and tome.merge: exact when off, schedules, FLOPs calibration, merging."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trimkit.backbones import load_backbone
+from trimkit.control import set_threshold, trim_stats, trimming_off
+from trimkit.errors import ConfigError
+from trimkit.io import load_folder, save_folder
+from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_
+from trimkit.passes import baselines as bl
+from trimkit.passes.baselines import (RandomTokensConfig, TopKClsAttentionConfig, ToMeMergeConfig, baseline_runtime,
+                                      bipartite_merge, keep_counts, schedule_points)
+from trimkit.profile import count_flops
+
+TOYS = ["tests/models/toy_vlms.py:two_stream", "tests/models/toy_vlms.py:single_stream"]
+HF = ["blip-vqa-tiny", "blip-itm-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", "clip-tiny"]
+CONFIGS = {"random": RandomTokensConfig, "topk": TopKClsAttentionConfig, "tome": ToMeMergeConfig}
+
+
+def _setup(ref, batch=3):
+    bb = load_backbone(ref)
+    return bb, bb.example_inputs(batch)
+
+
+def _out(bb, inputs):
+    with torch.no_grad():
+        out = bb.model(**inputs)
+    if bb.task.kind == "contrastive":  # rows of a contrastive batch are not independent
+        return torch.cat([out.image_embeds, out.text_embeds], dim=-1)
+    return bb.task.logits(out)
+
+
+def _apply(bb, inputs, config):
+    return apply_(bb.model, [config], inputs=inputs, hints=bb.hints).results[0].report
+
+
+def _specials(rt, stream, length):
+    return rt._special_positions(stream, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------
+def test_keep_counts_and_schedule_points():
+    assert keep_counts(16, 0.5, 3) == [8, 4, 2]
+    assert keep_counts(16, 1.0, 2) == [16, 16]
+    assert keep_counts(5, 0.01, 2) == [1, 1]  # at least one prunable token
+    assert keep_counts(0, 0.5, 2) == [0, 0]
+    points = schedule_points({"a": (16, 2), "b": (6, 1)})
+    assert points == sorted(points) and all(0 < p < 1 for p in points)
+    # between consecutive points the schedule does not move; across each point it does
+    mids = [(a + b) / 2 for a, b in zip([0.0] + points, points + [1.0])]
+    schedules = [(tuple(keep_counts(16, r, 2)), tuple(keep_counts(6, r, 1))) for r in mids]
+    assert len(set(schedules)) == len(schedules)
+    for p in points:
+        assert (keep_counts(16, p * 0.999, 2), keep_counts(6, p * 0.999, 1)) != \
+               (keep_counts(16, p * 1.001, 2), keep_counts(6, p * 1.001, 1))
+
+
+def test_bipartite_merge_is_a_size_weighted_average():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 4, generator=g)
+    size = torch.rand(2, 9, generator=g) + 0.5
+    prunable = torch.ones(2, 9, dtype=torch.bool)
+    prunable[:, 0] = False
+    merged, new_size, keep = bipartite_merge(x, size, prunable, 3)
+    assert keep.sum(1).tolist() == [6, 6] and keep[:, 0].all()
+    assert torch.allclose(new_size.masked_select(keep).view(2, -1).sum(1), size.sum(1))
+    assert torch.equal(merged[:, 0], x[:, 0])
+    for row in range(2):
+        for t in range(9):
+            if not keep[row, t]:
+                continue
+            # who merged into t: dropped tokens whose mass went to t
+            absorbed = new_size[row, t] - size[row, t]
+            if absorbed.abs() < 1e-6:
+                assert torch.equal(merged[row, t], x[row, t])
+    # the total "mass" (size-weighted sum of states) is conserved among survivors
+    before = (x * size[..., None]).sum(1)
+    after = (merged * new_size[..., None] * keep[..., None]).sum(1)
+    assert torch.allclose(before, after, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot merge"):
+        bipartite_merge(x, size, prunable, 5)
+
+
+def test_bipartite_merge_keeps_groups_apart():
+    x = torch.randn(1, 8, 3)
+    prunable = torch.ones(1, 8, dtype=torch.bool)
+    group = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]).bool()
+    _, new_size, keep = bipartite_merge(x, torch.ones(1, 8), prunable, 2, group=group)
+    # each group has 2 A and 2 B tokens: 2 merges stay inside a group
+    for members in (slice(0, 4), slice(4, 8)):
+        assert new_size[0, members][keep[0, members]].sum() == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", list(CONFIGS.values()))
+def test_config_round_trip_and_validation(cls):
+    config = cls(keep_ratio=0.3, flops_ratio=0.6, start_layer=2, streams="vision", threshold=0.25)
+    assert config_from_dict(config_to_dict(config)) == config
+    for bad in ({"keep_ratio": 0.0}, {"keep_ratio": 1.5}, {"flops_ratio": -0.1}, {"threshold": 2.0},
+                {"start_layer": -1}, {"streams": "("}):
+        field = next(iter(bad))
+        with pytest.raises(ConfigError, match=field):
+            cls(**bad)
+    with pytest.raises(ConfigError, match="start_layer"):
+        TopKClsAttentionConfig(start_layer=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every family: off is exact; on follows the schedule; remove_ restores
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("ref", HF + TOYS)
+def test_off_is_exact_schedule_is_followed_and_remove_restores(ref, method):
+    bb, inputs = _setup(ref)
+    ref_out = _out(bb, inputs)
+    report = _apply(bb, inputs, CONFIGS[method](threshold=0.0))
+    assert report["trimmed_streams"], report
+    assert (_out(bb, inputs) - ref_out).abs().max().item() <= 1e-5
+    rt = baseline_runtime(bb.model)
+    set_threshold(bb.model, 0.5)
+    trimmed = _out(bb, inputs)
+    assert (trimmed - ref_out).abs().max().item() > 1e-5
+    stats = trim_stats(bb.model)["tokens"]
+    for stream in report["trimmed_streams"]:
+        st = rt.state.streams[stream]
+        specials = _specials(rt, stream, st.length)
+        layers = sum(1 for p in rt.trimmers if rt.stream_of[p] == stream)
+        expected = [len(specials) + k for k in keep_counts(st.length - len(specials), 0.5, layers)]
+        assert stats[stream]["kept"] == [float(k) for k in expected], (stream, stats[stream])
+        assert expected[-1] < st.length
+        index = st.index
+        assert index.shape == (inputs[next(iter(inputs))].shape[0], expected[-1])
+        assert (index[:, 1:] > index[:, :-1]).all(), "kept tokens keep their order"
+        for p in specials:
+            assert (index == p).any(1).all(), f"special token {p} dropped"
+    with trimming_off(bb.model):
+        assert (_out(bb, inputs) - ref_out).abs().max().item() <= 1e-5
+    remove_(bb.model)
+    assert baseline_runtime(bb.model) is None and not hasattr(bb.model, "trimkit_baseline_tokens")
+    assert (_out(bb, inputs) - ref_out).abs().max().item() <= 1e-5
+
+
+def test_streams_that_cannot_lose_tokens_are_left_whole():
+    bb, inputs = _setup("blip-vqa-tiny")
+    report = _apply(bb, inputs, RandomTokensConfig())
+    assert "text_decoder.bert.encoder.layer" in report["per_token_streams"]
+    assert "text_decoder.bert.encoder.layer" not in report["trimmed_streams"]
+    bb, inputs = _setup("clip-tiny")
+    report = _apply(bb, inputs, ToMeMergeConfig())
+    assert report["trimmed_streams"] == ["vision_model.encoder.layers"]
+    assert any("text_model.encoder.layers" in n and "left whole" in n for n in report["notes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Executed FLOPs hit the target
+# ----------------------------------------------------------------------------------------------
+CALIBRATED = [("random", "blip-vqa-tiny", 0.6), ("topk", "blip-vqa-tiny", 0.75),
+              ("tome", "blip-itm-tiny", 0.6), ("random", "blip-itm-tiny", 0.75),
+              ("topk", "vilt-vqa-tiny", 0.6), ("tome", "vilt-vqa-tiny", 0.75),
+              ("tome", "clip-tiny", 0.75), ("random", "clip-tiny", 0.75),
+              ("topk", TOYS[0], 0.6), ("tome", TOYS[0], 0.75),
+              ("tome", TOYS[1], 0.6), ("topk", TOYS[1], 0.75)]
+
+
+@pytest.mark.parametrize("method,ref,target", CALIBRATED)
+def test_flops_ratio_is_hit_in_executed_flops(method, ref, target):
+    bb, inputs = _setup(ref)
+    full = count_flops(bb.model, inputs).flops
+    report = _apply(bb, inputs, CONFIGS[method](flops_ratio=target))
+    measured = count_flops(bb.model, inputs).flops / full
+    assert abs(measured - target) <= 0.02, (measured, report)
+    assert abs(report["flops_ratio"] - measured) <= 1e-3  # the pass measures one row, this the batch
+    assert report["keep_ratio"] != 0.5  # calibrated, not the default
+
+
+def test_unreachable_flops_ratio_is_reported():
+    bb, inputs = _setup("bridgetower-itm-tiny")
+    report = _apply(bb, inputs, RandomTokensConfig(flops_ratio=0.5))
+    assert report["flops_ratio"] > 0.52
+    assert any("closest this schedule reaches" in n for n in report["notes"]), report["notes"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Method specifics
+# ----------------------------------------------------------------------------------------------
+def _index(bb, inputs, stream):
+    _out(bb, inputs)
+    return baseline_runtime(bb.model).state.streams[stream].index.clone()
+
+
+def test_random_is_deterministic_per_seed_and_differs_across_seeds():
+    bb, inputs = _setup(TOYS[1])
+    _apply(bb, inputs, RandomTokensConfig(seed=0))
+    first, again = _index(bb, inputs, "blocks"), _index(bb, inputs, "blocks")
+    assert torch.equal(first, again)
+    remove_(bb.model)
+    _apply(bb, inputs, RandomTokensConfig(seed=0))
+    assert torch.equal(_index(bb, inputs, "blocks"), first)
+    remove_(bb.model)
+    _apply(bb, inputs, RandomTokensConfig(seed=1))
+    assert not torch.equal(_index(bb, inputs, "blocks"), first)
+
+
+def _toy_cls_attention(model, x):
+    """[CLS] attention of the toy's first vision layer, mean over heads, computed by hand."""
+    attn = model.vision[0].attn
+    h = model.vision[0].norm1(x)
+    b, n, d = h.shape
+    q, k, _ = attn.to_qkv(h).chunk(3, dim=-1)
+    q, k = (t.reshape(b, n, attn.heads, d // attn.heads) for t in (q, k))
+    probs = (torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // attn.heads) ** -0.5).softmax(-1)
+    return probs[:, :, 0].mean(1)
+
+
+def test_topk_keeps_what_cls_attends_to_most_in_the_previous_layer():
+    bb, inputs = _setup(TOYS[0])
+    model = bb.model
+    seen = {}
+    handle = model.vision[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    _apply(bb, inputs, TopKClsAttentionConfig(keep_ratio=0.4, streams="vision"))
+    seen.clear()
+    index = _index(bb, inputs, "vision")
+    handle.remove()
+    with torch.no_grad():
+        scores = _toy_cls_attention(model, seen["x"])
+    count = keep_counts(16, 0.4, 1)[0]
+    top = scores[:, 1:].topk(count, dim=1).indices + 1
+    expected = torch.cat([torch.zeros(len(top), 1, dtype=torch.long), top.sort(1).values], dim=1)
+    assert torch.equal(index, expected)
+
+
+def test_topk_reads_sdpa_and_eager_attention_alike():
+    kept = []
+    for impl in ("sdpa", "eager"):
+        bb = load_backbone("clip-tiny", attn_implementation=impl)
+        inputs = bb.example_inputs(3)
+        _apply(bb, inputs, TopKClsAttentionConfig(keep_ratio=0.4))
+        kept.append(_index(bb, inputs, "vision_model.encoder.layers"))
+    assert torch.equal(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("ref", ["blip-itm-tiny", TOYS[0], TOYS[1]])
+def test_tome_sizes_sum_to_the_original_length(ref):
+    bb, inputs = _setup(ref)
+    report = _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4))
+    _out(bb, inputs)
+    rt = baseline_runtime(bb.model)
+    sizes = rt.sizes()
+    assert set(sizes) == set(report["trimmed_streams"])
+    for stream, size in sizes.items():
+        st = rt.state.streams[stream]
+        assert size.shape == st.index.shape
+        assert torch.allclose(size.sum(1), torch.full((size.shape[0],), float(st.length)))
+        assert (size > 1).any()
+        for p in _specials(rt, stream, st.length):
+            assert (size[st.index == p] == 1).all(), "special tokens are never merged"
+
+
+def test_tome_merging_differs_from_plain_removal(monkeypatch):
+    bb, inputs = _setup(TOYS[0])
+    _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4, proportional=False))
+    merged = _out(bb, inputs)
+    index = baseline_runtime(bb.model).state.streams["vision"].index.clone()
+    real = bl.bipartite_merge
+
+    def removal_only(x, size, prunable, merge, group=None):
+        _, new_size, keep = real(x, size, prunable, merge, group)
+        return x, new_size, keep
+
+    monkeypatch.setattr(bl, "bipartite_merge", removal_only)
+    removed = _out(bb, inputs)
+    assert torch.equal(baseline_runtime(bb.model).state.streams["vision"].index, index)  # same survivors
+    assert (merged - removed).abs().max().item() > 1e-4
+
+
+def test_tome_proportional_attention_adds_log_size_to_keys():
+    bb, inputs = _setup(TOYS[0])
+    _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4))
+    with_bias = _out(bb, inputs)
+    rt = baseline_runtime(bb.model)
+    st, size = rt.state.streams["vision"], rt.sizes()["vision"]
+    mask = rt._key_mask("vision", st)
+    assert torch.allclose(mask[:, 0, 0], size.log())
+    # the bias reaches the attention: turning it off changes the outputs
+    rt.proportional = False
+    assert rt._key_mask("vision", st) is None
+    assert (_out(bb, inputs) - with_bias).abs().max().item() > 1e-5
+
+
+def test_tome_keeps_padding_apart_from_real_tokens():
+    bb, inputs = _setup("blip-itm-tiny")
+    mask = inputs["attention_mask"]
+    mask[1, 4:], mask[2, 6:] = 0, 0  # rows 1 and 2 padded
+    inputs["input_ids"][mask == 0] = 0
+    _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4, streams="text"))
+    _out(bb, inputs)
+    rt = baseline_runtime(bb.model)
+    st, size = rt.state.streams["text_encoder.encoder.layer"], rt.sizes()["text_encoder.encoder.layer"]
+    real = mask.gather(1, st.index).bool()
+    # the mass of real tokens stays on real tokens unless a row ran out of them
+    for row in range(mask.shape[0]):
+        n_real = int(mask[row].sum())
+        if real[row].sum() > 1:
+            assert size[row][real[row]].sum().item() == n_real
+
+
+# ----------------------------------------------------------------------------------------------
+# Training with a baseline in place
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("ref", ["blip-itm-tiny", "vilt-vqa-tiny", TOYS[1]])
+def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
+    bb, inputs = _setup(ref)
+    _apply(bb, inputs, CONFIGS[method]())
+    model = bb.model.train()
+    logits = bb.task.logits(model(**inputs))
+    logits.float().pow(2).mean().backward()
+    rt = baseline_runtime(model)
+    for stream, stats in trim_stats(model)["tokens"].items():
+        if stream in rt.schedule.trimmed():
+            assert stats["kept"][-1] < stats["length"], (stream, stats)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads) > len(grads) // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved folders
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ref,config", [("vilt-vqa-tiny", ToMeMergeConfig(flops_ratio=0.7)),
+                                        (TOYS[0], TopKClsAttentionConfig(flops_ratio=0.75)),
+                                        (TOYS[1], RandomTokensConfig(seed=3, keep_ratio=0.3))])
+def test_saved_folder_restores_exactly(tmp_path, ref, config):
+    bb = load_backbone(ref)
+    inputs = bb.example_inputs(2)
+    report = _apply(bb, inputs, config)
+    torch.manual_seed(0)  # ViLT shuffles its patches with the global generator
+    expected = _out(bb, inputs)
+    out = save_folder(tmp_path / "saved", base_ref=ref, model=bb.model)
+    restored = load_folder(out)
+    assert float(restored.model.trimkit_baseline_tokens.keep_ratio) == report["keep_ratio"]
+    torch.manual_seed(0)
+    assert torch.equal(_out(restored, inputs), expected)
