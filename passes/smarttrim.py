@@ -106,6 +106,35 @@ def _rows_disagree(model: nn.Module, inputs: dict, batched, tol: float = 1e-4) -
     return ""
 
 
+def _probe(model: nn.Module, model_map: ModelMap, cap, trimmers: dict, other: dict, special: dict, text_embed,
+           inputs: dict, skip: list[str]) -> str:
+    """Why removing tokens with random decisions breaks the model ('' when it does not)."""
+    gen = torch.Generator().manual_seed(0)
+    for t in trimmers.values():  # random decisions: about half the tokens, rows differ
+        with torch.no_grad():
+            t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=gen) * 3)
+            t.score.bias.zero_()
+    probe = TokenRuntime(model, model_map, cap, trimmers, other, threshold=0.5, special=special,
+                         text_embed=text_embed, skip=skip)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            batched = model(**inputs)
+            mismatch = _rows_disagree(model, inputs, batched)
+            probe.threshold = 1.0
+            model(**inputs)
+        if mismatch:
+            return (f"with tokens removed, a padded batch and row-by-row runs disagree ({mismatch}); "
+                    "something reads its tokens by position")
+        return ""
+    except Exception as exc:  # the probe decides; any failure means "not trimmable this way"
+        return f"removing its tokens breaks the forward ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    finally:
+        probe.remove()
+        model.train(was_training)
+
+
 def _text_embedding(model: nn.Module, cap, roles: dict[str, str]):
     """(input name, embedding module path) of the Embedding that reads a text input directly."""
     for n in cap.nodes:
@@ -193,46 +222,33 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
 
     special = {name: list((context.hints or {}).get("special_tokens", {}).get(model_map.stream(name).modality, [0]))
                for name in trimmed}
-    # Probe each stream at the harshest threshold: a stream whose consumers index tokens by
-    # position (e.g. pooling at an EOS position) cannot lose tokens and is left whole.
-    if not context.restoring:
-        kept_streams = []
-        for name in trimmed:
-            probe_trimmers = build([name])
-            gen = torch.Generator().manual_seed(0)
-            for t in probe_trimmers.values():  # random decisions: about half the tokens, rows differ
-                with torch.no_grad():
-                    t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=gen) * 3)
-                    t.score.bias.zero_()
-            probe = TokenRuntime(model, model_map, cap, probe_trimmers, other, threshold=0.5, special=special,
-                                 text_embed=text_embed)
-            was_training = model.training
-            try:
-                model.eval()
-                with torch.no_grad():
-                    batched = model(**context.inputs)
-                    mismatch = _rows_disagree(model, context.inputs, batched)
-                    probe.threshold = 1.0
-                    model(**context.inputs)
-                if mismatch:
-                    notes.append(f"stream '{name}' left whole: with tokens removed, a padded batch and row-by-row "
-                                 f"runs disagree ({mismatch}); something reads its tokens by position")
-                else:
-                    kept_streams.append(name)
-            except Exception as exc:  # the probe decides; any failure means "not trimmable"
-                notes.append(f"stream '{name}' left whole: removing its tokens breaks the forward "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
-            finally:
-                probe.remove()
-                model.train(was_training)
-        skipped += [n for n in trimmed if n not in kept_streams]
-        trimmed = kept_streams
+    # Probe each stream with random decisions: a stream whose consumers read every layer's output
+    # at full length (bridges) is trimmed in skip mode (pruned tokens carried through unchanged);
+    # a stream whose consumers index tokens by position either way is left whole. The probe is
+    # structural, so it runs the same way when a saved folder is rebuilt.
+    kept_streams, skip = [], []
+    for name in trimmed:
+        verdict = ""
+        for mode in ("remove", "skip"):
+            verdict = _probe(model, model_map, cap, build([name]), other, special, text_embed, context.inputs,
+                             skip=[name] if mode == "skip" else [])
+            if not verdict:
+                kept_streams.append(name)
+                if mode == "skip":
+                    skip.append(name)
+                    notes.append(f"stream '{name}': every layer's output is read at full length, so pruned "
+                                 "tokens skip the layers and are carried through (skip mode)")
+                break
+        if verdict:
+            notes.append(f"stream '{name}' left whole: {verdict}")
+    skipped += [n for n in trimmed if n not in kept_streams]
+    trimmed = kept_streams
     by_path = build(trimmed)
     trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
     model.add_module(_ATTR, trimmers)
     runtime = TokenRuntime(model, model_map, cap, by_path, other, threshold=config.threshold, special=special,
-                           tau=config.tau, text_embed=text_embed)
+                           tau=config.tau, text_embed=text_embed, skip=skip)
     model._trimkit_token_runtime = runtime
 
     def undo():
@@ -240,7 +256,7 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
         delattr(model, _ATTR)
         del model._trimkit_token_runtime
 
-    report = {"trimmed_streams": trimmed, "skipped_streams": skipped, "per_token_streams": sorted(per_token),
+    report = {"trimmed_streams": trimmed, "skip_mode_streams": skip, "skipped_streams": skipped, "per_token_streams": sorted(per_token),
               "trimmers": len(by_path), "guidance": {k: v for k, v in other.items()}, "notes": notes,
               "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
     return PassResult(model, report, undo, trainable=True)

@@ -160,6 +160,8 @@ class StreamState:
     kept: list = dataclasses.field(default_factory=list)  # tokens alive per trimmed layer, per row
     probs: list = dataclasses.field(default_factory=list)  # keep probabilities per trimmed layer (train)
     masks: list = dataclasses.field(default_factory=list)  # cumulative masks after each trimmed layer
+    alive: torch.Tensor | None = None  # [B, L] bool tokens still computed (eval, skip streams)
+    pending: Any = None  # what the post-hook of a skip stream's layer puts back
 
 
 class TrimState:
@@ -240,8 +242,10 @@ class TokenRuntime:
 
     def __init__(self, model: nn.Module, model_map: ModelMap, cap: Capture, trimmers: dict[str, TokenTrimmer],
                  guidance: dict[str, str | None], *, threshold: float = 0.5, special: dict[str, list[int]] | None = None,
-                 other_cap: Capture | None = None, tau: float = 1.0, text_embed: tuple[str, str] | None = None):
+                 other_cap: Capture | None = None, tau: float = 1.0, text_embed: tuple[str, str] | None = None,
+                 skip: Any = ()):
         self.model, self.map = model, model_map
+        self.skip_streams = set(skip)  # streams whose pruned tokens are carried through, not removed
         self.trimmers = trimmers  # layer path -> trimmer
         self.guidance = guidance  # stream -> other stream whose global vector guides it (or None)
         self.threshold, self.tau = threshold, tau
@@ -324,6 +328,8 @@ class TokenRuntime:
             if st is None:
                 st = self.state.streams[stream] = StreamState(hidden.shape[1])
             trimmer = self.trimmers.get(path) if stream in self.trimmed_streams else None
+            if stream in self.skip_streams:
+                return self._skip_pre(path, spec, st, trimmer, hidden, args, kwargs)
             if trimmer is not None:
                 hidden = self._decide(stream, st, trimmer, hidden)
                 if spec["seq_first"]:
@@ -333,29 +339,80 @@ class TokenRuntime:
             if alive is not None:
                 self.state.tokens[path] = alive
                 self.state.lengths[path] = st.length
-            if st.index is not None:
-                for name, dims in spec["axes"].items():
-                    t = _get_arg(args, kwargs, name)
-                    if t is None:
-                        continue
-                    for d in dims:
-                        if t.shape[d] == st.length:
-                            t = ops.gather_along(t, st.index, d)
-                    args, kwargs = _set_arg(args, kwargs, name, t)
-            return args, kwargs
+            return self._slice_side(spec, st, args, kwargs)
 
         return pre
+
+    def _slice_side(self, spec: dict, st: StreamState, args, kwargs):
+        if st.index is not None:
+            for name, dims in spec["axes"].items():
+                t = _get_arg(args, kwargs, name)
+                if t is None:
+                    continue
+                for d in dims:
+                    if t.shape[d] == st.length:
+                        t = ops.gather_along(t, st.index, d)
+                args, kwargs = _set_arg(args, kwargs, name, t)
+        return args, kwargs
+
+    def _skip_pre(self, path: str, spec: dict, st: StreamState, trimmer, hidden: torch.Tensor, args, kwargs):
+        """A layer of a stream whose every layer output is read at full length (skip mode).
+
+        The layer computes only the tokens still alive; its post-hook writes their new states back
+        into the full sequence, where pruned tokens keep the state they had when pruned.
+        """
+        stream = self.stream_of[path]
+        if self.model.training:
+            if trimmer is not None:
+                self._decide(stream, st, trimmer, hidden)
+            if st.mask is not None:
+                st.pending = hidden
+                self.state.tokens[path], self.state.lengths[path] = st.mask, st.length
+            return None
+        if trimmer is not None:
+            st.valid, st.index = st.alive, None
+            self._decide(stream, st, trimmer, hidden)
+            if st.index is not None:
+                st.alive = ops.scatter_tokens(st.valid.unsqueeze(-1), st.index, st.valid, st.length)[..., 0]
+            st.index, st.valid = None, None
+        if st.alive is None or bool(st.alive.all()):
+            return None
+        small, st.index, st.valid = ops.gather_tokens(hidden, st.alive)
+        st.pending = hidden
+        self.state.tokens[path], self.state.lengths[path] = st.valid.sum(1), st.length
+        if spec["seq_first"]:
+            small = small.transpose(0, 1)
+        args, kwargs = _set_arg(args, kwargs, spec["main"], small)
+        return self._slice_side(spec, st, args, kwargs)
+
+    def _skip_post(self, path: str, st: StreamState, output):
+        full, st.pending = st.pending, None
+        flat, tree = tree_flatten(output)
+        pos = next(i for i, v in enumerate(flat) if isinstance(v, torch.Tensor))
+        out = flat[pos].transpose(0, 1) if self.axes[path]["seq_first"] else flat[pos]
+        if self.model.training:
+            m = st.mask.unsqueeze(-1).to(out.dtype)
+            new = out * m + full * (1 - m)
+        else:
+            new = torch.where(ops.scatter_tokens(st.valid.unsqueeze(-1), st.index, st.valid, st.length),
+                              ops.scatter_tokens(out, st.index, st.valid, st.length), full)
+            st.index, st.valid = None, None
+        flat = list(flat)
+        flat[pos] = new.transpose(0, 1) if self.axes[path]["seq_first"] else new
+        return tree_unflatten(flat, tree)
 
     def _make_post(self, path: str):
         stream = self.stream_of[path]
 
         def post(module, args, output):
             st = self.state.streams.get(stream)
+            if st is not None and st.pending is not None:
+                output = self._skip_post(path, st, output)
             if st is not None:
                 flat = [v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)]
                 if flat:
                     st.last = flat[0].transpose(0, 1) if self.axes[path]["seq_first"] else flat[0]
-            return None
+            return output
 
         return post
 
