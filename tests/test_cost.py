@@ -13,7 +13,7 @@ from trimkit.passes import apply_
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import count_flops
 
-REFS = ["blip-vqa-tiny", "vilt-vqa-tiny", "tests/models/toy_vlms.py:two_stream",
+REFS = ["blip-vqa-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", "tests/models/toy_vlms.py:two_stream",
         "tests/models/toy_vlms.py:single_stream"]
 
 

@@ -155,7 +155,7 @@ class CostModel:
         value = torch.as_tensor(value)
         if value.dim() == 2:  # [B, L] soft mask
             return value.sum(1)
-        return value.to(torch.float32)
+        return value.to(torch.float32)  # [B] counts, or a 0-d count shared by every row
 
     def costs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(trimmed, full) block FLOPs per row of the last forward, ``[B]`` each."""

@@ -283,7 +283,8 @@ class TokenRuntime:
             if site.key_stream in self.trimmed_streams and site.path not in seen:
                 seen.add(site.path)
                 mod = m.get_submodule(site.path)
-                self.handles.append(mod.register_forward_pre_hook(self._make_attn_pre(site.key_stream, site.path)))
+                self.handles.append(mod.register_forward_pre_hook(
+                    self._make_attn_pre(site.key_stream, site.path, site.kind == "cross"), with_kwargs=True))
                 self.handles.append(mod.register_forward_hook(self._attn_post, always_call=True))
 
     def _close_modes(self):
@@ -416,16 +417,14 @@ class TokenRuntime:
 
         return post
 
-    def _make_attn_pre(self, key_stream: str, site_path: str):
-        def pre(module, args):
+    def _make_attn_pre(self, key_stream: str, site_path: str, cross: bool = False):
+        def pre(module, args, kwargs):
             st = self.state.streams.get(key_stream)
             if not self.enabled or st is None:
                 self._modes.append(None)
                 return None
-            alive = self._alive(st)
-            if alive is not None:
-                self.state.keys[site_path] = alive
-                self.state.lengths[site_path] = st.length
+            self.state.keys[site_path] = self._keys_alive(st, args, kwargs, cross)
+            self.state.lengths[site_path] = st.length
             mask = self._key_mask(key_stream, st)
             if mask is None:
                 self._modes.append(None)
@@ -459,6 +458,30 @@ class TokenRuntime:
         if st.valid is not None:
             return st.valid.sum(1)
         return None
+
+    def _keys_alive(self, st: StreamState, args, kwargs, cross: bool):
+        """Keys an attention call sees: the stream's alive tokens, unless its key tensor is an
+        earlier (longer) state of the stream, as when a later layer's trimming already ran."""
+        alive = self._alive(st)
+        full = torch.tensor(float(st.length))
+        if not cross:
+            return full if alive is None else alive
+        seen = [v for v in tree_flatten((args, kwargs))[0]
+                if isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point()]
+        if len(seen) < 2:
+            return full if alive is None else alive
+        key = seen[1]
+        lk = key.shape[0] if self._seq_first_stream(st, key) else key.shape[1]
+        now = st.mask.shape[1] if self.model.training and st.mask is not None else (
+            st.valid.shape[1] if st.valid is not None else st.length)
+        if lk == now:
+            return full if alive is None else alive
+        return torch.tensor(float(lk))
+
+    @staticmethod
+    def _seq_first_stream(st: StreamState, key: torch.Tensor) -> bool:
+        return st.last is not None and key.shape[0] == st.last.shape[1] and key.shape[1] == st.last.shape[0] \
+            and key.shape[0] != key.shape[1]
 
     def stats(self) -> dict:
         """Tokens alive after each trimmed layer, per stream, as the batch mean of the last forward."""
