@@ -25,7 +25,7 @@ contract of every trimming pass), any other value applies the schedule.
 * ``random.tokens`` keeps a random subset drawn from a generator seeded by ``seed`` and the layer;
   the random scores belong to the original token positions, so every row and every forward keeps the
   same positions (a batch gives the results of its rows run one by one). Padding tokens of a text
-  stream (from the backbone's mask hints) go first.
+  stream (from the backbone's ``masks`` hint) are dropped first, here and in ``topk.cls_attention``.
 * ``topk.cls_attention`` (EViT-like) keeps the tokens the first special token ([CLS]) attends to
   most, averaged over heads, in the self-attention of the *previous* layer of the stream (so
   ``start_layer >= 1``). The probabilities are read where that attention computes them: the softmax
@@ -255,8 +255,8 @@ class _ClsAttention(TorchFunctionMode):
         b = probs.shape[0]
         return probs[torch.arange(b, device=probs.device), :, self._cls_rows(b, probs.device)].mean(1)
 
-    def _save(self, probs: torch.Tensor) -> None:
-        self.record(self._rows(probs).detach().float())
+    def _save(self, rows: torch.Tensor) -> None:
+        self.record(rows.detach().float())
         self.done = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -271,13 +271,14 @@ class _ClsAttention(TorchFunctionMode):
                 probs = out if out.dim() == 4 else (out.reshape(b, -1, *out.shape[1:]) if out.shape[0] % b == 0
                                                     else None)
                 if probs is not None:
-                    self._save(probs)
+                    self._save(self._rows(probs))
             return out
         if func is F.scaled_dot_product_attention:
             q, k = args[0], args[1]
             if q.dim() == 4 and q.shape[-2] == k.shape[-2] == self.length:
-                self._save(self._sdpa_probs(q, k, kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
-                                            kwargs.get("scale")))
+                probs = self._sdpa_probs(q, k, kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
+                                         kwargs.get("scale"))
+                self._save(probs.mean(dim=(1, 2)))
             return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             key = args[1]
@@ -286,7 +287,7 @@ class _ClsAttention(TorchFunctionMode):
                 kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
                 out, weights = func(*args, **kwargs)
                 if weights.dim() == 4:
-                    self._save(weights)
+                    self._save(self._rows(weights))
                 if not wanted:
                     return out, None
                 return out, (weights.mean(1) if averaged else weights)
@@ -294,6 +295,7 @@ class _ClsAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _sdpa_probs(self, q, k, mask, scale) -> torch.Tensor:
+        """Attention probabilities ``[B, H, R, Lk]`` of the CLS query (R = 1) or of every query."""
         b, h, lq, hd = q.shape
         if k.shape[1] != h:
             k = k.repeat_interleave(h // k.shape[1], dim=1)
@@ -359,7 +361,7 @@ class BaselineRuntime(TokenRuntime):
     def _make_cls_pre(self, stream: str):
         def pre(module, args):
             st = self.state.streams.get(stream)
-            if not self.enabled or st is None:
+            if not self.enabled or st is None or self.threshold <= 0 or not self.schedule.is_active(stream):
                 self._modes.append(None)
                 return None
             length = st.index.shape[1] if st.index is not None else st.length
@@ -625,6 +627,20 @@ def _calibrate(model: nn.Module, runtime: BaselineRuntime, schedule: BaselineSch
         runtime.threshold = saved
 
 
+def _tokens_kept(runtime: BaselineRuntime, schedule: BaselineSchedule) -> dict[str, dict]:
+    """Per trimmed stream: its length on the example inputs and the tokens each trimmed layer keeps."""
+    out = {}
+    for name in schedule.trimmed():
+        length = runtime.lengths.get(name)
+        if length is None:
+            continue
+        special = len(runtime._special_positions(name, length))
+        layers = sum(1 for p in runtime.trimmers if runtime.stream_of[p] == name)
+        out[name] = {"length": length,
+                     "kept": [special + k for k in keep_counts(length - special, float(schedule.keep_ratio), layers)]}
+    return out
+
+
 def _apply_baseline(model: nn.Module, model_map: ModelMap, config: _BaselineConfig, context: PassContext,
                     method: str) -> PassResult:
     name = config.name
@@ -683,8 +699,10 @@ def _apply_baseline(model: nn.Module, model_map: ModelMap, config: _BaselineConf
             raise
     report = {"method": method, "trimmed_streams": schedule.trimmed(),
               "skipped_streams": [s.name for s in model_map.streams if s.name not in schedule.trimmed()],
-              "per_token_streams": sorted(per_token), "trimmed_layers": len(layers),
-              "keep_ratio": float(schedule.keep_ratio), "flops_ratio": measured, "notes": notes}
+              "per_token_streams": sorted(per_token),
+              "trimmed_layers": sum(1 for p in layers if runtime.stream_of[p] in schedule.trimmed()),
+              "keep_ratio": float(schedule.keep_ratio), "tokens_kept": _tokens_kept(runtime, schedule),
+              "flops_ratio": measured, "notes": notes}
     return PassResult(model, report, undo, trainable=False)
 
 

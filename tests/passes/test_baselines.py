@@ -235,6 +235,43 @@ def test_topk_keeps_what_cls_attends_to_most_in_the_previous_layer():
     assert torch.equal(index, expected)
 
 
+@pytest.mark.parametrize("cls", [torch.tensor([0, 3]), 5, None])
+def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[1, ..., 4:] = torch.finfo(torch.float32).min  # padded keys of row 1
+    probs = ((q @ k.transpose(-1, -2)) * 0.5 + mask).softmax(-1)
+    rows = torch.tensor([0, 3]) if isinstance(cls, torch.Tensor) else cls
+    if rows is None:
+        expected = probs.mean(dim=(1, 2))
+    else:
+        rows = torch.as_tensor(rows).expand(2)
+        expected = probs[torch.arange(2), :, rows].mean(1)
+    seen = []
+    with bl._ClsAttention(6, cls, 2, seen.append):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with bl._ClsAttention(6, cls, 2, seen.append):
+        ((q @ k.transpose(-1, -2)) * 0.5 + mask).softmax(dim=-1)
+    with bl._ClsAttention(6, cls, 2, seen.append):  # [B*H, L, L] scores
+        ((q @ k.transpose(-1, -2)) * 0.5 + mask).reshape(6, 6, 6).softmax(-1)
+    assert len(seen) == 3
+    for got in seen:
+        assert torch.allclose(got, expected, atol=1e-6)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 6, 8, generator=g)
+    with torch.no_grad():
+        plain, _ = mha(x, x, x, need_weights=False)
+        weights = mha(x, x, x, need_weights=True, average_attn_weights=False)[1]
+        with bl._ClsAttention(6, cls, 2, seen.append):
+            out, none = mha(x, x, x, need_weights=False)
+    assert none is None and torch.allclose(out, plain, atol=1e-6)
+    expected = weights.mean(dim=(1, 2)) if rows is None else weights[torch.arange(2), :, rows].mean(1)
+    assert torch.allclose(seen[-1], expected, atol=1e-6)
+
+
 def test_topk_reads_sdpa_and_eager_attention_alike():
     kept = []
     for impl in ("sdpa", "eager"):
