@@ -42,8 +42,8 @@ from torch import nn
 from trimkit.control import runtimes, set_tau, trimming_off
 from trimkit.errors import ConfigError, DataError, TrimkitError
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "target_at", "tau_at", "cost_loss",
-           "distill_loss", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "prepare", "calibrate_threshold", "target_at", "tau_at",
+           "cost_loss", "distill_loss", "latest_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FORMAT = 1
@@ -67,6 +67,8 @@ class TrainConfig:
     clip_norm: gradient norm clipping (0 = off). seed: data order, Gumbel noise, dropout.
     checkpoint_every: steps between checkpoints (0 = only at the end); keep_checkpoints: how many stay.
     measure_every: steps between executed-FLOPs measurements on the last batch (0 = never).
+    calibrate: training items used after the last step to pick the inference threshold whose
+      executed ratio is closest to the target (0 keeps the recipe's thresholds).
     """
 
     batch_size: int = 16
@@ -89,10 +91,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     measure_every: int = 25
+    calibrate: int = 256
 
     def __post_init__(self) -> None:
         ints = {"batch_size": 1, "grad_accum": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
-                "measure_every": 0, "seed": 0}
+                "measure_every": 0, "seed": 0, "calibrate": 0}
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -120,7 +123,8 @@ class TrainConfig:
 class TrainResult:
     """What :func:`train` produced: the trained model (in eval mode), its backbone record and binding,
     one history row per step, the output folder and last checkpoint (None without ``out_dir``),
-    and the final expected ratio (mean of the last steps) and executed ratio (measured at the end)."""
+    the final expected ratio (mean of the last steps), the executed ratio measured at the last step,
+    and the calibrated inference threshold with its executed ratio on training items."""
 
     model: nn.Module
     backbone: Any
@@ -131,12 +135,15 @@ class TrainResult:
     executed_ratio: float | None
     out_dir: Path | None = None
     checkpoint: Path | None = None
+    threshold: float | None = None
+    calibrated_ratio: float | None = None
 
     def to_dict(self) -> dict:
         return {"target_ratio": self.target_ratio, "expected_ratio": self.expected_ratio,
                 "executed_ratio": self.executed_ratio, "steps": len(self.history),
                 "out_dir": None if self.out_dir is None else str(self.out_dir),
                 "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+                "threshold": self.threshold, "calibrated_ratio": self.calibrated_ratio,
                 "last": self.history[-1] if self.history else None}
 
 
@@ -536,7 +543,7 @@ def _base_writer(model: nn.Module):
     return write
 
 
-def _write_folder(out_dir: Path, backbone, base_ref: str, extra: dict) -> None:
+def _write_folder(out_dir: Path, backbone, base_ref: str, extra: dict, configs: list | None = None) -> None:
     """Write the trimkit folder into `out_dir`, next to its ``checkpoints`` folder."""
     from trimkit.io import save_folder
 
@@ -545,7 +552,7 @@ def _write_folder(out_dir: Path, backbone, base_ref: str, extra: dict) -> None:
     try:
         target = staging / "folder"
         save_folder(target, base_ref=base_ref, model=backbone.model, base_model_dir_writer=_base_writer(backbone.model),
-                    extra=extra)
+                    recipe_configs=configs, extra=extra)
         for entry in sorted(target.iterdir(), key=lambda p: p.name == "trimkit.json"):
             dest = out_dir / entry.name
             if dest.is_dir() and not dest.is_symlink():
@@ -553,6 +560,65 @@ def _write_folder(out_dir: Path, backbone, base_ref: str, extra: dict) -> None:
             os.replace(entry, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference threshold
+# ----------------------------------------------------------------------------------------------
+def _eval_ratio(model: nn.Module, batches: list[dict]) -> float:
+    """Row-weighted executed-FLOPs ratio (hard counts of the cost model) of eval forwards."""
+    from trimkit.cost import expected_ratio
+
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for inputs in batches:
+            model(**inputs)
+            n = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim())
+            total += float(expected_ratio(model)) * n
+            rows += n
+    return total / rows
+
+
+def calibrate_threshold(model: nn.Module, batches: list[dict], target: float, *, iterations: int = 12) -> tuple[float, float]:
+    """The shared inference threshold whose executed ratio on `batches` (unpadded model inputs) is
+    closest to `target`, set on every runtime; ``(threshold, ratio)``. Ratios fall as it rises."""
+    from trimkit.control import set_threshold
+
+    was = model.training
+    model.eval()
+    tried: list[tuple[float, float]] = []
+    try:
+        lo, hi = 0.0, 1.0
+        for th in (0.5, *([None] * iterations)):
+            th = (lo + hi) / 2 if th is None else th
+            set_threshold(model, th)
+            ratio = _eval_ratio(model, batches)
+            tried.append((th, ratio))
+            if ratio > target:
+                lo = th
+            else:
+                hi = th
+        best = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0] - 0.5)))
+        set_threshold(model, best[0])
+    finally:
+        model.train(was)
+    return best
+
+
+def _calibration_batches(dataset, binding, count: int, batch_size: int, device) -> list[dict]:
+    from trimkit.data import collate
+    from trimkit.tasks import model_batch
+
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return [model_batch(binding, collate([items[i] for i in group]), device)[0]
+            for group in _buckets(items, batch_size)]
+
+
+def _with_threshold(configs: list, threshold: float | None) -> list:
+    if threshold is None:
+        return configs
+    return [dataclasses.replace(c, threshold=threshold) if "threshold" in {f.name for f in dataclasses.fields(c)}
+            else c for c in configs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +693,7 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     from trimkit.tasks import model_batch, task_dataset
 
     ref = base_ref or (model_or_backbone if isinstance(model_or_backbone, str) else None)
+    torch.manual_seed(config.seed)  # trimmer initialisation inside the passes
     backbone, binding, changes, spec = prepare(model_or_backbone, data_spec, recipe=recipe)
     ref = ref or backbone.name
     target = _check_target(target_ratio if target_ratio is not None else _recipe_target(backbone.model))
@@ -729,15 +796,24 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
         model.eval()
     if hidden is not None:
         hidden.remove()
+    threshold = calibrated = None
+    if config.calibrate:
+        calib = _calibration_batches(batches.dataset, binding, config.calibrate, config.batch_size, device)
+        threshold, calibrated = calibrate_threshold(model, calib, target)
     if out is not None:
+        from trimkit.passes import applied_passes
+
         checkpoint = save(steps, _rng_state())
         extra = {"train": {"binding": binding.to_dict(), "adapted": changes, **_meta(
-            config, target, steps, spec, binding, [], ref, cost_scale), "history": history[-1:]}}
-        _write_folder(out, backbone, ref, extra)
+            config, target, steps, spec, binding, [], ref, cost_scale), "history": history[-1:],
+            "threshold": threshold, "calibrated_ratio": calibrated}}
+        configs = _with_threshold([r.config for r in applied_passes(model)], threshold)
+        _write_folder(out, backbone, ref, extra, configs)
     last = history[-min(10, len(history)):]
     expected = float(np.mean([r["ratio"] for r in last])) if last else float("nan")
     return TrainResult(model=model, backbone=backbone, binding=binding, history=history, target_ratio=target,
-                       expected_ratio=expected, executed_ratio=executed, out_dir=out, checkpoint=checkpoint)
+                       expected_ratio=expected, executed_ratio=executed, out_dir=out, checkpoint=checkpoint,
+                       threshold=threshold, calibrated_ratio=calibrated)
 
 
 # ----------------------------------------------------------------------------------------------

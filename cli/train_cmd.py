@@ -1,0 +1,132 @@
+"""`trimkit train` and `trimkit eval`: self-distillation training of trimmers, and evaluation against
+the same model with every trimmer off."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from trimkit.cli import command
+
+__all__ = ["train_command", "eval_command"]
+
+
+@command("train")
+@click.option("--model", "model_ref", required=True, help="Backbone name, hub id, folder or file.py:factory.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False),
+              help="Recipe (TOML) with at least one trainable pass; omit for a folder that already has one.")
+@click.option("--data", "data_spec", required=True, help="Data spec, e.g. synthetic:vqa or synthetic:vqa?n=2000.")
+@click.option("--target-ratio", type=float, default=None,
+              help="Executed-FLOPs ratio to reach, in (0, 1]; default: the recipe's target_ratio.")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: the trained model, checkpoints under OUT/checkpoints.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr-trimmer", default=1e-2, show_default=True, type=float)
+@click.option("--lr-backbone", default=1e-4, show_default=True, type=float)
+@click.option("--freeze-backbone", is_flag=True, help="Train the trimmers only.")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Weight of the distillation loss.")
+@click.option("--beta", default=10.0, show_default=True, type=float, help="Weight of the cost loss.")
+@click.option("--cost", type=click.Choice(["square", "above"]), default="square", show_default=True,
+              help="Cost loss: (r - t)^2, or only a ratio above the target costs.")
+@click.option("--anneal", default=0.3, show_default=True, type=float,
+              help="Fraction of the steps over which the target anneals from 1.0.")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Steps between checkpoints (0: only at the end).")
+@click.option("--measure-every", default=25, show_default=True, type=click.IntRange(min=0),
+              help="Steps between executed-FLOPs measurements (0: never).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch.set_num_threads.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
+def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, batch_size, grad_accum, lr_trimmer,
+                  lr_backbone, freeze_backbone, alpha, beta, cost, anneal, schedule, seed, checkpoint_every,
+                  measure_every, resume, threads, no_progress, as_json):
+    """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
+
+    \b
+    Examples:
+      trimkit train --model vilt-vqa-tiny --recipe smarttrim.toml --data synthetic:vqa \\
+                    --target-ratio 0.5 --steps 300 --out vilt-trimmed
+      trimkit train ... --out vilt-trimmed --resume
+    """
+    import torch
+
+    from trimkit.train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr_trimmer=lr_trimmer,
+                         lr_backbone=lr_backbone, freeze_backbone=freeze_backbone, alpha=alpha, beta=beta,
+                         cost=cost, anneal=anneal, schedule=schedule, seed=seed,
+                         checkpoint_every=checkpoint_every, measure_every=measure_every)
+    try:
+        result = train(model_ref, data_spec, target_ratio=target_ratio, steps=steps, recipe=recipe,
+                       out_dir=out_dir, config=config, resume=resume, progress=not no_progress and not as_json)
+    except KeyboardInterrupt as exc:
+        click.echo(f"Error: {exc or 'interrupted'}", err=True)
+        sys.exit(130)
+    summary = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    last = summary["last"] or {}
+    click.echo(f"trained {summary['steps']} steps -> {summary['out_dir']}")
+    click.echo(f"  task loss {last.get('task', float('nan')):.4f}  expected ratio {summary['expected_ratio']:.3f}"
+               f"  target {summary['target_ratio']:.3f}")
+    if summary["threshold"] is not None:
+        click.echo(f"  inference threshold {summary['threshold']:.4f} (executed ratio on training items "
+                   f"{summary['calibrated_ratio']:.3f})")
+
+
+def _print_eval(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']} on {report['data']}")
+    for col in ("", "trimmed", "untrimmed", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+    metric, full = report["metric"], report["metric_untrimmed"]
+    table.add_row(metric["name"], f"{metric['value']:.4f}", f"{full['value']:.4f}", "")
+    for key in ("mean", "p50", "p95"):
+        a, b = report["flops"][key], report["flops_untrimmed"][key]
+        table.add_row(f"FLOPs {key}", f"{a:.4g}", f"{b:.4g}", f"{a / b:.3f}" if b else "-")
+    for key, value in report["latency_ratio"].items():
+        ms = report["latency_ms"].get(key, {})
+        table.add_row(f"latency {key.replace('_', ' ')} (ms)", f"{ms.get('trimmed', float('nan')):.3f}",
+                      f"{ms.get('untrimmed', float('nan')):.3f}", "-" if value is None else f"{value:.3f}")
+    Console().print(table)
+
+
+@command("eval")
+@click.option("--model", "model_ref", required=True, help="A trained folder, backbone name, hub id or factory.")
+@click.option("--data", "data_spec", required=True, help="Data spec; its val split unless it names one.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Inputs counted one by one for the FLOPs distribution.")
+@click.option("--latency-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of the second latency measurement.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch.set_num_threads during latency runs.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threads, no_latency, as_json):
+    """Metric, executed FLOPs and latency of a model, each against the same model with every trimmer off.
+
+    \b
+    Examples:
+      trimkit eval --model vilt-trimmed --data synthetic:vqa --json
+      trimkit eval --model vilt-trimmed --data "synthetic:vqa?n=500&split=test"
+    """
+    from trimkit.train import evaluate
+
+    report = evaluate(model_ref, data_spec, batch_size=batch_size, samples=samples, latency=not no_latency,
+                      latency_batch=latency_batch, threads=threads)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    _print_eval(report)

@@ -1,0 +1,200 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trimkit.control import runtimes
+from trimkit.data import collate
+from trimkit.errors import ConfigError, DataError, TrimkitError
+from trimkit.profile import count_flops
+from trimkit.tasks import model_batch, resolve_data, task_dataset
+from trimkit.train import TrainConfig, latest_checkpoint, prepare, train
+
+DATA = "synthetic:vqa?n=48"
+FAST = dict(batch_size=8, measure_every=0, calibrate=0)
+
+
+def _executed_ratio(result, data_spec: str, count: int = 16) -> float:
+    """Mean executed FLOPs per sample, trimmed / untrimmed, counted with the profiler one sample at a time."""
+    from trimkit.control import trimming_off
+
+    spec = resolve_data(data_spec, result.backbone, split="val")
+    dataset = task_dataset(spec, result.binding)
+    model = result.model.eval()
+    trimmed, full = [], []
+    for i in range(count):
+        inputs, _ = model_batch(result.binding, collate([dataset[i]]))
+        trimmed.append(count_flops(model, inputs).flops)
+        with trimming_off(model):
+            full.append(count_flops(model, inputs).flops)
+    return float(np.mean(trimmed) / np.mean(full))
+
+
+def test_training_reaches_the_target_while_the_task_loss_falls(tokens_recipe):
+    target = 0.75  # vilt-vqa-tiny has two layers: tokens alone go down to about 0.56
+    data = "synthetic:vqa?n=128"
+    config = TrainConfig(lr_backbone=2e-3, anneal=0.3, **{**FAST, "calibrate": 128})
+    result = train("vilt-vqa-tiny", data, target_ratio=target, steps=50, recipe=tokens_recipe, config=config,
+                   progress=False)
+    task = [row["task"] for row in result.history]
+    assert result.history[0]["ratio"] > 0.95
+    assert abs(result.expected_ratio - target) <= 0.05
+    assert abs(result.calibrated_ratio - target) <= 0.05
+    # executed FLOPs, counted by the profiler on training items at the calibrated threshold
+    assert abs(_executed_ratio(result, data + "&split=train") - target) <= 0.05
+    assert np.mean(task[-8:]) < np.mean(task[:8]) - 0.1
+
+
+def _backbone_with_trimmer_bias(recipe, bias: float):
+    backbone, *_ = prepare("vilt-vqa-tiny", DATA, recipe=recipe)
+    for module in backbone.model.modules():
+        if getattr(module, "trimkit_role", None) == "trimmer":
+            with torch.no_grad():
+                module.score.bias.fill_(bias)
+    return backbone
+
+
+def _spy(model):
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append([rt.enabled for rt in runtimes(m)]))
+    return seen
+
+
+def test_distillation_is_zero_when_trimmers_keep_everything(tokens_recipe):
+    backbone = _backbone_with_trimmer_bias(tokens_recipe, 30.0)
+    seen = _spy(backbone.model)
+    result = train(backbone, DATA, target_ratio=0.5, steps=2, config=TrainConfig(**FAST), progress=False)
+    assert result.history[0]["distill"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[0]["ratio"] == pytest.approx(1.0, abs=0.02)
+    # one student forward (trimmers on) then one teacher forward (every trimmer off) per step
+    assert seen[-4:] == [[True], [False], [True], [False]]
+
+
+def test_teacher_runs_untrimmed_when_the_student_drops_tokens(tokens_recipe):
+    backbone = _backbone_with_trimmer_bias(tokens_recipe, -30.0)
+    seen = _spy(backbone.model)
+    result = train(backbone, DATA, target_ratio=0.5, steps=1, config=TrainConfig(**FAST), progress=False)
+    assert result.history[0]["ratio"] < 0.7
+    assert result.history[0]["distill"] > 0.0
+    assert seen[-2:] == [[True], [False]]
+
+
+def test_a_separate_teacher_model(tokens_recipe):
+    from trimkit.backbones import load_backbone
+    from trimkit.data import load_dataset
+    from trimkit.tasks import adapt
+
+    teacher = load_backbone("vilt-vqa-tiny", seed=3)
+    adapt(teacher, load_dataset(resolve_data(DATA, teacher)))
+    result = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=2, recipe=tokens_recipe, teacher=teacher.model,
+                   config=TrainConfig(**FAST), progress=False)
+    assert result.history[0]["distill"] > 1e-4  # other weights, other outputs
+    assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def _losses(history):
+    return [(r["loss"], r["task"], r["distill"], r["cost"], r["ratio"]) for r in history]
+
+
+def test_resume_continues_exactly(tokens_recipe, tmp_path):
+    config = TrainConfig(checkpoint_every=2, **FAST)
+    whole = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+                  out_dir=tmp_path / "a", progress=False)
+
+    def stop_at_4(step, row):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="after step 4"):
+        train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+              out_dir=tmp_path / "b", progress=False, callback=stop_at_4)
+    assert latest_checkpoint(tmp_path / "b").name == "step-000004"  # Ctrl-C loses no finished step
+    resumed = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+                    out_dir=tmp_path / "b", resume=True, progress=False)
+    assert _losses(resumed.history) == _losses(whole.history)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoints_are_safetensors_and_json(tokens_recipe, tmp_path):
+    config = TrainConfig(checkpoint_every=1, keep_checkpoints=2, **FAST)
+    train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=3, recipe=tokens_recipe, config=config, out_dir=tmp_path,
+          progress=False)
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step-000002", "step-000003"]
+    files = {p.name for p in (tmp_path / "checkpoints" / "step-000003").iterdir()}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    state = json.loads((tmp_path / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+def test_resume_with_other_settings_is_refused(tokens_recipe, tmp_path):
+    train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=2, recipe=tokens_recipe, config=TrainConfig(**FAST),
+          out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="target_ratio"):
+        train("vilt-vqa-tiny", DATA, target_ratio=0.6, steps=2, recipe=tokens_recipe, config=TrainConfig(**FAST),
+              out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_saved_folder_restores_the_trained_model(tokens_recipe, tmp_path):
+    from trimkit.io import load_folder
+
+    result = train("vilt-vqa-tiny", DATA, target_ratio=0.6, steps=3, recipe=tokens_recipe,
+                   config=TrainConfig(**{**FAST, "calibrate": 16}), out_dir=tmp_path / "out", progress=False)
+    restored = load_folder(tmp_path / "out")
+    dataset = task_dataset(resolve_data(DATA, result.backbone), result.binding)
+    inputs, _ = model_batch(result.binding, collate([dataset[0]]))
+    with torch.no_grad():
+        a = result.backbone.task.logits(result.model.eval()(**inputs))
+        b = restored.task.logits(restored.model(**inputs))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert [rt.threshold for rt in runtimes(restored.model)] == [pytest.approx(result.threshold)]
+    assert restored.task.num_labels == 20  # the head was fitted to the data's answers
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.2])
+def test_target_ratio_outside_range(tokens_recipe, ratio):
+    with pytest.raises(ConfigError, match=r"target ratio must be in \(0, 1\]"):
+        train("vilt-vqa-tiny", DATA, target_ratio=ratio, steps=1, recipe=tokens_recipe, progress=False)
+
+
+def test_unknown_data_spec(tokens_recipe):
+    with pytest.raises(DataError, match="unknown synthetic task"):
+        train("vilt-vqa-tiny", "synthetic:nope", target_ratio=0.5, steps=1, recipe=tokens_recipe, progress=False)
+
+
+def test_recipe_without_trainable_pass(int8_recipe):
+    with pytest.raises(ConfigError, match="nothing to train.*int8.dynamic"):
+        train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=1, recipe=int8_recipe, progress=False)
+
+
+def test_nan_loss_stops_with_a_last_good_checkpoint(tokens_recipe, tmp_path):
+    backbone, *_ = prepare("vilt-vqa-tiny", DATA, recipe=tokens_recipe)
+    student_calls = []
+
+    def poison(module, args, output):
+        if module.training:
+            student_calls.append(1)
+            if len(student_calls) == 3:
+                output["logits"] = output["logits"] * float("nan")
+        return output
+
+    backbone.model.register_forward_hook(poison)
+    with pytest.raises(TrimkitError, match="loss is not finite at step 3.*last good checkpoint"):
+        train(backbone, DATA, target_ratio=0.5, steps=5, config=TrainConfig(**FAST), out_dir=tmp_path,
+              progress=False)
+    last = latest_checkpoint(tmp_path)
+    assert last.name == "step-000002"
+    state = json.loads((last / "state.json").read_text())
+    assert all(np.isfinite(r["loss"]) for r in state["history"])
+
+
+def test_factory_model_trains_on_truefalse(tokens_recipe):
+    toy = Path(__file__).resolve().parents[1] / "models" / "toy_vlms.py"
+    result = train(f"{toy}:two_stream", "synthetic:truefalse?n=16", target_ratio=0.7, steps=3, recipe=tokens_recipe,
+                   config=TrainConfig(**FAST), progress=False)
+    assert result.binding.keys == (("input_ids", "tokens"), ("pixel_values", "image"))
+    assert len(result.history) == 3 and all(np.isfinite(r["loss"]) for r in result.history)
