@@ -648,7 +648,7 @@ def _finite(values: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _describe(values: Mapping[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k} {float(v):.4g}" for k, v in values.items())
+    return ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in values.items())
 
 
 def _meta(config, target, steps, spec, binding, history, base_ref, cost_scale) -> dict:

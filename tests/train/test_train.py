@@ -194,7 +194,7 @@ def test_nan_loss_stops_with_a_last_good_checkpoint(tokens_recipe, tmp_path):
 
 def test_factory_model_trains_on_truefalse(tokens_recipe):
     toy = Path(__file__).resolve().parents[1] / "models" / "toy_vlms.py"
-    result = train(f"{toy}:two_stream", "synthetic:truefalse?n=16", target_ratio=0.7, steps=3, recipe=tokens_recipe,
-                   config=TrainConfig(**FAST), progress=False)
-    assert result.binding.keys == (("input_ids", "tokens"), ("pixel_values", "image"))
+    result = train(f"{toy}:single_stream", "synthetic:truefalse?n=16", target_ratio=0.7, steps=3,
+                   recipe=tokens_recipe, config=TrainConfig(**FAST), progress=False)
+    assert result.binding.keys == (("input_ids", "txt"), ("pixel_values", "img"))
     assert len(result.history) == 3 and all(np.isfinite(r["loss"]) for r in result.history)
