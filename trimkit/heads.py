@@ -288,7 +288,7 @@ def _mha_forward(a: dict, plan: SitePlan, d: Decision):
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     x_q, x_k, x_v = (t.transpose(0, 1) for t in (query, key, value))  # batch first
-    e, h, dh = query.shape[-1], plan.heads, plan.head_dim
+    h, dh = plan.heads, plan.head_dim
     if a["use_separate_proj_weight"]:
         ws = [a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]]
     else:
@@ -324,7 +324,6 @@ def _mha_forward(a: dict, plan: SitePlan, d: Decision):
     if unbatched:
         out = out.squeeze(1)
         weights = weights.squeeze(0) if weights is not None else None
-    del e
     return out, weights
 
 

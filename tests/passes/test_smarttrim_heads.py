@@ -173,7 +173,8 @@ def test_tokens_and_heads_compose(ref, order):
     bb, inputs = _setup(ref)
     expected = _out(bb, inputs)
     tok, heads = SmartTrimTokensConfig(threshold=0.0), SmartTrimHeadsConfig(threshold=0.0)
-    _apply(bb, inputs, *((tok, heads) if order == "tokens-heads" else (heads, tok)))
+    results = _apply(bb, inputs, *((tok, heads) if order == "tokens-heads" else (heads, tok))).results
+    token_report = results[0 if order == "tokens-heads" else 1].report
     assert (_out(bb, inputs) - expected).abs().max().item() <= 1e-5
     trt, hrt = token_runtime(bb.model), head_runtime(bb.model)
     g = torch.Generator().manual_seed(1)
@@ -189,7 +190,9 @@ def test_tokens_and_heads_compose(ref, order):
     hrt.enabled, trt.enabled = True, False
     heads_only = count_flops(bb.model, inputs).flops
     trt.enabled = True
-    assert both < min(tokens_only, heads_only), (both, tokens_only, heads_only)
+    assert both < tokens_only and both <= heads_only, (both, tokens_only, heads_only)
+    if token_report["trimmed_streams"]:  # the token pass may leave a model whole (its report says why)
+        assert both < heads_only, (both, heads_only)
     if ref == "clip-tiny":
         return
     trt.threshold = hrt.threshold = 0.5  # rows differ in tokens and heads: batched == one by one
