@@ -63,7 +63,7 @@ from trimkit.graph import capture
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
-from trimkit.passes.smarttrim import _per_token_streams, _rows_disagree, _split_row, token_runtime
+from trimkit.passes.smarttrim import _per_token_streams, _probe, _split_row, token_runtime
 from trimkit.runtime import StreamState, TokenRuntime, TokenTrimmer
 
 __all__ = ["RandomTokensConfig", "TopKClsAttentionConfig", "ToMeMergeConfig", "BaselineRuntime",
@@ -495,37 +495,19 @@ def _task_logits(context: PassContext, output) -> torch.Tensor | None:
 
 def _probe_trimmable(model: nn.Module, model_map: ModelMap, cap, names: list[str], start_layer: int,
                      special: dict, inputs: dict) -> tuple[list[str], list[str]]:
-    """The streams that survive losing tokens (the token pass's probe: random per-row keep counts,
+    """The streams that survive losing tokens, by the token pass's probe (random per-row keep counts:
     a padded batch must equal its rows run one by one)."""
     kept, notes = [], []
     for name in names:
-        layers = model_map.stream(name).layers[start_layer:]
-        trimmers = {}
         with torch.random.fork_rng(devices=[]):  # the same probe, hence the same verdict, every time
             torch.manual_seed(0)
-            for layer in layers:
-                t = TokenTrimmer(layer.width, None)
-                with torch.no_grad():
-                    t.score.weight.normal_(0.0, 3.0)
-                    t.score.bias.zero_()
-                trimmers[layer.path] = t
-        probe = TokenRuntime(model, model_map, cap, trimmers, {name: None}, threshold=0.5, special=special)
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                mismatch = _rows_disagree(model, inputs, model(**inputs))
-            if mismatch:
-                notes.append(f"stream '{name}' left whole: with tokens removed, a padded batch and row-by-row runs "
-                             f"disagree ({mismatch}); something reads its tokens by position")
-            else:
-                kept.append(name)
-        except Exception as exc:  # the probe decides; any failure means "not trimmable"
-            notes.append(f"stream '{name}' left whole: removing its tokens breaks the forward "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
-        finally:
-            probe.remove()
-            model.train(was_training)
+            trimmers = {layer.path: TokenTrimmer(layer.width, None)
+                        for layer in model_map.stream(name).layers[start_layer:]}
+        why = _probe(model, model_map, cap, trimmers, {name: None}, special, None, inputs, [])
+        if why:
+            notes.append(f"stream '{name}' left whole: {why}")
+        else:
+            kept.append(name)
     return kept, notes
 
 
