@@ -84,6 +84,18 @@ def _per_token_streams(model_map: ModelMap, cap, logits: torch.Tensor | None) ->
     return out
 
 
+def _with_padding(inputs: dict) -> dict:
+    """``inputs`` with the last position of row 0 padded in every all-ones 2-D ``*mask*`` input."""
+    out = dict(inputs)
+    for name, v in inputs.items():
+        if ("mask" in name and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] > 2
+                and not v.is_floating_point() and bool((v == 1).all())):
+            v = v.clone()
+            v[0, -1] = 0
+            out[name] = v
+    return out
+
+
 def _split_row(inputs: dict, i: int) -> dict:
     return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
 
@@ -106,14 +118,27 @@ def _rows_disagree(model: nn.Module, inputs: dict, batched, tol: float = 1e-4) -
     return ""
 
 
+class _ProbeTrimmer(nn.Module):
+    """Random-looking decisions that depend on the tokens only (so a row decides the same alone
+    and in a batch), with a keep rate that differs by row, so a padded batch mixes lengths."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor, g_self: torch.Tensor, g_other) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        w = torch.randn(x.shape[-1], 2, generator=gen).to(x.dtype)
+        scale = x.shape[-1] ** 0.5
+        token = torch.nn.functional.cosine_similarity(x, w[:, 0].expand_as(x), dim=-1) * scale
+        offset = torch.nn.functional.cosine_similarity(g_self, w[:, 1].expand_as(g_self), dim=-1) * scale
+        return 3 * token + 2 * torch.tanh(offset).unsqueeze(1)
+
+
 def _probe(model: nn.Module, model_map: ModelMap, cap, trimmers: dict, other: dict, special: dict, text_embed,
            inputs: dict, skip: list[str]) -> str:
     """Why removing tokens with random decisions breaks the model ('' when it does not)."""
-    gen = torch.Generator().manual_seed(0)
-    for t in trimmers.values():  # random decisions: about half the tokens, rows differ
-        with torch.no_grad():
-            t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=gen) * 3)
-            t.score.bias.zero_()
+    trimmers = {p: _ProbeTrimmer(i) for i, p in enumerate(trimmers)}
     probe = TokenRuntime(model, model_map, cap, trimmers, other, threshold=0.5, special=special,
                          text_embed=text_embed, skip=skip)
     was_training = model.training
@@ -194,7 +219,8 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
         raise ConfigError("smarttrim.tokens needs example inputs to find each layer's sequence-aligned arguments")
     if hasattr(model, _ATTR):
         raise ConfigError("smarttrim.tokens is already applied to this model")
-    cap = capture(model, context.inputs)
+    # a padded row makes models that skip their attention mask on unpadded batches show it
+    cap = capture(model, _with_padding(context.inputs))
     logits = None
     task = context.hints.get("task") if context.hints else None
     try:

@@ -234,6 +234,44 @@ class _KeyMask(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _encoder_layer_padding(module: nn.Module, args, kwargs, valid: torch.Tensor | None):
+    """A ``TransformerEncoderLayer``'s fused eval kernel never calls its attention module: hand it
+    the padding of a gathered batch as ``src_key_padding_mask``."""
+    if not isinstance(module, nn.TransformerEncoderLayer) or valid is None or bool(valid.all()):
+        return args, kwargs
+    pad = ~valid
+    old = kwargs.get("src_key_padding_mask")
+    if old is None and len(args) > 2:
+        old, args = args[2], args[:2]
+    if old is not None:
+        pad = (pad | old) if old.dtype == torch.bool else (
+            old + torch.zeros(pad.shape, dtype=old.dtype, device=old.device).masked_fill(pad, float("-inf")))
+    kwargs = dict(kwargs)
+    kwargs["src_key_padding_mask"] = pad
+    return args, kwargs
+
+
+def _mha_key_padding(module: nn.MultiheadAttention, args, kwargs, mask: torch.Tensor):
+    """``(args, kwargs)`` of an ``nn.MultiheadAttention`` call with ``mask`` added as key padding."""
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    if key is None:
+        return None
+    lk = key.shape[1] if (module.batch_first and key.dim() == 3) else key.shape[0]
+    add = mask[:, 0, 0, :]
+    if add.shape[-1] != lk:
+        return None
+    add = add.to(key.dtype)
+    kpm = kwargs.get("key_padding_mask")
+    if kpm is None and len(args) > 3:
+        kpm = args[3]
+        args = args[:3]
+    if kpm is not None and kpm.dtype == torch.bool:
+        kpm = torch.zeros(kpm.shape, dtype=add.dtype, device=add.device).masked_fill(kpm, float("-inf"))
+    kwargs = dict(kwargs)
+    kwargs["key_padding_mask"] = add if kpm is None else kpm + add
+    return args, kwargs
+
+
 # ----------------------------------------------------------------------------------------------
 # The runtime: hooks on layers and attention modules
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +368,7 @@ class TokenRuntime:
                 st = self.state.streams[stream] = StreamState(hidden.shape[1])
             trimmer = self.trimmers.get(path) if stream in self.trimmed_streams else None
             if stream in self.skip_streams:
-                return self._skip_pre(path, spec, st, trimmer, hidden, args, kwargs)
+                return self._skip_pre(module, path, spec, st, trimmer, hidden, args, kwargs)
             if trimmer is not None:
                 hidden = self._decide(stream, st, trimmer, hidden)
                 if spec["seq_first"]:
@@ -340,7 +378,8 @@ class TokenRuntime:
             if alive is not None:
                 self.state.tokens[path] = alive
                 self.state.lengths[path] = st.length
-            return self._slice_side(spec, st, args, kwargs)
+            args, kwargs = self._slice_side(spec, st, args, kwargs)
+            return _encoder_layer_padding(module, args, kwargs, st.valid)
 
         return pre
 
@@ -356,7 +395,7 @@ class TokenRuntime:
                 args, kwargs = _set_arg(args, kwargs, name, t)
         return args, kwargs
 
-    def _skip_pre(self, path: str, spec: dict, st: StreamState, trimmer, hidden: torch.Tensor, args, kwargs):
+    def _skip_pre(self, module, path: str, spec: dict, st: StreamState, trimmer, hidden: torch.Tensor, args, kwargs):
         """A layer of a stream whose every layer output is read at full length (skip mode).
 
         The layer computes only the tokens still alive; its post-hook writes their new states back
@@ -384,7 +423,8 @@ class TokenRuntime:
         if spec["seq_first"]:
             small = small.transpose(0, 1)
         args, kwargs = _set_arg(args, kwargs, spec["main"], small)
-        return self._slice_side(spec, st, args, kwargs)
+        args, kwargs = self._slice_side(spec, st, args, kwargs)
+        return _encoder_layer_padding(module, args, kwargs, st.valid)
 
     def _skip_post(self, path: str, st: StreamState, output):
         full, st.pending = st.pending, None
@@ -429,6 +469,9 @@ class TokenRuntime:
             if mask is None:
                 self._modes.append(None)
                 return None
+            if isinstance(module, nn.MultiheadAttention):  # its fast path never calls the functions
+                self._modes.append(None)
+                return _mha_key_padding(module, args, kwargs, mask)
             mode = _KeyMask(mask)
             mode.__enter__()
             self._modes.append(mode)
