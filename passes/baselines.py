@@ -350,9 +350,8 @@ class BaselineRuntime(TokenRuntime):
                 if layer.path not in self.trimmers:
                     continue
                 site = next((a for a in layers[i - 1].attention if a.kind == "self" and a.key_stream == stream), None)
-                if site is None:
-                    raise TrimkitError(f"topk.cls_attention: layer '{layers[i - 1].path}' has no self-attention "
-                                       f"over stream '{stream}' to read the [CLS] attention from")
+                if site is None:  # the forward check then finds no scores and leaves the stream whole
+                    continue
                 self._probe_sites[site.path] = stream
                 mod = self.model.get_submodule(site.path)
                 self.handles.append(mod.register_forward_pre_hook(self._make_cls_pre(stream)))
@@ -449,9 +448,10 @@ class BaselineRuntime(TokenRuntime):
             return table[positions]
         scores = self._cls.pop(stream, None)
         if scores is None or tuple(scores.shape) != tuple(positions.shape):
-            site = next((p for p, s in self._probe_sites.items() if s == stream), "?")
+            sites = [p for p, s in self._probe_sites.items() if s == stream]
             raise TrimkitError(f"topk.cls_attention: no attention probabilities over {positions.shape[1]} tokens "
-                               f"were seen in '{site}' (stream '{stream}')")
+                               f"were seen in the self-attention of the previous layer (stream '{stream}'; "
+                               f"sites read: {sites or 'none'})")
         return scores
 
     def _merge(self, stream: str, hidden: torch.Tensor, special: torch.Tensor, pads: torch.Tensor | None,
