@@ -132,27 +132,19 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
         raise ConfigError(f"--out {str(out)!r} is {what}; nothing was written")
     console = Console(stderr=as_json, quiet=as_json)
     configs = parse_recipe(recipe) if recipe else default_configs()
-    backbone = load_backbone(model_ref)
     if data_spec is not None:
-        from trimkit.tasks import adapt_backbone
-
-        backbone = adapt_backbone(backbone, data_spec)
+        _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
+                         batch_size, overwrite, as_json)
+        return
+    backbone = load_backbone(model_ref)
     base = copy.deepcopy(backbone.model)  # the model before any pass: written as the folder's base
     report = apply_(backbone.model, configs, inputs=backbone.example_inputs(2), hints=backbone.hints)
     model = report.model
-    backbone = backbone.__class__(**{**backbone.__dict__, "model": model}) if model is not backbone.model else backbone
     if threshold is not None:
         set_threshold(model, threshold)
     result = {"model": model_ref, "out": str(out), "passes": report.to_dict()["passes"]}
     console.print(pass_tree(f"{backbone.name}: {len(configs)} pass(es)", report.to_dict()))
-    if data_spec is not None:
-        if not report.trainable:
-            raise ConfigError("--data given but no pass in the recipe has parameters to train")
-        from trimkit.train import train
-
-        trained = train(backbone, data_spec, target_ratio=target_ratio, steps=steps, progress=not as_json)
-        result["training"] = trained.to_dict() if hasattr(trained, "to_dict") else trained
-    elif report.trainable:
+    if report.trainable:
         console.print("[yellow]note:[/] the trimmers are untrained and keep almost every token; train them with "
                       "--data (or `trimkit train`) to save compute")
     if not no_profile:
@@ -160,15 +152,55 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
 
         profile = compare(base, model, backbone.example_inputs, batch_size=batch_size, samples=samples,
                           progress=not as_json, name=backbone.name)
-        result["profile"] = {"before": {"flops": profile["before"]["flops"], "params": profile["before"]["params"],
-                                        "latency_ms": profile["before"]["latency_ms"]},
-                             "after": {"flops": profile["after"]["flops"], "params": profile["after"]["params"],
-                                       "latency_ms": profile["after"]["latency_ms"]},
-                             "speedup": profile["speedup"]}
+        result["profile"] = {side: {"flops": profile[side]["flops"], "params": profile[side]["params"],
+                                    "latency_ms": profile[side]["latency_ms"]} for side in ("before", "after")}
+        result["profile"]["speedup"] = profile["speedup"]
         console.print(_summary_table(result["profile"]))
     writer = hf_base_writer(base) if _is_hf(base) else state_dict_base_writer(base)
-    save_folder(out, base_ref=model_ref, model=model, overwrite=overwrite, base_model_dir_writer=writer,
-                extra={"data": data_spec} if data_spec else None)
+    save_folder(out, base_ref=model_ref, model=model, overwrite=overwrite, base_model_dir_writer=writer)
     console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
     if as_json:
         click.echo(json.dumps(result, default=str))
+
+
+def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
+                     batch_size, overwrite, as_json):
+    """The one-stop path: fit to the data, apply, train, evaluate before/after, save."""
+    import shutil
+
+    from rich.table import Table
+
+    from trimkit.control import set_threshold
+    from trimkit.passes import applied_passes
+    from trimkit.passes.registry import config_to_dict
+    from trimkit.train import evaluate, train
+
+    if not any(getattr(c, "tags", ()) and "trim" in c.tags for c in configs):
+        raise ConfigError("--data trains trimming passes, but the recipe has none (add smarttrim.tokens / "
+                          "smarttrim.heads)")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps, out_dir=out,
+                   progress=not as_json)
+    model = result.model
+    if threshold is not None:
+        set_threshold(model, threshold)
+    passes = [{"name": type(r.config).name, "config": config_to_dict(r.config)["_data"], "report": r.result.report}
+              for r in applied_passes(model)]
+    console.print(pass_tree(f"{model_ref}: {len(passes)} pass(es), trained {steps} steps", {"passes": passes}))
+    report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size)
+    table = Table(title=f"before / after on {report['data']} ({report['items']} items)")
+    for col in ("", "before (untrimmed)", "after", "before / after"):
+        table.add_column(col, justify="left" if not col else "right")
+    name = report["metric"]["name"]
+    table.add_row(name, f"{report['metric_untrimmed']['value']:.4f}", f"{report['metric']['value']:.4f}", "")
+    table.add_row("FLOPs / sample (mean)", f"{report['flops_untrimmed']['mean']:.4g}", f"{report['flops']['mean']:.4g}",
+                  f"{1 / report['flops_ratio']:.3f}x")
+    for key, value in report["latency_ratio"].items():
+        if value:
+            table.add_row(f"latency {key.replace('_', ' ')}", "", "", f"{1 / value:.3f}x")
+    console.print(table)
+    console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
+    if as_json:
+        click.echo(json.dumps({"model": model_ref, "out": str(out), "passes": passes,
+                               "training": result.to_dict(), "eval": report}, default=str))

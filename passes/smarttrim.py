@@ -285,7 +285,7 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     report = {"trimmed_streams": trimmed, "skip_mode_streams": skip, "skipped_streams": skipped, "per_token_streams": sorted(per_token),
               "trimmers": len(by_path), "guidance": {k: v for k, v in other.items()}, "notes": notes,
               "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
-    return PassResult(model, report, undo, trainable=True)
+    return PassResult(model, report, undo, trainable=bool(by_path))
 
 
 def token_runtime(model: nn.Module) -> TokenRuntime | None:
