@@ -569,7 +569,7 @@ class TokenRuntime:
         special = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
         positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
         for p in self.special.get(stream, [0]):
-            special |= positions == p
+            special |= positions == (p % st.length)
         if self.model.training:
             sample = ops.gumbel_sigmoid(logits, tau=self.tau)
             sample = torch.where(special, torch.ones_like(sample), sample)
