@@ -193,3 +193,14 @@ def test_fit_text_truncates_keeping_sep():
     assert short.tolist() == [[1, 5, 6, 2], [1, 5, 2, 0]] and short_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     with pytest.raises(ConfigError, match="text_len"):
         DataInputs(SPEC, "vqa", 16, 32)(1, text_len=1)
+
+
+def test_default_recipes_and_factory_refs():
+    from trimkit.backbones.factory import load_factory
+    from trimkit.bench import FACTORIES, default_recipe
+
+    size, train, spec = default_recipe("vilt", "vqa")
+    assert spec.startswith("synthetic:vqa?") and train.steps * train.batch_size > 10_000
+    assert ModelConfig("vilt", vocab_size=40, num_labels=20, **size).image % size["patch"] == 0
+    assert set(FACTORIES) >= {"blip-vqa", "bridgetower-vqa", "vilt-vqa", "vilt-truefalse"}
+    assert all(callable(load_factory(ref)) for ref in FACTORIES.values())

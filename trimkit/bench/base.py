@@ -70,20 +70,22 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
-# Settings found to reach high validation accuracy (see trimkit/bench/README.md).
-_RECIPES: dict[tuple[str, str], tuple[dict, dict]] = {}
-_DEFAULT_MODEL: dict[str, dict] = {
-    "blip": dict(hidden=128, layers=4, heads=4),
-    "bridgetower": dict(hidden=128, layers=4, heads=4, cross_layers=2),
-    "vilt": dict(hidden=128, layers=4, heads=4),
+# Default recipes (see trimkit/bench/README.md for what they reach): 16-pixel patches on 64-pixel
+# images (one token per cell of the scene grid), 2-3 objects per scene, batch 32.
+_SIZE: dict = dict(hidden=128, layers=4, heads=4, patch=16)
+_TRAIN: dict = dict(steps=4500, batch_size=32, lr=1e-3, warmup=200)
+_DATA = "synthetic:{task}?image=64&objects=2-3"
+_RECIPES: dict[tuple[str, str], tuple[dict, dict, str]] = {
+    **{(family, task): ({**_SIZE, **({"cross_layers": 2} if family == "bridgetower" else {})}, _TRAIN, _DATA)
+       for family in FAMILIES for task in ("vqa", "truefalse", "retrieval")},
 }
 
 
-def default_recipe(family: str, task: str) -> tuple[dict, TrainConfig]:
-    """The model-size overrides and the `TrainConfig` used for `family` on `task` by default."""
+def default_recipe(family: str, task: str) -> tuple[dict, TrainConfig, str]:
+    """The model-size overrides, the `TrainConfig` and the data spec used for `family` on `task`."""
     _check(family, task)
-    model, train = _RECIPES.get((family, task), (_DEFAULT_MODEL[family], {}))
-    return dict(model), TrainConfig(**train)
+    size, train, data = _RECIPES[(family, task)]
+    return dict(size), TrainConfig(**train), data.format(task=task)
 
 
 def _check(family: str, task: str) -> None:
@@ -234,12 +236,12 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
                 progress: bool = True, log: Callable[[int, float], None] | None = None,
                 log_every: int = 100) -> dict:
     """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
-    with the mean loss of every `log_every` steps."""
+    with the mean loss of every `log_every` steps (and ``cpu_seconds``, the process CPU time)."""
     optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
     model.train()
     losses, window = [], []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with _progress(progress) as bar:
         task_id = bar.add_task(description, total=train.steps, loss=float("nan"))
         for step, batch in enumerate(_batches(train_set, train.batch_size)):
@@ -260,7 +262,7 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
                 if log is not None:
                     log(step + 1, losses[-1])
             bar.update(task_id, advance=1, loss=sum(window[-20:]) / len(window[-20:]) if window else losses[-1])
-    return {"losses": losses, "seconds": time.perf_counter() - start}
+    return {"losses": losses, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
 
 
 # ----------------------------------------------------------------------------- cache
@@ -309,7 +311,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     (None leaves it). retrain: ignore a cached result.
     """
     _check(family, task)
-    size, recipe = default_recipe(family, task)
+    size, recipe, default_data = default_recipe(family, task)
     size.update(model or {})
     if isinstance(train, TrainConfig):
         recipe = train
@@ -317,7 +319,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
         recipe = replace(recipe, **train)
     if steps is not None:
         recipe = replace(recipe, steps=steps, warmup=min(recipe.warmup, max(1, steps // 10)))
-    specs = data_specs(task, recipe, data_spec)
+    specs = data_specs(task, recipe, data_spec or default_data)
     probe = _dataset(replace(parse_data_spec(specs["val"]), n=1), task)
     config = model_config(family, probe.base if task == "retrieval" else probe, **size)
     key = cache_key(family, task, config, specs, recipe, seed)
@@ -343,7 +345,9 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
         torch.set_num_threads(old_threads)
     record = {"key": key, "family": family, "task": task, "seed": seed, "model": config.to_dict(),
               "train": asdict(recipe), "data": specs, "metrics": metrics, "steps": recipe.steps,
-              "train_seconds": round(history["seconds"], 2), "losses": [round(x, 4) for x in history["losses"]],
+              "train_seconds": round(history["seconds"], 2),
+              "train_cpu_seconds": round(history.get("cpu_seconds", 0.0), 2),
+              "losses": [round(x, 4) for x in history["losses"]],
               "threads": threads, "version": CODE_VERSION, "torch": torch.__version__}
     _save(net, record, weights, meta)
     return BenchModel(family, task, net.eval(), config, recipe, seed, specs, config.num_labels, metrics,
