@@ -63,8 +63,8 @@ from trimkit.graph import capture
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
-from trimkit.passes.smarttrim import _per_token_streams, _probe, _split_row, token_runtime
-from trimkit.runtime import StreamState, TokenRuntime, TokenTrimmer
+from trimkit.passes.smarttrim import _per_token_streams, _probe, _split_row, _with_padding, token_runtime
+from trimkit.runtime import StreamState, TokenRuntime
 
 __all__ = ["RandomTokensConfig", "TopKClsAttentionConfig", "ToMeMergeConfig", "BaselineRuntime",
            "BaselineSchedule", "keep_counts", "schedule_points", "bipartite_merge",
@@ -207,12 +207,15 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, prunable: torch.Tensor,
 # What the runtime keeps between the passes' apply and a saved folder
 # ----------------------------------------------------------------------------------------------
 class BaselineSchedule(nn.Module):
-    """Buffers that fix a baseline's behaviour: the keep ratio and which candidate streams trim.
+    """Buffers that fix a baseline's behaviour: the keep ratio and how each candidate stream trims.
 
-    Being buffers, they are saved with the model's state dict, so a restored folder reuses the
-    calibrated ratio and the probed streams exactly.
+    ``active`` holds one mode per candidate stream: ``WHOLE`` (left whole), ``REMOVE`` (pruned
+    tokens are removed) or ``SKIP`` (pruned tokens skip the later layers and are carried through at
+    full length). Being buffers, they are saved with the model's state dict, so a restored folder
+    reuses the calibrated ratio and the probed streams exactly.
     """
 
+    WHOLE, REMOVE, SKIP = 0, 1, 2
     trimkit_no_quant = True
 
     def __init__(self, streams: list[str], keep_ratio: float):
@@ -221,14 +224,27 @@ class BaselineSchedule(nn.Module):
         self.register_buffer("keep_ratio", torch.tensor(float(keep_ratio), dtype=torch.float64))
         self.register_buffer("active", torch.ones(len(streams), dtype=torch.uint8))
 
+    def mode(self, stream: str) -> int:
+        return int(self.active[self.streams.index(stream)]) if stream in self.streams else self.WHOLE
+
     def is_active(self, stream: str) -> bool:
-        return stream in self.streams and bool(self.active[self.streams.index(stream)])
+        return self.mode(stream) != self.WHOLE
+
+    def set_mode(self, stream: str, mode: int) -> None:
+        if mode not in (self.WHOLE, self.REMOVE, self.SKIP):
+            raise ValueError(f"mode must be 0 (whole), 1 (remove) or 2 (skip), got {mode}")
+        self.active[self.streams.index(stream)] = mode
 
     def set_active(self, stream: str, on: bool) -> None:
-        self.active[self.streams.index(stream)] = int(on)
+        """Leave ``stream`` whole (False) or trim it by removal (True)."""
+        self.set_mode(stream, self.REMOVE if on else self.WHOLE)
 
     def trimmed(self) -> list[str]:
         return [s for s in self.streams if self.is_active(s)]
+
+    def skipped(self) -> list[str]:
+        """The trimmed streams in skip mode."""
+        return [s for s in self.streams if self.mode(s) == self.SKIP]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,12 +348,25 @@ class BaselineRuntime(TokenRuntime):
         self.method, self.schedule, self.seed, self.proportional = method, schedule, seed, proportional
         self.pad_inputs = dict(pad_inputs or {})
         self._sizes: dict[str, torch.Tensor] = {}
+        self._skip_states: dict[str, torch.Tensor] = {}
         self._cls: dict[str, torch.Tensor] = {}
         self._pads: dict[str, torch.Tensor] = {}
         self._probe_sites: dict[str, str] = {}
         self._batch = 1
         self.lengths: dict[str, int] = {}  # stream -> untrimmed length seen by the latest trimming forward
         super().__init__(model, model_map, cap, layers, {}, threshold=threshold, special=special)
+
+    @property
+    def skip_streams(self) -> set[str]:
+        """Streams in skip mode: read from the schedule, so a restored state dict sets them."""
+        return set(self.schedule.skipped()) | self._skip_extra
+
+    @skip_streams.setter
+    def skip_streams(self, value) -> None:
+        self._skip_extra = set(value)
+
+    def _soft_skip(self) -> bool:
+        return False  # decisions are hard in training too
 
     # -- installation -------------------------------------------------------------------------
     def _install(self):
@@ -363,13 +392,16 @@ class BaselineRuntime(TokenRuntime):
             if not self.enabled or st is None or self.threshold <= 0 or not self.schedule.is_active(stream):
                 self._modes.append(None)
                 return None
-            length = st.index.shape[1] if st.index is not None else st.length
-            firsts = self._special_positions(stream, st.length)
+            index, full = st.index, st.length
+            length = index.shape[1] if index is not None else full
+            firsts = self._special_positions(stream, full)
             cls = None
             if firsts:
-                cls = (st.index == firsts[0]).to(torch.uint8).argmax(1) if st.index is not None else firsts[0]
+                cls = (index == firsts[0]).to(torch.uint8).argmax(1) if index is not None else firsts[0]
 
-            def record(rows, stream=stream):
+            def record(rows, stream=stream):  # scores at the original positions (-inf: not computed)
+                if index is not None and rows.shape == index.shape:
+                    rows = torch.full((rows.shape[0], full), float("-inf"), device=rows.device).scatter(1, index, rows)
                 self._cls[stream] = rows
 
             mode = _ClsAttention(length, cls, self._batch, record)
@@ -382,7 +414,7 @@ class BaselineRuntime(TokenRuntime):
     # -- per forward ------------------------------------------------------------------------------
     def _reset(self, module, args, kwargs):
         super()._reset(module, args, kwargs)
-        self._sizes, self._cls, self._pads = {}, {}, {}
+        self._sizes, self._cls, self._pads, self._skip_states = {}, {}, {}, {}
         self._batch = next((v.shape[0] for v in list(args) + list(kwargs.values())
                             if isinstance(v, torch.Tensor) and v.dim()), 1)
         for name, modality in self.pad_inputs.items():
@@ -418,21 +450,26 @@ class BaselineRuntime(TokenRuntime):
         for p in firsts:
             special |= positions == p
         n_special = len(firsts)
-        current = length - n_special
+        alive = st.valid  # skip mode: the tokens still computed, at full length (None: all)
+        current = int((alive[0] & ~special[0]).sum()) if alive is not None else length - n_special
         count = keep_counts(st.length - n_special, float(self.schedule.keep_ratio), ordinal)[-1]
         if self.threshold <= 0 or not self.schedule.is_active(stream) or count >= current:
-            st.kept.append(torch.full((b,), length, device=hidden.device))
+            st.kept.append(alive.sum(1) if alive is not None else torch.full((b,), length, device=hidden.device))
             return hidden
         pads = self._pads.get(self.map.stream(stream).modality)
         if pads is not None and (pads.shape[1] != st.length or pads.shape[0] != b):
             pads = None
         pad_now = torch.gather(pads.to(hidden.device), 1, positions) if pads is not None else None
-        if self.method == "tome":
+        if self.method == "tome" and stream in self.skip_streams:
+            hidden, index = self._merge_alive(stream, hidden, alive, special, pad_now, current - count)
+        elif self.method == "tome":
             hidden, index = self._merge(stream, hidden, special, pad_now, current - count)
         else:
             scores = self._scores(stream, ordinal, st, positions, hidden)
             if pad_now is not None:
                 scores = scores.float().masked_fill(pad_now, float("-inf"))
+            if alive is not None:
+                scores = scores.float().masked_fill(~alive, float("-inf"))
             keep = _topk_keep(scores, special, count)
             hidden, index, _ = ops.gather_tokens(hidden, keep)
         st.index = torch.gather(positions, 1, index)
@@ -447,12 +484,12 @@ class BaselineRuntime(TokenRuntime):
             table = torch.rand(st.length, generator=gen).to(hidden.device)
             return table[positions]
         scores = self._cls.pop(stream, None)
-        if scores is None or tuple(scores.shape) != tuple(positions.shape):
+        if scores is None or tuple(scores.shape) != (positions.shape[0], st.length):
             sites = [p for p, s in self._probe_sites.items() if s == stream]
             raise TrimkitError(f"topk.cls_attention: no attention probabilities over {positions.shape[1]} tokens "
                                f"were seen in the self-attention of the previous layer (stream '{stream}'; "
                                f"sites read: {sites or 'none'})")
-        return scores
+        return torch.gather(scores, 1, positions)
 
     def _merge(self, stream: str, hidden: torch.Tensor, special: torch.Tensor, pads: torch.Tensor | None,
                merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,6 +509,23 @@ class BaselineRuntime(TokenRuntime):
             merge -= step
         self._sizes[stream] = size
         return hidden, index
+
+    def _merge_alive(self, stream: str, hidden: torch.Tensor, alive: torch.Tensor | None, special: torch.Tensor,
+                     pads: torch.Tensor | None, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skip mode: merge among the alive tokens of the full-length ``hidden``; the merged states of
+        the survivors are what the layer computes from (:meth:`_skip_input`), while merged-away
+        tokens carry their earlier state through like pruned ones."""
+        if alive is None:
+            alive = torch.ones(special.shape, dtype=torch.bool, device=hidden.device)
+        small, at, _ = ops.gather_tokens(hidden, alive)
+        pads = torch.gather(pads, 1, at) if pads is not None else None
+        merged, index = self._merge(stream, small, torch.gather(special, 1, at), pads, merge)
+        index = torch.gather(at, 1, index)
+        self._skip_states[stream] = hidden.scatter(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), merged)
+        return merged, index
+
+    def _skip_input(self, stream: str, hidden: torch.Tensor) -> torch.Tensor:
+        return self._skip_states.pop(stream, hidden)
 
     def sizes(self) -> dict[str, torch.Tensor]:
         """Token sizes ``[B, L]`` of each merged stream after the last forward (tome only)."""
@@ -493,22 +547,26 @@ def _task_logits(context: PassContext, output) -> torch.Tensor | None:
     return logits
 
 
-def _probe_trimmable(model: nn.Module, model_map: ModelMap, cap, names: list[str], start_layer: int,
-                     special: dict, inputs: dict) -> tuple[list[str], list[str]]:
-    """The streams that survive losing tokens, by the token pass's probe (random per-row keep counts:
-    a padded batch must equal its rows run one by one)."""
-    kept, notes = [], []
+def _probe_modes(model: nn.Module, model_map: ModelMap, cap, names: list[str], start_layer: int,
+                 special: dict, inputs: dict) -> tuple[dict[str, int], list[str]]:
+    """How each stream can lose tokens, by the token pass's probe (random per-row keep counts: a
+    padded batch must equal its rows run one by one): removal first, then skip mode, else whole."""
+    modes, notes = {}, []
     for name in names:
-        with torch.random.fork_rng(devices=[]):  # the same probe, hence the same verdict, every time
-            torch.manual_seed(0)
-            trimmers = {layer.path: TokenTrimmer(layer.width, None)
-                        for layer in model_map.stream(name).layers[start_layer:]}
-        why = _probe(model, model_map, cap, trimmers, {name: None}, special, None, inputs, [])
+        trimmers = {layer.path: None for layer in model_map.stream(name).layers[start_layer:]}
+        why = ""
+        modes[name] = BaselineSchedule.WHOLE
+        for mode, skip in ((BaselineSchedule.REMOVE, []), (BaselineSchedule.SKIP, [name])):
+            why = _probe(model, model_map, cap, trimmers, {name: None}, special, None, inputs, skip)
+            if not why:
+                modes[name] = mode
+                break
         if why:
             notes.append(f"stream '{name}' left whole: {why}")
-        else:
-            kept.append(name)
-    return kept, notes
+        elif modes[name] == BaselineSchedule.SKIP:
+            notes.append(f"stream '{name}': every layer's output is read at full length, so pruned tokens "
+                         "skip the later layers and are carried through (skip mode)")
+    return modes, notes
 
 
 def _check_method(model: nn.Module, runtime: BaselineRuntime, schedule: BaselineSchedule, inputs: dict,
@@ -516,6 +574,7 @@ def _check_method(model: nn.Module, runtime: BaselineRuntime, schedule: Baseline
     """Run the baseline on each active stream alone at a harsh ratio; streams where it fails are left whole."""
     notes = []
     saved_ratio, saved_threshold = float(schedule.keep_ratio), runtime.threshold
+    saved_modes = schedule.active.clone()
     active, failed = schedule.trimmed(), []
     was_training = model.training
     try:
@@ -523,8 +582,10 @@ def _check_method(model: nn.Module, runtime: BaselineRuntime, schedule: Baseline
         runtime.threshold = 0.5
         schedule.keep_ratio.fill_(0.3)
         for name in active:
+            schedule.active.copy_(saved_modes)
             for other in active:
-                schedule.set_active(other, other == name)
+                if other != name:
+                    schedule.set_mode(other, BaselineSchedule.WHOLE)
             try:
                 with torch.no_grad():
                     model(**inputs)
@@ -533,8 +594,9 @@ def _check_method(model: nn.Module, runtime: BaselineRuntime, schedule: Baseline
                 notes.append(f"stream '{name}' left whole: {method} fails on it "
                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
     finally:
-        for name in active:
-            schedule.set_active(name, name not in failed)
+        schedule.active.copy_(saved_modes)
+        for name in failed:
+            schedule.set_mode(name, BaselineSchedule.WHOLE)
         schedule.keep_ratio.fill_(saved_ratio)
         runtime.threshold = saved_threshold
         model.train(was_training)
@@ -630,7 +692,8 @@ def _apply_baseline(model: nn.Module, model_map: ModelMap, config: _BaselineConf
         raise ConfigError(f"{name} needs example inputs to find each layer's sequence-aligned arguments")
     if hasattr(model, _ATTR) or token_runtime(model) is not None:
         raise ConfigError(f"{name}: the model already has a token-trimming pass")
-    cap = capture(model, context.inputs)
+    # a padded row makes models that skip their attention mask on unpadded batches show it
+    cap = capture(model, _with_padding(context.inputs))
     hints = context.hints or {}
     per_token = _per_token_streams(model_map, cap, _task_logits(context, cap.output))
     pattern = re.compile(config.streams)
@@ -641,11 +704,11 @@ def _apply_baseline(model: nn.Module, model_map: ModelMap, config: _BaselineConf
     notes: list[str] = []
     schedule = BaselineSchedule(candidates, config.keep_ratio)
     if not context.restoring:
-        ok, probe_notes = _probe_trimmable(model, model_map, cap, candidates, config.start_layer, special,
-                                           context.inputs)
+        modes, probe_notes = _probe_modes(model, model_map, cap, candidates, config.start_layer, special,
+                                          context.inputs)
         notes += probe_notes
         for s in candidates:
-            schedule.set_active(s, s in ok)
+            schedule.set_mode(s, modes[s])
     layers = {layer.path: j for s in candidates
               for j, layer in enumerate(model_map.stream(s).layers[config.start_layer:], start=1)}
     model.add_module(_ATTR, schedule)
@@ -679,7 +742,7 @@ def _apply_baseline(model: nn.Module, model_map: ModelMap, config: _BaselineConf
         except Exception:
             undo()
             raise
-    report = {"method": method, "trimmed_streams": schedule.trimmed(),
+    report = {"method": method, "trimmed_streams": schedule.trimmed(), "skip_mode_streams": schedule.skipped(),
               "skipped_streams": [s.name for s in model_map.streams if s.name not in schedule.trimmed()],
               "per_token_streams": sorted(per_token),
               "trimmed_layers": sum(1 for p in layers if runtime.stream_of[p] in schedule.trimmed()),

@@ -402,7 +402,7 @@ class TokenRuntime:
         into the full sequence, where pruned tokens keep the state they had when pruned.
         """
         stream = self.stream_of[path]
-        if self.model.training:
+        if self._soft_skip():
             if trimmer is not None:
                 self._decide(stream, st, trimmer, hidden)
             if st.mask is not None:
@@ -417,7 +417,7 @@ class TokenRuntime:
             st.index, st.valid = None, None
         if st.alive is None or bool(st.alive.all()):
             return None
-        small, st.index, st.valid = ops.gather_tokens(hidden, st.alive)
+        small, st.index, st.valid = ops.gather_tokens(self._skip_input(stream, hidden), st.alive)
         st.pending = hidden
         self.state.tokens[path], self.state.lengths[path] = st.valid.sum(1), st.length
         if spec["seq_first"]:
@@ -426,12 +426,22 @@ class TokenRuntime:
         args, kwargs = self._slice_side(spec, st, args, kwargs)
         return _encoder_layer_padding(module, args, kwargs, st.valid)
 
+    def _skip_input(self, stream: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The full-length states whose alive tokens a skip-mode layer computes: ``hidden`` itself,
+        unless a runtime's decision also changed the states of the tokens it kept (merging)."""
+        return hidden
+
+    def _soft_skip(self) -> bool:
+        """Whether skip streams blend states with the soft keep mask now (training) rather than
+        computing only the alive tokens; a runtime whose decisions are always hard says False."""
+        return self.model.training
+
     def _skip_post(self, path: str, st: StreamState, output):
         full, st.pending = st.pending, None
         flat, tree = tree_flatten(output)
         pos = next(i for i, v in enumerate(flat) if isinstance(v, torch.Tensor))
         out = flat[pos].transpose(0, 1) if self.axes[path]["seq_first"] else flat[pos]
-        if self.model.training:
+        if self._soft_skip():
             m = st.mask.unsqueeze(-1).to(out.dtype)
             new = out * m + full * (1 - m)
         else:

@@ -40,6 +40,20 @@ def _specials(rt, stream, length):
     return rt._special_positions(stream, length)
 
 
+def _kept_positions(st):
+    """Original positions a stream still computes after the last forward, ``[B, kept]`` ascending
+    (removal: the gathered index; skip mode: the alive tokens of the full-length sequence)."""
+    if st.index is not None:
+        return st.index
+    return torch.stack([row.nonzero()[:, 0] for row in st.alive])
+
+
+def _rows(bb, inputs):
+    n = inputs[next(iter(inputs))].shape[0]
+    return torch.cat([_out(bb, {k: (v[i:i + 1] if torch.is_tensor(v) and v.dim() else v) for k, v in inputs.items()})
+                      for i in range(n)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure pieces
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +148,7 @@ def test_off_is_exact_schedule_is_followed_and_remove_restores(ref, method):
         expected = [len(specials) + k for k in keep_counts(st.length - len(specials), 0.5, layers)]
         assert stats[stream]["kept"] == [float(k) for k in expected], (stream, stats[stream])
         assert expected[-1] < st.length
-        index = st.index
+        index = _kept_positions(st)
         assert index.shape == (inputs[next(iter(inputs))].shape[0], expected[-1])
         assert (index[:, 1:] > index[:, :-1]).all(), "kept tokens keep their order"
         for p in specials:
@@ -165,7 +179,9 @@ CALIBRATED = [("random", "blip-vqa-tiny", 0.6), ("topk", "blip-vqa-tiny", 0.75),
               ("topk", "vilt-vqa-tiny", 0.6), ("tome", "vilt-vqa-tiny", 0.75),
               ("tome", "clip-tiny", 0.75), ("random", "clip-tiny", 0.75),
               ("topk", TOYS[0], 0.6), ("tome", TOYS[0], 0.75),
-              ("tome", TOYS[1], 0.6), ("topk", TOYS[1], 0.75)]
+              ("tome", TOYS[1], 0.6), ("topk", TOYS[1], 0.75),
+              ("random", "bridgetower-itm-tiny", 0.6), ("topk", "bridgetower-itm-tiny", 0.5),
+              ("tome", "bridgetower-itm-tiny", 0.5)]
 
 
 @pytest.mark.parametrize("method,ref,target", CALIBRATED)
@@ -181,9 +197,60 @@ def test_flops_ratio_is_hit_in_executed_flops(method, ref, target):
 
 def test_unreachable_flops_ratio_is_reported():
     bb, inputs = _setup("bridgetower-itm-tiny")
-    report = _apply(bb, inputs, RandomTokensConfig(flops_ratio=0.5))
+    report = _apply(bb, inputs, RandomTokensConfig(flops_ratio=0.5, streams="cross_modal_image"))
+    assert report["trimmed_streams"] == ["bridgetower.cross_modal_image_layers"]
     assert report["flops_ratio"] > 0.52
     assert any("closest this schedule reaches" in n for n in report["notes"]), report["notes"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Skip mode: streams whose every layer output is read at full length (BridgeTower's towers)
+# ----------------------------------------------------------------------------------------------
+BT_SKIP = {"bridgetower.text_model.encoder.layer", "bridgetower.vision_model.visual.transformer.resblocks",
+           "bridgetower.cross_modal_text_layers"}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_bridgetower_towers_trim_in_skip_mode_and_batches_agree(method):
+    bb, inputs = _setup("bridgetower-itm-tiny")
+    inputs["attention_mask"][1, 5:] = 0  # a padded row: padding is dropped first, rows still agree
+    report = _apply(bb, inputs, CONFIGS[method](keep_ratio=0.5))
+    assert set(report["skip_mode_streams"]) == BT_SKIP, report
+    assert set(report["trimmed_streams"]) == BT_SKIP | {"bridgetower.cross_modal_image_layers"}
+    rt = baseline_runtime(bb.model)
+    batched = _out(bb, inputs)
+    for stream in BT_SKIP:
+        st = rt.state.streams[stream]
+        assert st.index is None and st.alive.shape == (3, st.length)  # full length, alive tokens marked
+        assert (st.alive.sum(1) < st.length).all()
+    assert (_rows(bb, inputs) - batched).abs().max().item() <= 1e-4
+
+
+def test_skip_mode_carries_pruned_tokens_through_unchanged():
+    bb, inputs = _setup("bridgetower-itm-tiny")
+    stream = "bridgetower.text_model.encoder.layer"
+    layers = list(bb.model.bridgetower.text_model.encoder.layer)
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep_input(i):
+        return lambda m, args, kwargs: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone())
+
+    handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    _apply(bb, inputs, RandomTokensConfig(keep_ratio=0.4, streams="text_model"))
+    last = {}
+    handles.append(layers[-1].register_forward_hook(lambda m, a, out: last.update(out=out)))
+    _out(bb, inputs)
+    for h in handles:
+        h.remove()
+    out = last["out"][0] if isinstance(last["out"], tuple) else last["out"]
+    alive = baseline_runtime(bb.model).state.streams[stream].alive
+    assert out.shape[1] == alive.shape[1]  # the tower's output keeps its full length
+    dead = (~alive).nonzero().tolist()
+    assert dead
+    for b, t in dead:  # a pruned token leaves with the state it had entering the layer that pruned it
+        assert any(torch.equal(out[b, t], seen[i][b, t]) for i in range(1, len(layers))), (b, t)
+    for b, t in alive.nonzero().tolist():
+        assert not torch.equal(out[b, t], seen[len(layers) - 1][b, t])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +418,7 @@ def test_tome_keeps_padding_apart_from_real_tokens():
 # Training with a baseline in place
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("ref", ["blip-itm-tiny", "vilt-vqa-tiny", TOYS[1]])
+@pytest.mark.parametrize("ref", ["blip-itm-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", TOYS[1]])
 def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
     bb, inputs = _setup(ref)
     _apply(bb, inputs, CONFIGS[method]())
@@ -371,6 +438,7 @@ def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ref,config", [("vilt-vqa-tiny", ToMeMergeConfig(flops_ratio=0.7)),
                                         (TOYS[0], TopKClsAttentionConfig(flops_ratio=0.75)),
+                                        ("bridgetower-itm-tiny", TopKClsAttentionConfig(flops_ratio=0.5)),
                                         (TOYS[1], RandomTokensConfig(seed=3, keep_ratio=0.3))])
 def test_saved_folder_restores_exactly(tmp_path, ref, config):
     bb = load_backbone(ref)
@@ -380,6 +448,8 @@ def test_saved_folder_restores_exactly(tmp_path, ref, config):
     expected = _out(bb, inputs)
     out = save_folder(tmp_path / "saved", base_ref=ref, model=bb.model)
     restored = load_folder(out)
-    assert float(restored.model.trimkit_baseline_tokens.keep_ratio) == report["keep_ratio"]
+    schedule = restored.model.trimkit_baseline_tokens
+    assert float(schedule.keep_ratio) == report["keep_ratio"]
+    assert schedule.trimmed() == report["trimmed_streams"] and schedule.skipped() == report["skip_mode_streams"]
     torch.manual_seed(0)
     assert torch.equal(_out(restored, inputs), expected)
