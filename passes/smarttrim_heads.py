@@ -16,7 +16,7 @@ from typing import ClassVar
 from torch import nn
 
 from trimkit.errors import ConfigError
-from trimkit.heads import HeadRuntime, HeadTrimmer, check_sites, plan_site
+from trimkit.heads import LAYOUT_NAMES, HeadRuntime, HeadTrimmer, check_sites, plan_site
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
@@ -108,7 +108,7 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
 
     active = runtime.active_sites()
     report = {"trimmed_sites": active, "skipped_sites": skipped,
-              "layouts": {p: ("attributes" if int(by_path[p].layout) else "reshape") for p in active},
+              "layouts": {p: LAYOUT_NAMES[int(by_path[p].layout)] for p in active},
               "trimmers": len(active), "notes": notes,
               "trimmer_params": sum(q.numel() for p in active for q in by_path[p].parameters())}
     return PassResult(model, report, undo, trainable=True)

@@ -21,6 +21,7 @@ Which layout a site uses is decided by :func:`check_sites` at apply time and sto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from typing import Any
@@ -37,7 +38,9 @@ from trimkit.locate import AttentionSite
 
 __all__ = ["HeadTrimmer", "SitePlan", "plan_site", "HeadRuntime", "check_sites"]
 
-LAYOUT_RESHAPE, LAYOUT_ATTRS = 0, 1
+LAYOUT_RESHAPE, LAYOUT_ATTRS, LAYOUT_LINEAR, LAYOUT_LINEAR_ATTRS = 0, 1, 2, 3
+LAYOUT_NAMES = {LAYOUT_RESHAPE: "reshape", LAYOUT_ATTRS: "attributes", LAYOUT_LINEAR: "linear",
+                LAYOUT_LINEAR_ATTRS: "linear+attributes"}
 
 
 class HeadTrimmer(nn.Module):
@@ -79,6 +82,8 @@ class SitePlan:
     attrs: list = dataclasses.field(default_factory=list)  # [(module, name, "heads" | "inner")]
     group: int = 1  # query heads per decision unit (grouped-query attention: per key/value head)
     linears: list = dataclasses.field(default_factory=list)  # projection modules (sliced per input: stay float)
+    in_mods: list = dataclasses.field(default_factory=list)  # [(module, blocks, unit)] q/k/v, a fused one once
+    out_mod: nn.Module | None = None  # output projection module (None: nn.MultiheadAttention)
 
     @property
     def units(self) -> int:
@@ -145,7 +150,7 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
         if kv < 2:
             return None, "a single key/value head"
         group = h // kv
-    inputs, seen = [], set()
+    inputs, in_mods, seen = [], [], set()
     for n in names[:3]:
         m = mods[n]
         if id(m) in seen:
@@ -155,9 +160,13 @@ def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, s
         if m.out_features % (unit * (h // group)):
             return None, f"{n} has {m.out_features} outputs, not a multiple of {h} heads x {dh}"
         inputs.append((m.weight, m.bias, m.out_features // (unit * (h // group)), unit))
+        in_mods.append((m, m.out_features // (unit * (h // group)), unit))
+    if id(o) in seen:
+        return None, "the output projection is also a q/k/v projection"
     attrs = _inner_attrs(mod, {id(m) for m in mods.values()}, h, dh)
     plan = SitePlan(site.path, h, dh, q.in_features, site.query_stream, inputs=inputs, out=(o.weight, o.bias),
-                    attrs=attrs, group=group, linears=list({id(m): m for m in mods.values()}.values()))
+                    attrs=attrs, group=group, linears=list({id(m): m for m in mods.values()}.values()),
+                    in_mods=in_mods, out_mod=o)
     return plan, ""
 
 
@@ -369,11 +378,117 @@ class _HeadMode(TorchFunctionMode):
 
 
 # ----------------------------------------------------------------------------------------------
+# Decisions as Python rows, and the projections that apply them
+# ----------------------------------------------------------------------------------------------
+def keep_rows(logits: list[list[float]], threshold: float, k: int) -> list[tuple[int, ...]]:
+    """Kept units of each row: probability ``sigmoid(logit)`` above ``threshold``, at least the ``k`` best."""
+    if threshold <= 0:
+        return [tuple(range(len(r))) for r in logits]
+    cut = math.inf if threshold >= 1 else math.log(threshold) - math.log1p(-threshold)
+    out = []
+    for row in logits:
+        kept = [i for i, v in enumerate(row) if v > cut]
+        if len(kept) < k:
+            top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+            kept = sorted(set(kept).union(top))
+        out.append(tuple(kept))
+    return out
+
+
+def _keep_tensor(rows: list[tuple[int, ...]] | None, batch: int, units: int, device) -> torch.Tensor:
+    if rows is None:
+        return torch.ones(batch, units, dtype=torch.bool, device=device)
+    keep = torch.zeros(batch, units, dtype=torch.bool)
+    r = [i for i, row in enumerate(rows) for _ in row]
+    keep[r, [j for row in rows for j in row]] = True
+    return keep.to(device)
+
+
+def _row_index(rows: list[tuple[int, ...]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``idx [B, Hk]`` (kept units, 0 where padded) and bool ``valid [B, Hk]``, Hk the row maximum."""
+    hk = max(len(r) for r in rows)
+    idx = torch.tensor([list(r) + [0] * (hk - len(r)) for r in rows], dtype=torch.long, device=device)
+    valid = torch.tensor([[True] * len(r) + [False] * (hk - len(r)) for r in rows], device=device)
+    return idx, valid
+
+
+def _slice_in(weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, unit: int, idx: torch.Tensor):
+    """Rows of the kept units (``idx [Hk]``) of a ``[blocks, units, unit]``-laid-out projection."""
+    din = weight.shape[1]
+    w = weight.view(blocks, -1, unit, din)[:, idx].reshape(-1, din)
+    b = None if bias is None else bias.view(blocks, -1, unit)[:, idx].reshape(-1)
+    return w, b
+
+
+def _slice_out(weight: torch.Tensor, unit: int, idx: torch.Tensor) -> torch.Tensor:
+    dout = weight.shape[0]
+    return weight.view(dout, -1, unit)[:, idx].reshape(dout, -1)
+
+
+def _rows_in(weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, unit: int, idx: torch.Tensor,
+             valid: torch.Tensor):
+    """Per-row weights ``[B, R, Din]`` (and biases ``[B, R]``) of the kept units, zero where padded."""
+    din, (b, hk) = weight.shape[1], idx.shape
+    keep = valid.to(weight.dtype)
+    w = weight.view(blocks, -1, unit, din)[:, idx] * keep[None, :, :, None, None]  # [blocks, B, Hk, unit, Din]
+    w = w.transpose(0, 1).reshape(b, blocks * hk * unit, din)
+    if bias is None:
+        return w, None
+    bb = bias.view(blocks, -1, unit)[:, idx] * keep[None, :, :, None]
+    return w, bb.transpose(0, 1).reshape(b, blocks * hk * unit)
+
+
+def _rows_out(weight: torch.Tensor, unit: int, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row output weights ``[B, Hk * unit, Dout]``, zero where padded."""
+    dout, (b, hk) = weight.shape[0], idx.shape
+    w = weight.view(dout, -1, unit)[:, idx] * valid.to(weight.dtype)[None, :, :, None]  # [Dout, B, Hk, unit]
+    return w.permute(1, 2, 3, 0).reshape(b, hk * unit, dout)
+
+
+def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, ..., Din]`` times its row's ``weight [B, R, Din]`` (a q/k/v projection of one row's heads)."""
+    b = weight.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"projection input has batch {x.shape[0]}, decisions have {b} rows")
+    x3 = x.reshape(b, -1, x.shape[-1])
+    y = torch.bmm(x3, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias[:, None], x3,
+                                                                                   weight.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def _linear_rows_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, ..., R]`` times its row's output weight ``[B, R, Dout]``."""
+    b = weight.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"output projection input has batch {x.shape[0]}, decisions have {b} rows")
+    x3 = x.reshape(b, -1, x.shape[-1])
+    y = torch.bmm(x3, weight) if bias is None else torch.baddbmm(bias, x3, weight)
+    return y.reshape(*x.shape[:-1], weight.shape[2])
+
+
+def _linear_scaled(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The output projection of ``x`` with each head's features scaled by its row's mask (``[B, H*dh]``)."""
+    if x.shape[0] != scale.shape[0]:
+        raise ValueError(f"output projection input has batch {x.shape[0]}, masks have {scale.shape[0]} rows")
+    x = x * scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[1]).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def _stamp(plan: SitePlan) -> tuple:
+    """Changes whenever a projection weight is updated in place, replaced or moved."""
+    mods = [m for m, _, _ in plan.in_mods] + [plan.out_mod]
+    return tuple((t._version, t.data_ptr()) for m in mods for t in (m.weight, m.bias) if t is not None)
+
+
+# ----------------------------------------------------------------------------------------------
 # The runtime
 # ----------------------------------------------------------------------------------------------
 def _main_input(args: tuple, kwargs: dict, width: int) -> torch.Tensor | None:
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3 and v.shape[-1] == width:
+    for v in args:
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == width and v.is_floating_point():
+            return v
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == width and v.is_floating_point():
             return v
     return None
 
@@ -383,18 +498,24 @@ class HeadRuntime:
 
     ``forced`` ({site path: bool ``[B, H]``}) overrides decisions and ``reference=True`` applies eval
     decisions as masks instead of removing heads: both exist for checks (see :func:`check_sites`).
+    ``cache_budget``: sliced projection weights are kept for decisions seen before (when no gradient is
+    recorded), up to this many times a site's own projection weights (0 turns the cache off).
     """
 
     def __init__(self, model: nn.Module, plans: dict[str, SitePlan], trimmers: dict[str, HeadTrimmer], *,
-                 threshold: float = 0.5, tau: float = 1.0, min_heads: int = 1):
+                 threshold: float = 0.5, tau: float = 1.0, min_heads: int = 1, cache_budget: float = 2.0):
         self.model, self.plans, self.trimmers = model, plans, trimmers
         self.threshold, self.tau, self.min_heads = threshold, tau, min_heads
+        self.cache_budget = cache_budget
         self.enabled = True
         self.forced: dict[str, torch.Tensor] | None = None
         self.reference = False
         self.only: set[str] | None = None
-        self.masks: dict[str, torch.Tensor] = {}
-        self.kept: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, tuple] = {}  # eval decisions not yet turned into tensors
+        self._cache: dict[str, dict] = {}
+        self._stamps: dict[str, tuple] = {}
         self._open: list = []
         self.handles: list = []
         self.handles.append(model.register_forward_pre_hook(self._reset))
@@ -411,6 +532,18 @@ class HeadRuntime:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._cache.clear()
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{site: ``[B, units]``} decisions of the last forward (float; relaxed masks in training)."""
+        self._materialise()
+        return self._masks
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        self._materialise()
+        return self._kept
 
     def stats(self) -> dict:
         return {"heads": {p: {"heads": self.plans[p].heads, "kept": float(k.float().mean()) * self.plans[p].group}
@@ -423,24 +556,43 @@ class HeadRuntime:
     def active_sites(self) -> list[str]:
         return [p for p in self.plans if bool(self.trimmers[p].active)]
 
-    # -- hooks ----------------------------------------------------------------------------------------
-    def _close_all(self) -> None:
-        while self._open:
-            entry = self._open.pop()
-            if entry is not None:
-                self._close(entry)
+    # -- decisions ------------------------------------------------------------------------------------
+    def _materialise(self) -> None:
+        for path, (rows, batch, units, device, dtype) in self._rows.items():
+            keep = _keep_tensor(rows, batch, units, device)
+            self._masks[path] = keep.to(dtype)
+            self._kept[path] = keep.sum(1)
+        self._rows.clear()
 
-    @staticmethod
-    def _close(entry) -> None:
-        mode, saved = entry
-        for m, name, value in saved:
-            setattr(m, name, value)
-        if mode is not None:
-            mode.__exit__(None, None, None)
+    def _min_units(self, plan: SitePlan) -> int:
+        return min(-(-max(self.min_heads, 0) // plan.group), plan.units)
 
-    def _reset(self, module, args):
-        self._close_all()
-        self.masks, self.kept = {}, {}
+    def _train_mask(self, plan: SitePlan, logits: torch.Tensor) -> torch.Tensor:
+        mask = ops.gumbel_sigmoid(logits, tau=self.tau)
+        k = self._min_units(plan)
+        if k:
+            top = torch.zeros_like(mask).scatter(1, logits.topk(k, dim=1).indices, 1.0)
+            mask = mask + top * (1.0 - mask.detach())
+        self._masks[plan.path] = mask
+        self._kept[plan.path] = mask.detach().sum(1)
+        return mask
+
+    def _eval_rows(self, plan: SitePlan, trimmer: HeadTrimmer, x: torch.Tensor,
+                   forced: torch.Tensor | None) -> list[tuple[int, ...]] | None:
+        """Kept units per row, or None when every row keeps every unit; recorded for stats and costs."""
+        if forced is not None:
+            rows = [tuple(i for i, v in enumerate(r) if v) for r in forced.tolist()]
+            dtype = x.dtype
+        elif self.threshold <= 0:  # keeps everything whatever the trimmer says: not computed
+            rows, dtype = None, x.dtype
+        else:
+            logits = trimmer(self._pool(plan, x))
+            rows = keep_rows(logits.tolist(), self.threshold, self._min_units(plan))
+            dtype = logits.dtype
+        if rows is not None and all(len(r) == plan.units for r in rows):
+            rows = None
+        self._rows[plan.path] = (rows, x.shape[0], plan.units, x.device, dtype)
+        return rows
 
     def _pool(self, plan: SitePlan, x: torch.Tensor) -> torch.Tensor:
         """Mean over the tokens that are really there (padding of a token runtime excluded)."""
@@ -457,38 +609,121 @@ class HeadRuntime:
                 return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
         return x.mean(1)
 
-    def _decide(self, plan: SitePlan, logits: torch.Tensor) -> Decision | None:
-        h, dh = plan.units, plan.head_dim * plan.group
-        k = min(-(-max(self.min_heads, 0) // plan.group), h)
-        forced = (self.forced or {}).get(plan.path)
-        if self.model.training and forced is None:
-            mask = ops.gumbel_sigmoid(logits, tau=self.tau)
-            if k:
-                top = torch.zeros_like(mask).scatter(1, logits.topk(k, dim=1).indices, 1.0)
-                mask = mask + top * (1.0 - mask.detach())
-            self.masks[plan.path] = mask
-            self.kept[plan.path] = mask.detach().sum(1)
-            return Decision(h, dh, mask=mask)
-        if forced is not None:
-            keep = forced.to(logits.device)
+    # -- applying a decision --------------------------------------------------------------------------
+    def _uniform_forwards(self, plan: SitePlan, key: tuple[int, ...], device) -> tuple[list, Decision]:
+        """(module, forward) pairs computing the units ``key`` only, and the matching decision."""
+        cache = None
+        if self.cache_budget > 0 and not torch.is_grad_enabled():
+            stamp = (_stamp(plan), torch.is_inference_mode_enabled())
+            if self._stamps.get(plan.path) != stamp:
+                self._stamps[plan.path] = stamp
+                self._cache[plan.path] = {}
+            cache = self._cache[plan.path]
+            hit = cache.pop(key, None)
+            if hit is not None:
+                cache[key] = hit  # most recently used last
+                return hit[0], hit[1]
+        idx = torch.tensor(key, dtype=torch.long, device=device)
+        pairs, size = [], 0
+        for m, blocks, unit in plan.in_mods:
+            w, b = _slice_in(m.weight, m.bias, blocks, unit, idx)
+            pairs.append((m, functools.partial(F.linear, weight=w, bias=b)))
+            size += w.numel() + (0 if b is None else b.numel())
+        o = plan.out_mod
+        w = _slice_out(o.weight, plan.head_dim * plan.group, idx)
+        pairs.append((o, functools.partial(F.linear, weight=w, bias=o.bias)))
+        size += w.numel()
+        d = Decision(plan.units, plan.head_dim * plan.group, idx=idx[None], valid=torch.ones(1, len(key), dtype=torch.bool,
+                                                                                          device=device), uniform=idx)
+        if cache is not None:
+            budget = self.cache_budget * sum(t.numel() for m in [m for m, _, _ in plan.in_mods] + [o]
+                                             for t in (m.weight, m.bias) if t is not None)
+            used = sum(e[2] for e in cache.values())
+            while cache and used + size > budget:
+                used -= cache.pop(next(iter(cache)))[2]
+            if size <= budget:
+                cache[key] = (pairs, d, size)
+        return pairs, d
+
+    def _row_forwards(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
+        idx, valid = _row_index(rows, device)
+        pairs = []
+        for m, blocks, unit in plan.in_mods:
+            w, b = _rows_in(m.weight, m.bias, blocks, unit, idx, valid)
+            pairs.append((m, functools.partial(_linear_rows, weight=w, bias=b)))
+        o = plan.out_mod
+        w = _rows_out(o.weight, plan.head_dim * plan.group, idx, valid)
+        pairs.append((o, functools.partial(_linear_rows_out, weight=w, bias=o.bias)))
+        return pairs, Decision(plan.units, plan.head_dim * plan.group, idx=idx, valid=valid)
+
+    def _removal(self, plan: SitePlan, rows: list[tuple[int, ...]], layout: int, device) -> tuple:
+        """The open entry ``(mode, saved attributes, saved forwards)`` that removes the pruned units."""
+        if plan.mha:
+            d = _decision_from_rows(rows, plan.units, plan.head_dim * plan.group, device)
+            mode = _HeadMode(plan, d)
+            mode.__enter__()
+            return mode, [], []
+        first = rows[0]
+        if all(r == first for r in rows):
+            pairs, d = self._uniform_forwards(plan, first, device)
+            if len(rows) > 1:
+                d = dataclasses.replace(d, idx=d.uniform.expand(len(rows), -1),
+                                        valid=d.valid.expand(len(rows), -1))
         else:
-            keep = ops.keep_mask_from_probs(torch.sigmoid(logits), self.threshold)
-            if k:
-                keep = keep.scatter(1, logits.topk(k, dim=1).indices, True)
-        self.masks[plan.path] = keep.to(logits.dtype)
-        self.kept[plan.path] = keep.sum(1)
-        if bool(keep.all()):
-            return None
-        if self.reference or self.model.training:
-            return Decision(h, dh, mask=keep.to(logits.dtype))
-        return _decision_from_keep(keep, dh)
+            pairs, d = self._row_forwards(plan, rows, device)
+        saved_fw = _set_forwards(pairs)
+        saved = []
+        if layout in (LAYOUT_ATTRS, LAYOUT_LINEAR_ATTRS):
+            kept = d.kept * plan.group
+            for m, name, kind in plan.attrs:
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, kept if kind == "heads" else kept * plan.head_dim)
+        mode = None
+        if layout in (LAYOUT_RESHAPE, LAYOUT_ATTRS):
+            mode = _HeadMode(plan, d)
+            mode.__enter__()
+        return mode, saved, saved_fw
+
+    def _masking(self, plan: SitePlan, mask: torch.Tensor) -> tuple:
+        """The open entry that scales each head's output by ``mask [B, units]`` (train, reference)."""
+        d = Decision(plan.units, plan.head_dim * plan.group, mask=mask)
+        if plan.mha:
+            mode = _HeadMode(plan, d)
+            mode.__enter__()
+            return mode, [], []
+        o = plan.out_mod
+        scale = mask.repeat_interleave(plan.head_dim * plan.group, dim=-1)
+        return None, [], _set_forwards([(o, functools.partial(_linear_scaled, scale=scale, weight=o.weight,
+                                                                bias=o.bias))])
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _close_all(self) -> None:
+        while self._open:
+            entry = self._open.pop()
+            if entry is not None:
+                self._close(entry)
+
+    @staticmethod
+    def _close(entry) -> None:
+        mode, saved, saved_fw = entry
+        try:
+            for m, name, value in saved:
+                setattr(m, name, value)
+            _restore_forwards(saved_fw)
+        finally:
+            if mode is not None:
+                mode.__exit__(None, None, None)
+
+    def _reset(self, module, args):
+        self._close_all()
+        self._masks, self._kept, self._rows = {}, {}, {}
 
     def _make_pre(self, path: str):
         plan = self.plans[path]
         trimmer = self.trimmers[path]
 
         def pre(module, args, kwargs):
-            if (not self.enabled or not bool(trimmer.active) or (self.only is not None and path not in self.only)):
+            if not self.enabled or (self.only is not None and path not in self.only) or not bool(trimmer.active):
                 self._open.append(None)
                 return None
             x = _main_input(args, kwargs, plan.width)
@@ -496,20 +731,19 @@ class HeadRuntime:
                 raise ValueError(f"head trimming at {path}: no [B, L, {plan.width}] input found")
             if plan.seq_first:
                 x = x.transpose(0, 1)
-            logits = trimmer(self._pool(plan, x))
-            d = self._decide(plan, logits)
-            if d is None:
-                self._open.append(None)
-                return None
-            saved = []
-            if d.idx is not None and int(trimmer.layout) == LAYOUT_ATTRS:
-                for m, name, kind in plan.attrs:
-                    saved.append((m, name, getattr(m, name)))
-                    kept = d.kept * plan.group
-                    setattr(m, name, kept if kind == "heads" else kept * plan.head_dim)
-            mode = _HeadMode(plan, d)
-            mode.__enter__()
-            self._open.append((mode, saved))
+            forced = self.forced.get(path) if self.forced else None
+            entry = None
+            if self.model.training and forced is None:
+                mask = self._train_mask(plan, trimmer(self._pool(plan, x)))
+                entry = self._masking(plan, mask)
+            else:
+                rows = self._eval_rows(plan, trimmer, x, forced)
+                if rows is not None:
+                    if self.reference or self.model.training:
+                        entry = self._masking(plan, _keep_tensor(rows, x.shape[0], plan.units, x.device).to(x.dtype))
+                    else:
+                        entry = self._removal(plan, rows, int(trimmer.layout), x.device)
+            self._open.append(entry)
             return None
 
         return pre
@@ -522,6 +756,33 @@ class HeadRuntime:
             return None
 
         return post
+
+
+def _set_forwards(pairs: list) -> list:
+    """Give each module an instance-level ``forward``; returns what to restore."""
+    saved = []
+    for m, fw in pairs:
+        saved.append((m, m.__dict__.get("forward")))
+        m.__dict__["forward"] = fw
+    return saved
+
+
+def _restore_forwards(saved: list) -> None:
+    for m, prev in reversed(saved):
+        if prev is None:
+            m.__dict__.pop("forward", None)
+        else:
+            m.__dict__["forward"] = prev
+
+
+def _decision_from_rows(rows: list[tuple[int, ...]], units: int, head_dim: int, device) -> Decision:
+    first = rows[0]
+    if all(r == first for r in rows):
+        idx = torch.tensor(first, dtype=torch.long, device=device)
+        return Decision(units, head_dim, idx=idx.expand(len(rows), -1),
+                        valid=torch.ones(len(rows), len(first), dtype=torch.bool, device=device), uniform=idx)
+    idx, valid = _row_index(rows, device)
+    return Decision(units, head_dim, idx=idx, valid=valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,31 +869,48 @@ def _check(model: nn.Module, rt: HeadRuntime, inputs: dict, paths: set[str], tol
         rt.forced, rt.only, rt.reference = None, None, False
 
 
-def check_sites(model: nn.Module, rt: HeadRuntime, inputs: dict, tol: float = 1e-4) -> dict[str, str]:
-    """Pick each site's layout by trying it; deactivate the sites where no layout works.
+_LAYOUT_ORDER = (LAYOUT_LINEAR, LAYOUT_LINEAR_ATTRS, LAYOUT_RESHAPE, LAYOUT_ATTRS)
 
-    Returns {site path: reason} of the sites left whole.
+
+def check_sites(model: nn.Module, rt: HeadRuntime, inputs: dict, tol: float = 1e-4) -> dict[str, str]:
+    """Pick each site's layout by trying them, cheapest first; deactivate the sites where none works.
+
+    The linear layouts only replace the projection modules' forwards for the call (and set the head
+    count attributes); the reshape layouts also run the call under a ``TorchFunctionMode`` that repairs
+    reshapes. ``nn.MultiheadAttention`` always uses the mode. Returns {site path: reason} of the sites
+    left whole.
     """
     was_training = model.training
     model.eval()
     failed: dict[str, str] = {}
     try:
-        paths = set(rt.plans)
-        for p in paths:
+        mha = {p for p, plan in rt.plans.items() if plan.mha}
+        for p in rt.plans:
             rt.trimmers[p].layout.fill_(LAYOUT_RESHAPE)
-        if not paths or not _check(model, rt, inputs, paths, tol):
-            return failed
-        for p in rt.plans:  # one at a time: the first layout that works
-            reason = ""
-            for layout in (LAYOUT_RESHAPE, LAYOUT_ATTRS):
+        undecided, pending = set(rt.plans) - mha, set(mha)
+        reasons: dict[str, str] = {p: "" for p in rt.plans}
+        for i, layout in enumerate(_LAYOUT_ORDER):
+            if not undecided:
+                break
+            for p in undecided:
                 rt.trimmers[p].layout.fill_(layout)
-                reason = _check(model, rt, inputs, {p}, tol)
-                if not reason:
-                    break
-            if reason:
-                failed[p] = reason
-                rt.trimmers[p].active.fill_(0.0)
-                rt.trimmers[p].layout.fill_(LAYOUT_RESHAPE)
+            if not _check(model, rt, inputs, undecided | pending, tol):
+                if i == 0:
+                    return failed  # every site works in the cheapest layout
+                undecided, pending = set(), set()
+                break
+            for p in sorted(undecided):  # one at a time: the sites this layout works for
+                reasons[p] = _check(model, rt, inputs, {p}, tol)
+                if not reasons[p]:
+                    undecided.discard(p)
+        for p in sorted(pending):
+            reasons[p] = _check(model, rt, inputs, {p}, tol)
+            if reasons[p]:
+                undecided.add(p)
+        for p in undecided:
+            failed[p] = reasons[p]
+            rt.trimmers[p].active.fill_(0.0)
+            rt.trimmers[p].layout.fill_(LAYOUT_RESHAPE)
         good = {p for p in rt.plans if p not in failed}
         reason = _check(model, rt, inputs, good, tol) if good else ""
         if reason:  # sites that only fail together: leave them all whole

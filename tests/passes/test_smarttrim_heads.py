@@ -254,7 +254,7 @@ def test_attribute_layout_is_chosen_and_unsliceable_sites_are_left_whole():
     with torch.no_grad():
         expected = model(**inputs)
     report = apply_(model, SmartTrimHeadsConfig(threshold=0.5), inputs=inputs).results[0].report
-    assert report["layouts"] == {"blocks.0.attn": "attributes", "blocks.2.attn": "attributes"}, report
+    assert report["layouts"] == {"blocks.0.attn": "linear+attributes", "blocks.2.attn": "linear+attributes"}, report
     assert list(report["skipped_sites"]) == ["blocks.1.attn"]
     assert "RuntimeError" in report["skipped_sites"]["blocks.1.attn"]
     _randomise(model)
