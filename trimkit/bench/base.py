@@ -64,7 +64,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "val_n", "test_n", "eval_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not 0 <= self.warmup:
+        if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
@@ -73,11 +73,13 @@ class TrainConfig:
 # Default recipes (see trimkit/bench/README.md for what they reach): 16-pixel patches on 64-pixel
 # images (one token per cell of the scene grid), 2-3 objects per scene, batch 32.
 _SIZE: dict = dict(hidden=128, layers=4, heads=4, patch=16)
-_TRAIN: dict = dict(steps=4500, batch_size=32, lr=1e-3, warmup=200)
+_TRAIN: dict = dict(batch_size=32, lr=1e-3, warmup=200)
+_STEPS: dict = {"blip": 4500, "bridgetower": 1500, "vilt": 1500}
 _DATA = "synthetic:{task}?image=64&objects=2-3"
 _RECIPES: dict[tuple[str, str], tuple[dict, dict, str]] = {
-    **{(family, task): ({**_SIZE, **({"cross_layers": 2} if family == "bridgetower" else {})}, _TRAIN, _DATA)
-       for family in FAMILIES for task in ("vqa", "truefalse", "retrieval")},
+    (family, task): ({**_SIZE, **({"cross_layers": 2} if family == "bridgetower" else {})},
+                     {**_TRAIN, "steps": _STEPS[family]}, _DATA)
+    for family in FAMILIES for task in ("vqa", "truefalse", "retrieval")
 }
 
 
@@ -293,10 +295,6 @@ def _load(model: nn.Module, weights: Path) -> None:
                           f"unexpected {sorted(unexpected)[:3]}; delete the file to retrain")
 
 
-def _record_metrics(record: dict) -> dict:
-    return {k: v for k, v in record.get("metrics", {}).items()}
-
-
 def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | None = None,
                data_spec: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
                model: dict | None = None, train: TrainConfig | dict | None = None,
@@ -329,7 +327,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
         _load(net, weights)
         record = json.loads(meta.read_text(encoding="utf-8"))
         return BenchModel(family, task, net.eval(), config, recipe, seed, specs, config.num_labels,
-                          _record_metrics(record), weights, record, loaded=True)
+                          dict(record.get("metrics", {})), weights, record, loaded=True)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
