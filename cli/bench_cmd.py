@@ -1,0 +1,118 @@
+"""`trimkit bench`: SmartTrim against training-free baselines at matched executed FLOPs, with a report."""
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import replace
+
+import click
+
+from trimkit.cli import command
+
+__all__ = ["bench_command"]
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _ratios(value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    from trimkit.errors import ConfigError
+
+    out = []
+    for part in _names(value):
+        try:
+            x = float(part.rstrip("x"))
+        except ValueError:
+            raise ConfigError(f"--reductions takes numbers such as 1.5,2,3; got {part!r}") from None
+        if x <= 1:
+            raise ConfigError(f"a FLOPs reduction must be > 1 (e.g. 2 for 2x fewer), got {part!r}")
+        out.append(1.0 / x)
+    return tuple(out)
+
+
+def _command_line(ctx: click.Context) -> str:
+    """``trimkit bench`` with the options given on the command line (not their defaults)."""
+    words = ["trimkit", "bench"]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source == click.core.ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        flag = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            if value:
+                words.append(flag)
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+@command("bench")
+@click.option("--quick", is_flag=True, help="Reduced bench (ViLT, VQA, 2x, training-free baselines, one seed).")
+@click.option("--smoke", is_flag=True, help="The pipeline with a handful of steps and tiny data (CI).")
+@click.option("--families", help="Comma-separated: blip,bridgetower,vilt.")
+@click.option("--tasks", help="Comma-separated: vqa,truefalse.")
+@click.option("--reductions", help="SmartTrim targets as FLOPs reductions, e.g. 1.5,2,3.")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds of the 2x points.")
+@click.option("--steps", type=click.IntRange(min=1), help="SmartTrim training (and baseline fine-tuning) steps.")
+@click.option("--base-steps", type=click.IntRange(min=1), help="Base-model training steps (default: the recipe's).")
+@click.option("--no-finetune", is_flag=True, help="Skip the fine-tuned baselines.")
+@click.option("--no-ablations", is_flag=True, help="Skip the ablations.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Results folder (default benchmarks/results; --quick: benchmarks/results/quick).")
+@click.option("--docs", "docs_dir", default="docs", show_default=True, type=click.Path(file_okay=False),
+              help="Where the plots go.")
+@click.option("--readme", default="README.md", show_default=True, type=click.Path(dir_okay=False),
+              help="README whose bench block is rewritten.")
+@click.option("--no-report", is_flag=True, help="Only write the results JSON.")
+@click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
+def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, no_finetune, no_ablations,
+                  device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
+    """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
+    training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
+
+    One JSON per run goes to --out as soon as it finishes; a rerun skips finished runs with the same
+    settings. The report (a PNG per family/task in --docs, a table in --readme between
+    `<!-- bench:start -->` and `<!-- bench:end -->`) is rebuilt from those files.
+
+    \b
+    Examples:
+      trimkit bench --quick
+      trimkit bench --families blip,bridgetower --tasks vqa --seeds 3
+      trimkit bench --report-only
+    """
+    from trimkit.bench.report import build_report
+    from trimkit.bench.run import QUICK, SMOKE, BenchConfig, run_bench
+    from trimkit.errors import ConfigError
+
+    if quick and smoke:
+        raise ConfigError("--quick and --smoke exclude each other")
+    config = SMOKE if smoke else QUICK if quick else BenchConfig()
+    default_out = "benchmarks/results/quick" if quick else "benchmarks/results/smoke" if smoke else "benchmarks/results"
+    out_dir = out_dir or default_out
+    if not report_only:
+        changes = {k: v for k, v in dict(families=_names(families), tasks=_names(tasks), ratios=_ratios(reductions),
+                                           seeds=seeds, steps=steps, base_steps=base_steps, device=device,
+                                           threads=threads, cache_dir=cache_dir).items() if v is not None}
+        if no_finetune:
+            changes["finetune"] = False
+        if no_ablations:
+            changes["ablations"] = False
+        config = replace(config, **changes)
+        start = time.perf_counter()
+        run_bench(config, out_dir, command=_command_line(click.get_current_context()), log=click.echo)
+        click.echo(f"bench finished in {time.perf_counter() - start:.0f} s; results in {out_dir}")
+    if no_report and not report_only:
+        return
+    report = build_report(out_dir, docs=docs_dir, readme=readme)
+    click.echo(report["markdown"])
+    for path in report["plots"]:
+        click.echo(f"plot: {path}")

@@ -1,0 +1,235 @@
+"""Bench results -> aggregated points, a Markdown table, accuracy-vs-GFLOPs plots and the README block.
+
+Everything here reads only the JSON files :func:`trimkit.bench.run.run_bench` wrote, so
+``trimkit bench --report-only`` rebuilds the report without running a model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from trimkit.errors import ConfigError
+
+__all__ = ["Point", "load_results", "aggregate", "claims", "markdown", "plot", "update_readme", "build_report",
+           "START", "END"]
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+_TRAINING_FREE = ("random.tokens", "topk.cls_attention", "tome.merge")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (family, task, method, target) point aggregated over its seeds."""
+
+    family: str
+    task: str
+    method: str
+    ratio: float
+    seeds: tuple[int, ...]
+    accuracy: float
+    accuracy_std: float
+    gflops: float
+    gflops_p95: float
+    flops_reduction: float
+    speedup_1: float | None
+    speedup_n: float | None
+    batch_n: int
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def load_results(out_dir: str | os.PathLike) -> list[dict]:
+    """Every run JSON in `out_dir` (sorted by name)."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        raise ConfigError(f"no results folder {str(root)!r}; run `trimkit bench` first")
+    found = []
+    for path in sorted(root.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"cannot read {str(path)!r}: {err}") from None
+        if isinstance(data, dict) and "config_hash" in data and "accuracy" in data:
+            found.append(data)
+    return found
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def aggregate(results: Iterable[dict]) -> list[Point]:
+    """Results grouped by (family, task, method, ratio): mean (and sample std) over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["family"], r["task"], r["method"], round(r["ratio"], 6)), []).append(r)
+    points = []
+    for (family, task, method, ratio), rows in groups.items():
+        batch_n = rows[0]["latency_batches"][1]
+        acc = [r["accuracy"] for r in rows]
+        points.append(Point(
+            family, task, method, ratio, tuple(sorted(r["seed"] for r in rows)), statistics.fmean(acc),
+            statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            statistics.fmean(r["flops"]["mean"] for r in rows) / 1e9,
+            statistics.fmean(r["flops"]["p95"] for r in rows) / 1e9,
+            statistics.fmean(r["flops_reduction"] for r in rows),
+            _mean([r["latency_speedup"].get("batch_1") for r in rows]),
+            _mean([r["latency_speedup"].get(f"batch_{batch_n}") for r in rows]), batch_n))
+    order = {"full": 0, "smarttrim": 1}
+    return sorted(points, key=lambda p: (p.family, p.task, -p.ratio, order.get(p.method, 2), p.method))
+
+
+def _find(points: list[Point], method: str, ratio: float | None = None) -> Point | None:
+    for p in points:
+        if p.method == method and (ratio is None or math.isclose(p.ratio, ratio, abs_tol=1e-4)):
+            return p
+    return None
+
+
+def claims(points: list[Point]) -> list[dict]:
+    """Per (family, task): the checks of the SmartTrim claim, from the aggregated points."""
+    out = []
+    for key in sorted({(p.family, p.task) for p in points}):
+        pts = [p for p in points if (p.family, p.task) == key]
+        full = _find(pts, "full")
+        row: dict = {"family": key[0], "task": key[1]}
+        for label, ratio, allowed in (("2x", 0.5, 0.01), ("3x", 1 / 3, 0.02)):
+            st = _find(pts, "smarttrim", ratio)
+            if full is None or st is None:
+                continue
+            drop = full.accuracy - st.accuracy
+            row[label] = {"drop": drop, "ok": drop <= allowed, "flops_reduction": st.flops_reduction}
+            fast = [s for s in (st.speedup_1, st.speedup_n) if s is not None]
+            row[label]["speed_ok"] = bool(fast) and all(s >= 0.85 * st.flops_reduction for s in fast)
+            if label == "3x":
+                free = [p for p in pts if p.method in _TRAINING_FREE and math.isclose(p.ratio, ratio, abs_tol=1e-4)]
+                row[label]["beats_training_free"] = bool(free) and all(st.accuracy > p.accuracy for p in free)
+        out.append(row)
+    return out
+
+
+def _fmt_speed(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
+    """The README block: the command(s), one table per family/task, and the claim checks."""
+    lines = []
+    commands = sorted(set(commands))
+    if commands:
+        lines += ["Reproduce with:", "", "```", *commands, "```", ""]
+    for key in sorted({(p.family, p.task) for p in points}):
+        pts = [p for p in points if (p.family, p.task) == key]
+        full = _find(pts, "full")
+        batch_n = pts[0].batch_n
+        lines += [f"**{key[0]} / {key[1]}** (test accuracy; executed GFLOPs per sample; speedup = untrimmed / "
+                  f"trimmed latency, same run)", "",
+                  f"| method | target | seeds | accuracy | Δ vs full | GFLOPs mean | GFLOPs p95 | FLOPs ÷ | "
+                  f"speedup b1 | speedup b{batch_n} |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in pts:
+            target = "–" if p.method == "full" else f"{1 / p.ratio:.1f}×"
+            acc = f"{100 * p.accuracy:.2f}" + (f" ± {100 * p.accuracy_std:.2f}" if p.n > 1 else "")
+            delta = "–" if full is None or p.method == "full" else f"{100 * (p.accuracy - full.accuracy):+.2f}"
+            lines.append(f"| {p.method} | {target} | {p.n} | {acc} | {delta} | {p.gflops:.4f} | {p.gflops_p95:.4f} "
+                         f"| {p.flops_reduction:.2f} | {_fmt_speed(p.speedup_1)} | {_fmt_speed(p.speedup_n)} |")
+        lines.append("")
+    checks = claims(points)
+    if checks:
+        lines += ["Claim checks (SmartTrim vs full: ≤ 1 point at 2×, ≤ 2 points at 3×, above every training-free "
+                  "baseline at 3×; speedup ≥ 0.85 × FLOPs reduction at batch 1 and the large batch):", ""]
+        for c in checks:
+            parts = []
+            for label in ("2x", "3x"):
+                if label in c:
+                    v = c[label]
+                    text = (f"{label}: drop {100 * v['drop']:+.2f} pt ({'ok' if v['ok'] else 'NOT met'}), "
+                            f"speed {'ok' if v['speed_ok'] else 'NOT met'}")
+                    if "beats_training_free" in v:
+                        text += f", above training-free {'yes' if v['beats_training_free'] else 'NO'}"
+                    parts.append(text)
+            lines.append(f"- {c['family']} / {c['task']}: " + ("; ".join(parts) if parts else "no 2×/3× point"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], out_dir: str | os.PathLike, *, command: str = "") -> list[Path]:
+    """One PNG per (family, task): accuracy vs executed GFLOPs, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in sorted({(p.family, p.task) for p in points}):
+        pts = [p for p in points if (p.family, p.task) == key]
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method in sorted({p.method for p in pts}, key=lambda m: (m != "smarttrim", m)):
+            series = sorted((p for p in pts if p.method == method), key=lambda p: p.gflops)
+            xs, ys = [p.gflops for p in series], [100 * p.accuracy for p in series]
+            err = [100 * p.accuracy_std for p in series]
+            style = dict(marker="*", markersize=12, linestyle="none") if method == "full" else dict(marker="o")
+            if method.startswith("smarttrim") and method != "smarttrim":
+                style = dict(marker="x", linestyle="none")
+            ax.errorbar(xs, ys, yerr=err, label=method, capsize=3, **style)
+        ax.set_xlabel("executed GFLOPs per sample (mean)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{key[0]} / {key[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if command:
+            fig.text(0.01, 0.005, command, fontsize=6, color="0.4")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = out / f"bench-{key[0]}-{key[1]}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def update_readme(readme: str | os.PathLike, block: str) -> None:
+    """Replace the text between the bench markers of `readme` (appending the markers if absent)."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    inner = f"{START}\n{block.rstrip()}\n{END}"
+    if START in text and END in text and text.index(START) < text.index(END):
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + inner + tail
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + inner + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None = "docs",
+                 readme: str | os.PathLike | None = "README.md") -> dict:
+    """Aggregate the JSON in `out_dir`, write the plots into `docs` and the table into `readme`
+    (None skips either); ``{"points": [...], "plots": [...], "markdown": str}``."""
+    results = load_results(out_dir)
+    if not results:
+        raise ConfigError(f"no bench results in {str(out_dir)!r}; run `trimkit bench` first")
+    points = aggregate(results)
+    commands = sorted({r.get("command", "") for r in results} - {""})
+    modes = sorted({r.get("bench", {}).get("mode", "?") for r in results})
+    env = results[0].get("environment", {})
+    header = (f"Bench mode: {', '.join(modes)}; results in `{Path(out_dir).as_posix()}` "
+              f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
+              f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}, transformers "
+              f"{env.get('transformers', '?')}, git {str(env.get('git_revision', '?'))[:12]}.\n")
+    plots = plot(points, docs, command=commands[0] if commands else "") if docs is not None else []
+    text = header + "\n" + markdown(points, commands)
+    if plots:
+        text += "\nPlots: " + ", ".join(f"[{p.name}]({Path(docs).as_posix()}/{p.name})" for p in plots) + "\n"
+    if readme is not None:
+        update_readme(readme, text)
+    return {"points": points, "plots": plots, "markdown": text}

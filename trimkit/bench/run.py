@@ -1,0 +1,490 @@
+"""The trimming benchmark: SmartTrim against training-free baselines at matched executed FLOPs.
+
+:func:`plan` lists the runs of a :class:`BenchConfig`; :func:`run_bench` trains (or loads) the full
+model of every family/task, then executes each run and writes one JSON file per run into the output
+folder as soon as it finishes. A run whose JSON already exists with the same ``config_hash`` is
+skipped, so an interrupted bench resumes where it stopped.
+
+Runs per (family, task):
+
+* ``full``: the base model, untrimmed.
+* ``smarttrim``: tokens + heads, trained with :func:`trimkit.train.train` (task + self-distillation
+  + cost loss) to the executed-FLOPs ratios of ``BenchConfig.ratios``; the inference threshold is
+  calibrated on training items.
+* ``random.tokens``, ``topk.cls_attention``, ``tome.merge``: training-free, calibrated at apply time to
+  the executed-FLOPs ratio SmartTrim measured on validation items at the same target (matched FLOPs);
+  ``+ft`` variants are then fine-tuned for the same number of steps as SmartTrim.
+* ablations at the 2x target: ``smarttrim-self`` (no cross-modal guidance), ``smarttrim-nodistill``
+  (``alpha = 0``), ``smarttrim-tokens`` and ``smarttrim-heads`` (one pass only).
+
+Accuracy comes from the test split; every choice (thresholds, matched ratios) from train/val.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from trimkit.errors import ConfigError
+
+__all__ = ["BenchConfig", "RunSpec", "QUICK", "SMOKE", "plan", "run_bench", "run_one", "environment",
+           "BASELINES", "ABLATIONS"]
+
+FORMAT = 1
+BASELINES: tuple[str, ...] = ("random.tokens", "topk.cls_attention", "tome.merge")
+ABLATIONS: tuple[str, ...] = ("smarttrim-self", "smarttrim-nodistill", "smarttrim-tokens", "smarttrim-heads")
+_TWO_X = 0.5
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What the bench runs.
+
+    families / tasks: bench models (``trimkit.bench.FAMILIES``) and synthetic tasks.
+    ratios: SmartTrim targets (executed-FLOPs ratio; 1/1.5, 1/2, 1/3 by default).
+    seeds: seeds of the 2x points (SmartTrim, baselines, ablations); other ratios use seed 0 only
+      unless ``all_seeds``.
+    base_steps: steps of base training (None: the recipe's); base_model / base_train: overrides of
+      the base model's size and `trimkit.bench.TrainConfig`.
+    steps: SmartTrim training steps, also the fine-tuning budget of the ``+ft`` baselines.
+    batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings.
+    finetune: also run the baselines after fine-tuning; ablations: run the four ablations.
+    calibrate: training items that pick SmartTrim's inference threshold.
+    match_items: validation items on which SmartTrim's executed ratio is measured for matching.
+    flops_samples: test items whose executed FLOPs are counted one by one.
+    latency_batch / latency_repeats: the large latency batch and the timed repeats per model.
+    device / threads: where the bench runs and ``torch.set_num_threads``.
+    cache_dir: the base-model cache (None: `trimkit.bench.cache_root`).
+    """
+
+    families: tuple[str, ...] = ("blip", "bridgetower", "vilt")
+    tasks: tuple[str, ...] = ("vqa", "truefalse")
+    ratios: tuple[float, ...] = (2 / 3, 1 / 2, 1 / 3)
+    seeds: int = 3
+    all_seeds: bool = False
+    base_steps: int | None = None
+    base_model: tuple[tuple[str, Any], ...] = ()
+    base_train: tuple[tuple[str, Any], ...] = ()
+    steps: int = 300
+    batch_size: int = 32
+    lr_backbone: float = 1e-4
+    lr_trimmer: float = 1e-2
+    alpha: float = 1.0
+    beta: float = 10.0
+    finetune: bool = True
+    ablations: bool = True
+    calibrate: int = 256
+    match_items: int = 32
+    flops_samples: int = 64
+    latency_batch: int = 32
+    latency_repeats: int = 10
+    device: str = "cpu"
+    threads: int = 2
+    cache_dir: str | None = None
+    mode: str = "full"
+
+    def __post_init__(self) -> None:
+        from trimkit.bench.base import TASKS
+        from trimkit.bench.models import FAMILIES
+
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise ConfigError(f"unknown bench families {bad or 'none'}; known: {', '.join(FAMILIES)}")
+        bad = [t for t in self.tasks if t not in TASKS or t == "retrieval"]
+        if bad or not self.tasks:
+            raise ConfigError(f"unknown bench tasks {bad or 'none'}; known: vqa, truefalse")
+        if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
+            raise ConfigError(f"ratios must be in (0, 1), got {self.ratios}")
+        for name in ("seeds", "steps", "batch_size", "flops_samples", "latency_batch", "latency_repeats",
+                     "threads", "match_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["base_model"] = dict(self.base_model)
+        data["base_train"] = dict(self.base_train)
+        return data
+
+
+# A reduced bench: one small ViLT on VQA, 2x only, baselines training-free, one seed.
+QUICK = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=300,
+                    base_model=(("hidden", 64), ("heads", 2)), base_train=(("val_n", 200), ("test_n", 300)),
+                    steps=60, finetune=False, ablations=False, calibrate=128, match_items=16,
+                    flops_samples=16, latency_repeats=5, mode="quick")
+
+# The same pipeline with a handful of steps and tiny data (CI).
+SMOKE = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=4,
+                    base_model=(("hidden", 32), ("heads", 2), ("layers", 3)),
+                    base_train=(("val_n", 16), ("test_n", 16), ("batch_size", 8), ("eval_batch_size", 16)),
+                    steps=3, batch_size=8, finetune=True, ablations=False, calibrate=16, match_items=2,
+                    flops_samples=2, latency_batch=4, latency_repeats=1, threads=1, mode="smoke")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One point of the bench: a method at a target ratio with a seed (``ratio`` 1.0 for ``full``)."""
+
+    family: str
+    task: str
+    method: str
+    ratio: float = 1.0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        tag = "full" if self.method == "full" else f"{self.method}-r{round(self.ratio * 1000):04d}"
+        return f"{self.family}-{self.task}-{tag}-s{self.seed}"
+
+    @property
+    def trained(self) -> bool:
+        return self.method.startswith("smarttrim")
+
+    @property
+    def baseline(self) -> str | None:
+        name = self.method.removesuffix("+ft")
+        return name if name in BASELINES else None
+
+
+def _seeds_for(config: BenchConfig, ratio: float) -> range:
+    return range(config.seeds) if config.all_seeds or math.isclose(ratio, _TWO_X) else range(1)
+
+
+def plan(config: BenchConfig) -> list[RunSpec]:
+    """Every run of `config`, in execution order (a baseline after the SmartTrim run it matches)."""
+    runs: list[RunSpec] = []
+    for family in config.families:
+        for task in config.tasks:
+            runs.append(RunSpec(family, task, "full"))
+            for ratio in config.ratios:
+                for seed in _seeds_for(config, ratio):
+                    runs.append(RunSpec(family, task, "smarttrim", ratio, seed))
+                    for name in BASELINES:
+                        runs.append(RunSpec(family, task, name, ratio, seed))
+                        if config.finetune:
+                            runs.append(RunSpec(family, task, f"{name}+ft", ratio, seed))
+            if config.ablations:
+                for seed in range(config.seeds):
+                    runs += [RunSpec(family, task, name, _TWO_X, seed) for name in ABLATIONS]
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and hashes
+# ----------------------------------------------------------------------------------------------
+def git_revision(root: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` of the checkout holding this file ("unknown" outside a git checkout)."""
+    where = Path(root) if root is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def environment(config: BenchConfig) -> dict:
+    """Versions, threads, device and git revision recorded in every result."""
+    import transformers
+
+    device = config.device
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "threads": config.threads, "device": device, "device_name": name, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "git_revision": git_revision()}
+
+
+def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
+    """Digest of everything that decides one run's result (not the environment)."""
+    data = config.to_dict()
+    for key in ("families", "tasks", "ratios", "seeds", "all_seeds", "finetune", "ablations", "cache_dir", "mode"):
+        data.pop(key)
+    payload = {"config": data, "run": dataclasses.asdict(run), "base": base_key, "format": FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _existing(path: Path, digest: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("config_hash") == digest else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def base_model(config: BenchConfig, family: str, task: str, progress: bool = False):
+    """The trained full model of `family` on `task` (`trimkit.bench.BenchModel`, from the cache)."""
+    from trimkit.bench.base import train_base
+
+    return train_base(family, task, seed=0, steps=config.base_steps, cache_dir=config.cache_dir,
+                      model=dict(config.base_model), train=dict(config.base_train), progress=progress,
+                      threads=config.threads)
+
+
+def _fresh(bench, device: str):
+    """A copy of `bench` whose model can be changed in place (passes, training), on `device`."""
+    from trimkit.bench.backbone import bench_backbone
+
+    model = copy.deepcopy(bench.model).to(device).eval()
+    return bench_backbone(replace(bench, model=model))
+
+
+def _smarttrim_configs(method: str, ratio: float) -> list:
+    from trimkit.passes.smarttrim import SmartTrimTokensConfig
+    from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig
+
+    guidance = "self" if method == "smarttrim-self" else "cross"
+    tokens = SmartTrimTokensConfig(target_ratio=ratio, guidance=guidance)
+    heads = SmartTrimHeadsConfig(target_ratio=ratio)
+    if method == "smarttrim-tokens":
+        return [tokens]
+    if method == "smarttrim-heads":
+        return [heads]
+    return [tokens, heads]
+
+
+def _train_config(config: BenchConfig, run: RunSpec):
+    from trimkit.train import TrainConfig
+
+    return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
+                       alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
+                       seed=run.seed, calibrate=config.calibrate, measure_every=0)
+
+
+def _items(bench, split: str, count: int) -> list[dict]:
+    data = bench.dataset(split)
+    return [data[i] for i in range(min(count, len(data)))]
+
+
+def executed_ratio(model: torch.nn.Module, binding, items: list[dict], device: str) -> float:
+    """Mean executed FLOPs of `model` over `items` (one at a time) / the same with trimming off."""
+    from trimkit.control import trimming_off
+    from trimkit.data import collate
+    from trimkit.profile import count_flops
+    from trimkit.tasks import model_batch
+
+    trimmed = full = 0.0
+    with torch.no_grad():
+        for item in items:
+            inputs, _ = model_batch(binding, collate([item]), device)
+            trimmed += count_flops(model, inputs).flops
+            with trimming_off(model):
+                full += count_flops(model, inputs).flops
+    return trimmed / full
+
+
+def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size: int, lr: float, alpha: float,
+             seed: int, device: str) -> list[float]:
+    """Fine-tune every parameter of `model` (a training-free pass applied) for `steps` steps: task
+    cross-entropy + `alpha` x distillation from the same model with trimming off, AdamW at `lr`,
+    data order seeded by `seed`. Returns the loss of each step."""
+    import torch.nn.functional as F
+
+    from trimkit.control import trimming_off
+    from trimkit.data import collate
+    from trimkit.tasks import model_batch
+    from trimkit.train import distill_loss
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen)
+    losses = []
+    for step in range(steps):
+        rows = [int(order[(step * batch_size + i) % len(order)]) for i in range(batch_size)]
+        inputs, labels = model_batch(binding, collate([dataset[i] for i in rows]), device)
+        if alpha > 0:
+            model.eval()
+            with torch.no_grad(), trimming_off(model):
+                teacher = model(**inputs).logits.float()
+        model.train()
+        logits = model(**inputs).logits.float()
+        loss = F.cross_entropy(logits, labels)
+        if alpha > 0:
+            loss = loss + alpha * distill_loss(logits, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def _baseline_config(name: str, flops_ratio: float, seed: int):
+    from trimkit.passes.baselines import RandomTokensConfig, ToMeMergeConfig, TopKClsAttentionConfig
+
+    if name == "random.tokens":
+        return RandomTokensConfig(flops_ratio=flops_ratio, seed=seed)
+    if name == "topk.cls_attention":
+        return TopKClsAttentionConfig(flops_ratio=flops_ratio)
+    return ToMeMergeConfig(flops_ratio=flops_ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+def _evaluate(backbone, bench, config: BenchConfig, latency: bool = True) -> dict:
+    from trimkit.train import evaluate
+
+    return evaluate(backbone, bench.data["test"], batch_size=64, samples=config.flops_samples, latency=latency,
+                    latency_batch=config.latency_batch, threads=config.threads, repeats=config.latency_repeats,
+                    split="test")
+
+
+def _binding(backbone, bench):
+    from trimkit.tasks import binding_for
+
+    return binding_for(backbone, bench.dataset("train"))
+
+
+def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float]) -> dict:
+    """Execute `run` on a copy of `bench`'s model; the run's result (without environment fields).
+
+    matched: ``(family, task, ratio, seed) -> executed ratio`` of the SmartTrim runs, filled here by
+    SmartTrim runs and read by baselines.
+    """
+    from trimkit.passes import apply_
+
+    start = time.perf_counter()
+    backbone = _fresh(bench, config.device)
+    result: dict[str, Any] = {"train": None}
+    if run.method == "full":
+        report = _evaluate(backbone, bench, config, latency=False)
+        report["latency_ratio"] = {"batch_1": 1.0, f"batch_{config.latency_batch}": 1.0}
+    elif run.trained:
+        from trimkit.train import train
+
+        trained = train(backbone, bench.data["train"], target_ratio=run.ratio, steps=config.steps,
+                        recipe=_smarttrim_configs(run.method, run.ratio), config=_train_config(config, run),
+                        progress=False)
+        backbone = trained.backbone
+        match = executed_ratio(backbone.model, trained.binding, _items(bench, "val", config.match_items),
+                               config.device)
+        if run.method == "smarttrim":
+            matched[(run.family, run.task, run.ratio, run.seed)] = match
+        result["train"] = {"steps": config.steps, "threshold": trained.threshold,
+                           "calibrated_ratio": trained.calibrated_ratio, "expected_ratio": trained.expected_ratio,
+                           "val_executed_ratio": match, "last": trained.history[-1] if trained.history else None}
+        report = _evaluate(backbone, bench, config)
+    else:
+        key = (run.family, run.task, run.ratio, run.seed)
+        target = matched.get(key, matched.get((run.family, run.task, run.ratio, 0), run.ratio))
+        applied = apply_(backbone.model, [_baseline_config(run.baseline, target, run.seed)],
+                         inputs=backbone.example_inputs(2), hints=backbone.hints)
+        result["apply"] = {"flops_ratio_target": target,
+                           "report": {k: v for k, v in applied.results[-1].report.items()
+                                      if k in ("keep_ratio", "flops_ratio", "trimmed_streams", "notes")}}
+        if run.method.endswith("+ft"):
+            binding = _binding(backbone, bench)
+            losses = finetune(backbone.model, binding, bench.dataset("train"), steps=config.steps,
+                              batch_size=config.batch_size, lr=config.lr_backbone, alpha=config.alpha,
+                              seed=run.seed, device=config.device)
+            result["train"] = {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1]}
+        report = _evaluate(backbone, bench, config)
+    result.update(_summary(report, config))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _summary(report: dict, config: BenchConfig) -> dict:
+    lat = {k: v for k, v in report["latency_ratio"].items()}
+    speedup = {k: (1.0 / v if v else None) for k, v in lat.items()}
+    return {"accuracy": report["metric"]["value"], "metric": report["metric"]["name"],
+            "accuracy_untrimmed": report["metric_untrimmed"]["value"], "items": report["items"],
+            "flops": report["flops"], "flops_untrimmed": report["flops_untrimmed"],
+            "flops_ratio": report["flops_ratio"], "flops_reduction": 1.0 / report["flops_ratio"],
+            "latency_ratio": lat, "latency_speedup": speedup, "latency_ms": report.get("latency_ms", {}),
+            "latency_batches": [1, config.latency_batch], "data": report["data"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The bench
+# ----------------------------------------------------------------------------------------------
+def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, command: str | None = None,
+              log: Callable[[str], None] = print, progress: bool = False,
+              only: Iterable[str] | None = None) -> list[Path]:
+    """Run every planned run not already done; the JSON paths written or kept, in plan order.
+
+    command: the exact command line recorded in each JSON (default: ``sys.argv``); only: run names
+    (`RunSpec.name`) to restrict to.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or " ".join(["trimkit", *sys.argv[1:]] if Path(sys.argv[0]).name == "trimkit" else sys.argv)
+    env = environment(config)
+    wanted = set(only) if only is not None else None
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    paths: list[Path] = []
+    matched: dict[tuple, float] = {}
+    try:
+        for family in config.families:
+            for task in config.tasks:
+                t0 = time.perf_counter()
+                bench = base_model(config, family, task, progress=progress)
+                log(f"base {family}/{task}: {'loaded' if bench.loaded else 'trained'} "
+                    f"({time.perf_counter() - t0:.0f} s), val {bench.metrics.get('val', {})}")
+                base_key = bench.record.get("key", "unknown")
+                for run in plan(replace(config, families=(family,), tasks=(task,))):
+                    if wanted is not None and run.name not in wanted:
+                        continue
+                    path = out / f"{run.name}.json"
+                    digest = config_hash(config, run, base_key)
+                    done = _existing(path, digest)
+                    if done is not None:
+                        if run.method == "smarttrim" and done.get("train"):
+                            matched[(family, task, run.ratio, run.seed)] = done["train"]["val_executed_ratio"]
+                        log(f"skip {run.name} (done)")
+                        paths.append(path)
+                        continue
+                    torch.manual_seed(run.seed)
+                    result = run_one(config, run, bench, matched)
+                    record = {"format": FORMAT, "name": run.name, "config_hash": digest, **dataclasses.asdict(run),
+                              **result, "base": {"key": base_key, "path": str(bench.path), "metrics": bench.metrics,
+                                                 "steps": bench.train.steps, "model": bench.config.to_dict()},
+                              "bench": config.to_dict(), "seeds": {"run": run.seed, "base": bench.seed},
+                              "environment": env, "command": command,
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    _write_json(path, record)
+                    paths.append(path)
+                    log(_line(record))
+    finally:
+        torch.set_num_threads(old_threads)
+    return paths
+
+
+def _line(record: dict) -> str:
+    lat = record["latency_speedup"]
+    b1, bn = lat.get("batch_1"), lat.get(f"batch_{record['latency_batches'][1]}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    return (f"{record['name']:<48} acc {record['accuracy']:.4f}  GFLOPs {record['flops']['mean'] / 1e9:.4f} "
+            f"(x{record['flops_reduction']:.2f} fewer)  speedup b1 {fmt(b1)} b{record['latency_batches'][1]} "
+            f"{fmt(bn)}  [{record['seconds']:.0f} s]")
