@@ -97,6 +97,9 @@ class CostModel:
         self.calibrated = False
         self.seen: dict[str, int] = {}
         self._batch: int | None = None
+        for rt in runtimes(model):
+            if hasattr(rt, "record_cost"):
+                rt.record_cost = True
         self.handles = [model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
         for layer in self.layers:
             mod = model.get_submodule(layer.path)
@@ -141,6 +144,8 @@ class CostModel:
     def _gather(self) -> tuple[dict, dict, dict, dict]:
         tokens, keys, heads, lengths = {}, {}, {}, {}
         for rt in runtimes(self.model):
+            if hasattr(rt, "record_cost"):
+                rt.record_cost = True  # from now on (eval too)
             if not getattr(rt, "enabled", True) or not hasattr(rt, "cost_inputs"):
                 continue
             got = rt.cost_inputs()

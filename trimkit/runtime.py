@@ -284,6 +284,9 @@ class TokenRuntime:
                  skip: Any = ()):
         self.model, self.map = model, model_map
         self.skip_streams = set(skip)  # streams whose pruned tokens are carried through, not removed
+        self._uses_embed = any(str(v).startswith("embed:") for v in guidance.values())
+        self._embed_module: nn.Module | None = None
+        self.record_cost = False  # set by trimkit.cost when it reads cost_inputs()
         self.trimmers = trimmers  # layer path -> trimmer
         self.guidance = guidance  # stream -> other stream whose global vector guides it (or None)
         self.threshold, self.tau = threshold, tau
@@ -342,16 +345,27 @@ class TokenRuntime:
     def _reset(self, module, args, kwargs):
         self._close_modes()  # a forward that raised inside an attention module left one open
         self.state = TrimState()
-        if self.enabled and self.text_embed and any(str(v).startswith("embed:") for v in self.guidance.values()):
-            name, path = self.text_embed
+        if self.enabled and self.text_embed and self._uses_embed:
+            name = self.text_embed[0]
             ids = kwargs.get(name)
-            if isinstance(ids, torch.Tensor):
-                emb = self.model.get_submodule(path)(ids)
-                weight = (ids != 0).unsqueeze(-1).to(emb.dtype)
-                mask = kwargs.get("attention_mask")
-                if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-                    weight = mask.unsqueeze(-1).to(emb.dtype)
-                self.state.embeds["embed:" + name] = (emb * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+            if isinstance(ids, torch.Tensor):  # pooled lazily, when a trimmer first asks for it
+                self.state.embeds["embed:" + name] = (ids, kwargs.get("attention_mask"))
+
+    def _text_guidance(self, key: str) -> torch.Tensor | None:
+        got = self.state.embeds.get(key)
+        if not isinstance(got, tuple):
+            return got
+        ids, mask = got
+        if self._embed_module is None:
+            self._embed_module = self.model.get_submodule(self.text_embed[1])
+        emb = self._embed_module(ids)
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            weight = mask.unsqueeze(-1).to(emb.dtype)
+        else:
+            weight = (ids != 0).unsqueeze(-1).to(emb.dtype)
+        pooled = (emb * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        self.state.embeds[key] = pooled
+        return pooled
 
     def _make_pre(self, path: str):
         stream = self.stream_of[path]
@@ -473,8 +487,9 @@ class TokenRuntime:
             if not self.enabled or st is None:
                 self._modes.append(None)
                 return None
-            self.state.keys[site_path] = self._keys_alive(st, args, kwargs, cross)
-            self.state.lengths[site_path] = st.length
+            if self.record_cost or self.model.training:
+                self.state.keys[site_path] = self._keys_alive(st, args, kwargs, cross)
+                self.state.lengths[site_path] = st.length
             mask = self._key_mask(key_stream, st)
             if mask is None:
                 self._modes.append(None)
@@ -553,7 +568,7 @@ class TokenRuntime:
         if stream is None:
             return None
         if stream.startswith("embed:"):
-            return self.state.embeds.get(stream)
+            return self._text_guidance(stream)
         st = self.state.streams.get(stream)
         if st is None or st.last is None:
             return None
@@ -576,6 +591,8 @@ class TokenRuntime:
             g_other = None
         logits = trimmer(hidden, g_self, g_other)
         b, length = logits.shape
+        if not self.model.training:
+            return self._decide_eval(stream, st, logits, hidden)
         special = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
         positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
         for p in self.special.get(stream, [0]):
@@ -604,6 +621,45 @@ class TokenRuntime:
         st.index = torch.gather(base, 1, idx)
         st.valid = valid
         st.kept.append(valid.sum(1))
+        return new_hidden
+
+
+    def _decide_eval(self, stream: str, st: StreamState, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Inference decisions with as few small ops as possible (they run once per trimmed layer)."""
+        b, length = logits.shape
+        if self.threshold <= 0:
+            st.kept.append(st.valid.sum(1) if st.valid is not None else torch.full((b,), length))
+            return hidden
+        if self.threshold >= 1:
+            keep = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
+        else:
+            keep = logits > math.log(self.threshold / (1 - self.threshold))
+        specials = sorted({p % st.length for p in self.special.get(stream, [0])})
+        if st.index is None:
+            keep[:, specials] = True
+        else:
+            keep |= torch.isin(st.index, torch.tensor(specials, device=hidden.device))
+        if st.valid is not None:
+            keep &= st.valid
+        counts = keep.sum(1)
+        low, high = int(counts.min()), int(counts.max())
+        if low == 0:  # a row keeps at least its most likely token
+            empty = counts == 0
+            best = logits.masked_fill(~st.valid, float("-inf")) if st.valid is not None else logits
+            keep[empty] |= F.one_hot(best[empty].argmax(1), length).bool()
+            counts = keep.sum(1)
+        if low == length and st.valid is None:
+            st.kept.append(counts)
+            return hidden
+        if b == 1:
+            idx = keep[0].nonzero().view(1, -1)
+            new_hidden = hidden.index_select(1, idx[0])
+            valid = torch.ones_like(idx, dtype=torch.bool)
+        else:
+            new_hidden, idx, valid = ops.gather_tokens(hidden, keep)
+        st.index = idx if st.index is None else torch.gather(st.index, 1, idx)
+        st.valid = valid
+        st.kept.append(counts)
         return new_hidden
 
 
