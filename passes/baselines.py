@@ -41,8 +41,26 @@ contract of every trimming pass), any other value applies the schedule.
   gets ``log(size)`` added to its logits. Special tokens are never merged; padding tokens only merge
   with padding tokens. Side arguments follow the surviving positions, in their original order.
 
-Streams that cannot lose tokens (the task's per-token outputs, and streams whose consumers read
-tokens by position, found with the same probe as ``smarttrim.tokens``) are left whole.
+**Skip mode.** A stream whose every layer output is read at full length (BridgeTower's towers feed
+each layer to a bridge) cannot shrink. As in ``smarttrim.tokens``, its layers then compute only the
+tokens still alive and write their new states back into the full-length sequence, where pruned
+tokens carry the state they had when pruned. ``random.tokens`` and ``topk.cls_attention`` choose
+among the alive tokens only (the [CLS] attention is that of the alive tokens in the previous
+layer); ``tome.merge`` merges among the alive tokens, the layer computes from the merged states of
+the survivors, and merged-away tokens are carried through like pruned ones (bridges still read them).
+
+Which mode a stream gets is found at apply time: the token pass's structural probe (removal first,
+then skip mode), then a forward check of the baseline itself at a few keep ratios (a stream where
+removal breaks the forward is moved to skip mode, one where both do is left whole). Streams that
+cannot lose tokens either way (the task's per-token outputs, consumers that read tokens by
+position) are left whole. The modes live in the schedule's buffers, so saved folders restore them.
+
+**ViLT.** ``ViltEmbeddings`` draws a permutation of its patch tokens from the global generator on
+every forward (``torch.multinomial`` over all patches, even when none is dropped). ``random.tokens``
+and ``tome.merge`` choose by sequence position, so they keep or merge different patches on each
+forward, and a row alone draws a different permutation than in a batch: their outputs repeat only
+when the global generator is seeded before each forward, and batched runs equal one-by-one runs only
+for the first row. ``topk.cls_attention`` follows the patches and repeats up to rounding.
 """
 from __future__ import annotations
 
@@ -569,34 +587,46 @@ def _probe_modes(model: nn.Module, model_map: ModelMap, cap, names: list[str], s
     return modes, notes
 
 
+_CHECK_RATIOS = (0.3, 0.6)  # a harsh schedule, and one that drops tokens at nearly every layer
+
+
 def _check_method(model: nn.Module, runtime: BaselineRuntime, schedule: BaselineSchedule, inputs: dict,
                   method: str) -> list[str]:
-    """Run the baseline on each active stream alone at a harsh ratio; streams where it fails are left whole."""
+    """Run the baseline on each active stream alone at a few keep ratios; a stream where removal
+    fails is tried in skip mode, and one where that fails too is left whole."""
     notes = []
     saved_ratio, saved_threshold = float(schedule.keep_ratio), runtime.threshold
-    saved_modes = schedule.active.clone()
-    active, failed = schedule.trimmed(), []
+    modes = {name: schedule.mode(name) for name in schedule.streams}
+    active = schedule.trimmed()
     was_training = model.training
-    try:
-        model.eval()
-        runtime.threshold = 0.5
-        schedule.keep_ratio.fill_(0.3)
-        for name in active:
-            schedule.active.copy_(saved_modes)
-            for other in active:
-                if other != name:
-                    schedule.set_mode(other, BaselineSchedule.WHOLE)
+
+    def failure(name: str, mode: int) -> str:
+        for other in schedule.streams:
+            schedule.set_mode(other, mode if other == name else BaselineSchedule.WHOLE)
+        for ratio in _CHECK_RATIOS:
+            schedule.keep_ratio.fill_(ratio)
             try:
                 with torch.no_grad():
                     model(**inputs)
-            except Exception as exc:  # the check decides; any failure leaves the stream whole
-                failed.append(name)
-                notes.append(f"stream '{name}' left whole: {method} fails on it "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+            except Exception as exc:  # the check decides; any failure rules this mode out
+                return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        return ""
+
+    try:
+        model.eval()
+        runtime.threshold = 0.5
+        for name in active:
+            why = failure(name, modes[name])
+            if why and modes[name] == BaselineSchedule.REMOVE and not failure(name, BaselineSchedule.SKIP):
+                modes[name] = BaselineSchedule.SKIP
+                notes.append(f"stream '{name}': {method} breaks the forward when tokens are removed ({why}); "
+                             "trimmed in skip mode")
+            elif why:
+                modes[name] = BaselineSchedule.WHOLE
+                notes.append(f"stream '{name}' left whole: {method} fails on it ({why})")
     finally:
-        schedule.active.copy_(saved_modes)
-        for name in failed:
-            schedule.set_mode(name, BaselineSchedule.WHOLE)
+        for name, mode in modes.items():
+            schedule.set_mode(name, mode)
         schedule.keep_ratio.fill_(saved_ratio)
         runtime.threshold = saved_threshold
         model.train(was_training)

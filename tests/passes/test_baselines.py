@@ -228,6 +228,17 @@ def test_bridgetower_towers_trim_in_skip_mode_and_batches_agree(method):
     assert (_rows(bb, inputs) - batched).abs().max().item() <= 1e-4
 
 
+def test_stream_whose_removal_fails_the_forward_check_falls_back_to_skip_mode():
+    # from layer 0 on, BridgeTower's text tower passes the structural probe by removal, but its
+    # bridges need equal lengths from layer to layer: the baseline's own check catches that
+    bb, inputs = _setup("bridgetower-itm-tiny")
+    full = count_flops(bb.model, inputs).flops
+    report = _apply(bb, inputs, RandomTokensConfig(flops_ratio=0.33, start_layer=0))
+    assert "bridgetower.text_model.encoder.layer" in report["skip_mode_streams"]
+    assert any("breaks the forward when tokens are removed" in n for n in report["notes"]), report["notes"]
+    assert abs(count_flops(bb.model, inputs).flops / full - 0.33) <= 0.02
+
+
 def test_skip_mode_carries_pruned_tokens_through_unchanged():
     bb, inputs = _setup("bridgetower-itm-tiny")
     stream = "bridgetower.text_model.encoder.layer"
