@@ -4,19 +4,28 @@ One :class:`HeadTrimmer` per attention site scores the site's heads from the glo
 tokens) of the site's query input. Hooks on the attention module apply the decision:
 
 * **train**: a straight-through Gumbel mask ``[B, H]`` scales each head's output before the output
-  projection (every head is still computed, the gradient reaches the trimmer);
-* **eval**: pruned heads are *not computed*. While the attention module runs, a ``TorchFunctionMode``
-  replaces the q/k/v projections by their kept rows and the output projection by its kept columns
-  (recognised by weight identity), and repairs the reshapes of the model's own code that still name
-  the full head count. Rows of a batch that keep different heads run batched matrix products with
-  per-row gathered weights, padded to the row maximum with zero weights, so a padded head adds
-  nothing. ``nn.MultiheadAttention`` is computed by :func:`_mha_forward` with sliced weights.
+  projection (every head is still computed, the gradient reaches the trimmer); the output projection
+  module gets an instance-level ``forward`` that applies the scale for the call;
+* **eval**: pruned heads are *not computed*. The decision is read back once per site as Python rows
+  (threshold 0 keeps everything and skips the trimmer). For the call of the attention module, the
+  q/k/v projection modules get an instance-level ``forward`` computing the kept rows only and the
+  output projection one taking the kept columns only (restored by an always-called hook). When every
+  row keeps the same heads (always at batch 1) that is a plain ``F.linear`` with sliced weights, cached
+  per decision and rebuilt when a weight changes; otherwise batched matrix products with per-row
+  gathered weights, padded to the row maximum with zero weights, so a padded head adds nothing.
 
-The reshape repair first only rewrites shapes that would fail (``H`` next to ``head_dim`` becomes the
-kept count, ``H * head_dim`` the kept width); layout 1 also sets the module's integer attributes that
-equal ``H`` or ``H * head_dim`` for the duration of the call (restored by an always-called hook).
-Which layout a site uses is decided by :func:`check_sites` at apply time and stored in the trimmer's
-``layout`` buffer, so saved models restore it without probing.
+The model's own code then has to accept fewer heads. Each site has a *layout*, chosen at apply time by
+:func:`check_sites` (cheapest first) and stored in the trimmer's ``layout`` buffer, so saved models
+restore it without probing:
+
+* ``linear``: nothing else (code that reshapes with ``-1`` heads);
+* ``linear+attributes``: the module's integer attributes equal to ``H`` or ``H * head_dim`` are set to
+  the kept values for the call;
+* ``reshape`` / ``attributes``: as the two above, and the call runs under a ``TorchFunctionMode`` that
+  rewrites reshapes that would fail (``H`` next to ``head_dim`` becomes the kept count, ``H * head_dim``
+  the kept width) and catches projections called as ``F.linear`` on the weights. It costs a Python
+  call per torch function inside the module, so it is the fallback. ``nn.MultiheadAttention`` always
+  uses it: :func:`_mha_forward` computes the kept heads with sliced weights.
 """
 from __future__ import annotations
 
@@ -63,6 +72,14 @@ class HeadTrimmer(nn.Module):
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(g)))
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the module calls of its two plain linears (a few microseconds a site)."""
+        fc1, fc2 = self.fc1, self.fc2
+        if type(fc1) is nn.Linear and type(fc2) is nn.Linear and not any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self, fc1, fc2)):
+            return F.linear(F.gelu(F.linear(g, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return self(g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,22 +443,28 @@ def _slice_out(weight: torch.Tensor, unit: int, idx: torch.Tensor) -> torch.Tens
 
 
 def _rows_in(weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, unit: int, idx: torch.Tensor,
-             valid: torch.Tensor):
-    """Per-row weights ``[B, R, Din]`` (and biases ``[B, R]``) of the kept units, zero where padded."""
+             valid: torch.Tensor | None):
+    """Per-row weights ``[B, R, Din]`` (and biases ``[B, R]``) of the kept units, zero where ``valid`` is not."""
     din, (b, hk) = weight.shape[1], idx.shape
-    keep = valid.to(weight.dtype)
-    w = weight.view(blocks, -1, unit, din)[:, idx] * keep[None, :, :, None, None]  # [blocks, B, Hk, unit, Din]
+    keep = None if valid is None else valid.to(weight.dtype)
+    w = weight.view(blocks, -1, unit, din)[:, idx]  # [blocks, B, Hk, unit, Din]
+    if keep is not None:
+        w = w * keep[None, :, :, None, None]
     w = w.transpose(0, 1).reshape(b, blocks * hk * unit, din)
     if bias is None:
         return w, None
-    bb = bias.view(blocks, -1, unit)[:, idx] * keep[None, :, :, None]
+    bb = bias.view(blocks, -1, unit)[:, idx]
+    if keep is not None:
+        bb = bb * keep[None, :, :, None]
     return w, bb.transpose(0, 1).reshape(b, blocks * hk * unit)
 
 
-def _rows_out(weight: torch.Tensor, unit: int, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row output weights ``[B, Hk * unit, Dout]``, zero where padded."""
+def _rows_out(weight: torch.Tensor, unit: int, idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per-row output weights ``[B, Hk * unit, Dout]``, zero where ``valid`` is not."""
     dout, (b, hk) = weight.shape[0], idx.shape
-    w = weight.view(dout, -1, unit)[:, idx] * valid.to(weight.dtype)[None, :, :, None]  # [Dout, B, Hk, unit]
+    w = weight.view(dout, -1, unit)[:, idx]  # [Dout, B, Hk, unit]
+    if valid is not None:
+        w = w * valid.to(weight.dtype)[None, :, :, None]
     return w.permute(1, 2, 3, 0).reshape(b, hk * unit, dout)
 
 
@@ -586,7 +609,7 @@ class HeadRuntime:
         elif self.threshold <= 0:  # keeps everything whatever the trimmer says: not computed
             rows, dtype = None, x.dtype
         else:
-            logits = trimmer(self._pool(plan, x))
+            logits = trimmer.logits(self._pool(plan, x))
             rows = keep_rows(logits.tolist(), self.threshold, self._min_units(plan))
             dtype = logits.dtype
         if rows is not None and all(len(r) == plan.units for r in rows):
@@ -647,12 +670,13 @@ class HeadRuntime:
 
     def _row_forwards(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
         idx, valid = _row_index(rows, device)
+        padded = valid if any(len(r) < idx.shape[1] for r in rows) else None
         pairs = []
         for m, blocks, unit in plan.in_mods:
-            w, b = _rows_in(m.weight, m.bias, blocks, unit, idx, valid)
+            w, b = _rows_in(m.weight, m.bias, blocks, unit, idx, padded)
             pairs.append((m, functools.partial(_linear_rows, weight=w, bias=b)))
         o = plan.out_mod
-        w = _rows_out(o.weight, plan.head_dim * plan.group, idx, valid)
+        w = _rows_out(o.weight, plan.head_dim * plan.group, idx, padded)
         pairs.append((o, functools.partial(_linear_rows_out, weight=w, bias=o.bias)))
         return pairs, Decision(plan.units, plan.head_dim * plan.group, idx=idx, valid=valid)
 

@@ -2,12 +2,14 @@
 gradients in training, undo, saved folders, and composition with smarttrim.tokens."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from trimkit import heads
 from trimkit.backbones import load_backbone
 from trimkit.control import trimming_off
 from trimkit.errors import ConfigError
@@ -198,6 +200,51 @@ def test_tokens_and_heads_compose(ref, order):
     trt.threshold = hrt.threshold = 0.5  # rows differ in tokens and heads: batched == one by one
     batched = _out(bb, inputs)
     assert (_rows(bb, inputs) - batched).abs().max().item() <= 1e-4
+
+
+# BLIP's vision attention reshapes with ``embed_dim // num_heads`` of its input width and BridgeTower's
+# vision tower is nn.MultiheadAttention: both need the TorchFunctionMode; every other site must not.
+@pytest.mark.parametrize("ref, moded", [("vilt-vqa-tiny", ""), ("blip-vqa-tiny", r"^vision_model\."),
+                                        ("bridgetower-itm-tiny", r"\.resblocks\.\d+\.attn$"),
+                                        ("clip-tiny", ""), ("llava-tiny", "")], ids=_ids)
+def test_linear_layouts_are_chosen_and_run_without_a_torch_function_mode(ref, moded, monkeypatch):
+    bb, inputs = _setup(ref)
+    report = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5)).results[0].report
+    sites = report["trimmed_sites"]
+    fast = {p for p, layout in report["layouts"].items() if layout.startswith("linear")}
+    assert fast and fast == {p for p in sites if not (moded and re.search(moded, p))}, report["layouts"]
+    entered = []
+    enter = heads._HeadMode.__enter__
+    monkeypatch.setattr(heads._HeadMode, "__enter__", lambda self: (entered.append(self.plan.path), enter(self))[1])
+    _randomise(bb.model)
+    rt = head_runtime(bb.model)
+    removed = _out(bb, inputs)
+    pruned = {p for p, m in rt.cost_inputs()["heads"].items() if bool((m == 0).any())}
+    assert pruned & fast and not set(entered) & fast
+    assert set(entered) <= set(sites) - fast
+    projections = [m for p in sites for m in rt.plans[p].linears]
+    assert not any("forward" in vars(m) for m in projections)  # restored after each call
+    rt.reference = True  # the same decisions as masks on every head
+    assert (_out(bb, inputs) - removed).abs().max().item() <= 1e-4
+
+
+def test_sliced_weights_are_cached_per_decision_and_follow_weight_updates():
+    bb, inputs = _setup("vilt-vqa-tiny", batch=1)
+    _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5))
+    _half(bb.model)
+    rt = head_runtime(bb.model)
+    path = next(iter(rt.plans))
+    even = tuple(range(0, rt.plans[path].units, 2))
+    first = _out(bb, inputs)
+    entry = rt._cache[path][even]
+    assert torch.equal(_out(bb, inputs), first) and rt._cache[path][even] is entry  # reused, not rebuilt
+    query = rt.plans[path].in_mods[0][0]
+    with torch.no_grad():
+        query.weight.mul_(2.0)
+    changed = _out(bb, inputs)
+    assert not torch.equal(changed, first) and rt._cache[path][even] is not entry
+    rt.cache_budget = 0.0
+    assert torch.equal(_out(bb, inputs), changed)
 
 
 # ----------------------------------------------------------------------------------------------
