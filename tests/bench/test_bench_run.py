@@ -1,0 +1,185 @@
+"""`trimkit bench`: the run plan, config hashes, the report, and a smoke run of the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from trimkit.bench.report import END, START, aggregate, claims, markdown, update_readme
+from trimkit.bench.run import ABLATIONS, BASELINES, QUICK, SMOKE, BenchConfig, RunSpec, config_hash, plan
+from trimkit.cli import cli
+from trimkit.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------- plan
+def test_plan_full_bench_counts():
+    config = BenchConfig(families=("blip",), tasks=("vqa",), seeds=3)
+    runs = plan(config)
+    smart = [r for r in runs if r.method == "smarttrim"]
+    # 1.5x and 3x: one seed; 2x: three seeds
+    assert sorted((round(r.ratio, 3), r.seed) for r in smart) == [(0.333, 0), (0.5, 0), (0.5, 1), (0.5, 2), (0.667, 0)]
+    for name in BASELINES:
+        assert sum(r.method == name for r in runs) == len(smart)
+        assert sum(r.method == f"{name}+ft" for r in runs) == len(smart)
+    for name in ABLATIONS:
+        assert sorted(r.seed for r in runs if r.method == name) == [0, 1, 2]
+        assert all(r.ratio == 0.5 for r in runs if r.method == name)
+    assert [r.method for r in runs].count("full") == 1
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_plan_baseline_follows_the_smarttrim_run_it_matches():
+    runs = plan(BenchConfig(families=("vilt",), tasks=("vqa", "truefalse"), seeds=2))
+    for i, run in enumerate(runs):
+        if run.baseline:
+            before = [r for r in runs[:i] if r.method == "smarttrim" and (r.task, r.ratio, r.seed) ==
+                      (run.task, run.ratio, run.seed)]
+            assert before, run.name
+
+
+def test_quick_plan_is_reduced():
+    runs = plan(QUICK)
+    assert [r.method for r in runs] == ["full", "smarttrim", *BASELINES]
+    assert {r.family for r in runs} == {"vilt"} and {r.task for r in runs} == {"vqa"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(families=("clip",)), "unknown bench families"),
+    (dict(tasks=("retrieval",)), "unknown bench tasks"),
+    (dict(ratios=(1.0,)), "ratios must be in (0, 1)"),
+    (dict(seeds=0), "seeds must be a positive integer"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+])
+def test_config_errors(change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        replace(BenchConfig(), **change)
+
+
+def test_config_hash_tracks_what_decides_a_result():
+    run = RunSpec("vilt", "vqa", "smarttrim", 0.5, 0)
+    base = config_hash(SMOKE, run, "k")
+    assert base == config_hash(SMOKE, run, "k")
+    assert base == config_hash(replace(SMOKE, seeds=3, ablations=True), run, "k")  # the plan, not the run
+    assert base != config_hash(replace(SMOKE, steps=SMOKE.steps + 1), run, "k")
+    assert base != config_hash(SMOKE, replace(run, seed=1), "k")
+    assert base != config_hash(SMOKE, run, "other-base")
+
+
+# ---------------------------------------------------------------------------------------- report
+def _record(method, ratio, seed, acc, flops, speed=(1.0, 1.0)):
+    return {"family": "vilt", "task": "vqa", "method": method, "ratio": ratio, "seed": seed, "accuracy": acc,
+            "flops": {"mean": flops, "p95": flops * 1.1}, "flops_reduction": 1e9 / flops,
+            "latency_speedup": {"batch_1": speed[0], "batch_32": speed[1]}, "latency_batches": [1, 32]}
+
+
+def _records(st3=0.885):
+    return [_record("full", 1.0, 0, 0.90, 1e9),
+            *[_record("smarttrim", 0.5, s, a, 5e8, (2.0, 1.6)) for s, a in enumerate((0.895, 0.893, 0.897))],
+            _record("smarttrim", 1 / 3, 0, st3, 3.4e8, (1.0, 3.0)),
+            _record("random.tokens", 1 / 3, 0, 0.70, 3.3e8), _record("tome.merge", 1 / 3, 0, 0.87, 3.3e8)]
+
+
+def test_aggregate_mean_and_std_over_seeds():
+    points = aggregate(_records())
+    st = [p for p in points if p.method == "smarttrim" and p.ratio == 0.5][0]
+    assert st.seeds == (0, 1, 2)
+    assert math.isclose(st.accuracy, 0.895)
+    assert math.isclose(st.accuracy_std, 0.002, rel_tol=1e-6)
+    assert math.isclose(st.gflops, 0.5) and math.isclose(st.speedup_n, 1.6)
+    assert points[0].method == "full"
+
+
+def test_claims_checks_drop_baselines_and_speed():
+    (row,) = claims(aggregate(_records()))
+    assert row["2x"]["ok"] and math.isclose(row["2x"]["drop"], 0.005, abs_tol=1e-9)
+    assert row["2x"]["speed_ok"] is False  # 1.6 < 0.85 * 2
+    assert row["3x"]["ok"] and row["3x"]["beats_training_free"]
+    assert row["3x"]["speed_ok"] is False  # batch 1 is slower than the FLOPs say
+    fast = [r if r["method"] != "smarttrim" or r["ratio"] != 0.5 else {**r, "latency_speedup": {"batch_1": 1.8, "batch_32": 1.75}}
+            for r in _records()]
+    assert claims(aggregate(fast))[0]["2x"]["speed_ok"] is True
+    (worse,) = claims(aggregate(_records(st3=0.86)))
+    assert not worse["3x"]["ok"] and not worse["3x"]["beats_training_free"]
+
+
+def test_markdown_table_lists_every_point_with_the_command():
+    text = markdown(aggregate(_records()), ["trimkit bench --quick"])
+    assert "trimkit bench --quick" in text
+    assert "| smarttrim | 2.0× | 3 | 89.50 ± 0.20 | -0.50 |" in text
+    assert "| tome.merge | 3.0× | 1 | 87.00 | -3.00 |" in text
+    assert "speed NOT met" in text
+
+
+def test_update_readme_only_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    update_readme(readme, "first")
+    assert readme.read_text() == f"# title\n\nintro\n\n{START}\nfirst\n{END}\n"
+    readme.write_text(readme.read_text() + "\nafter\n")
+    update_readme(readme, "second")
+    assert readme.read_text() == f"# title\n\nintro\n\n{START}\nsecond\n{END}\n\nafter\n"
+
+
+# ---------------------------------------------------------------------------------------- smoke
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--smoke", "--out", str(root / "results"), "--docs", str(root / "docs"),
+            "--readme", str(root / "README.md"), "--cache-dir", str(root / "cache")]
+    (root / "README.md").write_text("# project\n")
+    first = CliRunner().invoke(cli, args)
+    return root, args, first
+
+
+def test_smoke_writes_one_json_per_run(smoke):
+    root, _, result = smoke
+    assert result.exit_code == 0, result.output
+    names = sorted(p.stem for p in (root / "results").glob("*.json"))
+    assert names == sorted(r.name for r in plan(SMOKE))
+    record = json.loads((root / "results" / "vilt-vqa-smarttrim-r0500-s0.json").read_text())
+    env = record["environment"]
+    assert {"torch", "transformers", "threads", "device", "git_revision"} <= set(env)
+    assert env["threads"] == SMOKE.threads and env["device"] == "cpu"
+    assert record["seeds"] == {"run": 0, "base": 0}
+    assert record["command"].startswith("trimkit bench --smoke --out ")
+    assert 0 < record["flops_ratio"] < 1 and 0 <= record["accuracy"] <= 1
+    assert set(record["latency_ratio"]) == {"batch_1", f"batch_{SMOKE.latency_batch}"}
+    assert record["train"]["threshold"] is not None
+
+
+def test_smoke_baselines_match_smarttrim_flops(smoke):
+    root = smoke[0]
+    st = json.loads((root / "results" / "vilt-vqa-smarttrim-r0500-s0.json").read_text())
+    for name in BASELINES:
+        rec = json.loads((root / "results" / f"vilt-vqa-{name}-r0500-s0.json").read_text())
+        assert rec["apply"]["flops_ratio_target"] == st["train"]["val_executed_ratio"]
+        assert rec["flops_ratio"] < 1
+        ft = json.loads((root / "results" / f"vilt-vqa-{name}+ft-r0500-s0.json").read_text())
+        assert ft["train"]["steps"] == SMOKE.steps
+
+
+def test_smoke_report_and_resume(smoke):
+    root, args, _ = smoke
+    text = (root / "README.md").read_text()
+    assert text.startswith("# project\n") and START in text and END in text
+    assert "| smarttrim | 2.0× |" in text
+    assert (root / "docs" / "bench-vilt-vqa.png").stat().st_size > 1000
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("(done)") == len(plan(SMOKE))
+
+
+def test_report_only_without_results_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--report-only", "--out", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: no results folder")
+
+
+def test_quick_and_smoke_exclude_each_other():
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--smoke"])
+    assert result.exit_code == 1
+    assert "--quick and --smoke exclude each other" in result.output
