@@ -48,6 +48,7 @@ from trimkit.locate import AttentionSite
 __all__ = ["HeadTrimmer", "SitePlan", "plan_site", "HeadRuntime", "check_sites"]
 
 LAYOUT_RESHAPE, LAYOUT_ATTRS, LAYOUT_LINEAR, LAYOUT_LINEAR_ATTRS = 0, 1, 2, 3
+_SQRT_HALF = math.sqrt(0.5)
 LAYOUT_NAMES = {LAYOUT_RESHAPE: "reshape", LAYOUT_ATTRS: "attributes", LAYOUT_LINEAR: "linear",
                 LAYOUT_LINEAR_ATTRS: "linear+attributes"}
 
@@ -74,12 +75,16 @@ class HeadTrimmer(nn.Module):
         return self.fc2(F.gelu(self.fc1(g)))
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
-        """``forward`` without the module calls of its two plain linears (a few microseconds a site)."""
+        """``forward`` for inference, cheaper on tiny inputs: no module calls of the two plain linears, and
+        GELU as ``(x + x erf(x / sqrt 2)) / 2`` (the half folded into the second product) (CPU ``F.gelu`` costs ~20 us a call in oneDNN)."""
         fc1, fc2 = self.fc1, self.fc2
-        if type(fc1) is nn.Linear and type(fc2) is nn.Linear and not any(
+        if torch.is_grad_enabled() or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or any(
                 m._forward_hooks or m._forward_pre_hooks for m in (self, fc1, fc2)):
-            return F.linear(F.gelu(F.linear(g, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
-        return self(g)
+            return self(g)
+        h = F.linear(g, fc1.weight, fc1.bias)
+        t = torch.addcmul(h, h, (h * _SQRT_HALF).erf_())  # 2 gelu(h)
+        return torch.addmm(fc2.bias, t, fc2.weight.t(), alpha=0.5) if fc2.bias is not None and t.dim() == 2 \
+            else F.linear(t * 0.5, fc2.weight, fc2.bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -373,3 +373,14 @@ def test_int8_after_heads_leaves_the_sliced_projections_in_float():
     assert half < count_flops(bb.model, inputs).flops
     remove_(bb.model)
     assert not any(hasattr(m, "trimkit_no_quant") for m in bb.model.modules())
+
+
+def test_trimmer_inference_logits_match_its_forward():
+    torch.manual_seed(0)
+    trimmer = heads.HeadTrimmer(32, 4)
+    nn.init.normal_(trimmer.fc2.weight, std=1.0)
+    g = torch.randn(5, 32) * 3
+    with torch.no_grad():
+        fast, ref = trimmer.logits(g), trimmer(g)
+    assert fast.shape == (5, 4) and (fast - ref).abs().max().item() <= 1e-5
+    assert trimmer.logits(g).requires_grad  # with gradients it is the module's own forward
