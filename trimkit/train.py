@@ -831,6 +831,19 @@ class _Untrimmed(nn.Module):
             return self.inner(**inputs)
 
 
+class _Synced(nn.Module):
+    """Waits for the device after each forward, so wall-clock timings of CUDA models are complete."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **inputs):
+        out = self.inner(**inputs)
+        torch.cuda.synchronize()
+        return out
+
+
 def _saved_binding(backbone):
     if getattr(backbone, "source", "") != "trimkit":
         return None
@@ -937,10 +950,12 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
     report["latency_ratio"] = {"batch_1": None, f"batch_{latency_batch}": None}
     report["latency_ms"] = {}
     if latency:
-        full = _Untrimmed(model)
+        full, trimmed = _Untrimmed(model), model
+        if device.type == "cuda":
+            full, trimmed = _Synced(full), _Synced(model)
         for size in (1, latency_batch):
             inputs, _ = model_batch(binding, collate(_same_length_rows(items, size)), device)
-            timing = compare_latency(full, model, inputs, threads=threads, warmup=warmup, repeats=repeats)
+            timing = compare_latency(full, trimmed, inputs, threads=threads, warmup=warmup, repeats=repeats)
             report["latency_ratio"][f"batch_{size}"] = timing["b_ms"] / timing["a_ms"] if timing["a_ms"] else None
             report["latency_ms"][f"batch_{size}"] = {"trimmed": timing["b_ms"], "untrimmed": timing["a_ms"]}
     report["threads"] = threads

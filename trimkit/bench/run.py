@@ -125,10 +125,10 @@ class BenchConfig:
 
 
 # A reduced bench: one small ViLT on VQA, 2x only, baselines training-free, one seed.
-QUICK = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=300,
-                    base_model=(("hidden", 64), ("heads", 2)), base_train=(("val_n", 200), ("test_n", 300)),
-                    steps=60, finetune=False, ablations=False, calibrate=128, match_items=16,
-                    flops_samples=16, latency_repeats=5, mode="quick")
+QUICK = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=200,
+                    base_model=(("hidden", 64), ("heads", 2)), base_train=(("val_n", 100), ("test_n", 200)),
+                    steps=40, finetune=False, ablations=False, calibrate=64, match_items=8,
+                    flops_samples=12, latency_repeats=5, mode="quick")
 
 # The same pipeline with a handful of steps and tiny data (CI).
 SMOKE = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=4,
