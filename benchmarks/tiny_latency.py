@@ -1,6 +1,6 @@
 """Executed FLOPs and latency of SmartTrim (tokens + heads) on every tiny backbone, before/after.
 
-    python benchmarks/tiny_latency.py [--batch 1 --batch 8] [--repeats 30] [--json out.json]
+    python benchmarks/tiny_latency.py [--batch 1 --batch 8] [--image 128] [--repeats 30] [--json out.json]
 
 The trimmers are untrained, so their scoring layer is replaced by a seeded random one that keeps
 about half the tokens and heads at threshold 0.5 ("half"); threshold 1.0 prunes everything that
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json")
     ap.add_argument("--models", default="")
+    ap.add_argument("--image", type=int, default=None, help="image side for the measured inputs (default: native)")
     args = ap.parse_args()
     batches = args.batch or [1, 8]
     models = [m for m in MODELS if not args.models or any(k in m for k in args.models.split(","))]
@@ -79,9 +80,10 @@ def main() -> None:
         randomise(model)
         for label, thr in (("half", 0.5), ("all", 1.0)):
             set_threshold(model, thr)
-            row = {"model": ref.rsplit("/", 1)[-1], "setting": label}
+            row = {"model": ref.rsplit("/", 1)[-1], "setting": label, "image": args.image or "native"}
             for b in batches:
-                inputs = bb.example_inputs(b, seed=3)
+                extra = {"image_size": args.image} if args.image else {}
+                inputs = bb.example_inputs(b, seed=3, **extra)
                 with torch.no_grad():
                     after = count_flops(model, inputs).flops
                     with trimming_off(model):

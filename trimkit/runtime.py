@@ -251,6 +251,58 @@ def _encoder_layer_padding(module: nn.Module, args, kwargs, valid: torch.Tensor 
     return args, kwargs
 
 
+_MASK_POSITION: dict = {}
+
+
+def _mask_position(module: nn.Module) -> int | None:
+    """Position of ``attention_mask`` among the forward's positional parameters (None: no such parameter)."""
+    cls = type(module)
+    if cls not in _MASK_POSITION:
+        import inspect
+
+        try:
+            params = [p for p in inspect.signature(module.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            params = []
+        names = [p.name for p in params]
+        _MASK_POSITION[cls] = names.index("attention_mask") if "attention_mask" in names else None
+    return _MASK_POSITION[cls]
+
+
+def _merge_into_mask_arg(module: nn.Module, args, kwargs, mask: torch.Tensor):
+    """``(args, kwargs)`` with the additive key mask ``[B, 1, 1, Lk]`` merged into the module's
+    ``attention_mask`` argument, or None when that cannot be done safely (then a function mode adds it).
+
+    Only floating (additive) masks of rank 4 whose last dim is the key length are merged; a missing
+    mask is merged only for self-attention, where the keys are the module's own hidden states.
+    """
+    pos = _mask_position(module)
+    if pos is None:
+        return None
+    in_kwargs = "attention_mask" in kwargs or pos >= len(args)
+    current = kwargs.get("attention_mask") if in_kwargs else args[pos]
+    lk = mask.shape[-1]
+    if current is None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != lk:
+            return None
+        if any(isinstance(kwargs.get(k), torch.Tensor) for k in ("encoder_hidden_states", "key_value_states")):
+            return None
+        new = mask.to(hidden.dtype)
+    elif (isinstance(current, torch.Tensor) and current.dim() == 4 and current.is_floating_point()
+          and current.shape[-1] == lk and current.shape[0] in (1, mask.shape[0])):
+        new = torch.clamp(current + mask.to(current.dtype), min=torch.finfo(current.dtype).min)
+    else:
+        return None
+    if in_kwargs:
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = new
+    else:
+        args = tuple(args[:pos]) + (new,) + tuple(args[pos + 1:])
+    return args, kwargs
+
+
 def _mha_key_padding(module: nn.MultiheadAttention, args, kwargs, mask: torch.Tensor):
     """``(args, kwargs)`` of an ``nn.MultiheadAttention`` call with ``mask`` added as key padding."""
     key = args[1] if len(args) > 1 else kwargs.get("key")
@@ -497,6 +549,10 @@ class TokenRuntime:
             if isinstance(module, nn.MultiheadAttention):  # its fast path never calls the functions
                 self._modes.append(None)
                 return _mha_key_padding(module, args, kwargs, mask)
+            merged = _merge_into_mask_arg(module, args, kwargs, mask)
+            if merged is not None:  # the module's own attention_mask carries it: no function mode needed
+                self._modes.append(None)
+                return merged
             mode = _KeyMask(mask)
             mode.__enter__()
             self._modes.append(mode)
