@@ -111,7 +111,7 @@ def test_markdown_table_lists_every_point_with_the_command():
     assert "trimkit bench --quick" in text
     assert "| smarttrim | 2.0× | 3 | 89.50 ± 0.20 | -0.50 |" in text
     assert "| tome.merge | 3.0× | 1 | 87.00 | -3.00 |" in text
-    assert "speed NOT met" in text
+    assert "2x (2.00× fewer FLOPs): -0.50 pt vs full (ok), speed NOT met" in text
 
 
 def test_update_readme_only_between_markers(tmp_path):

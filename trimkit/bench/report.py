@@ -151,8 +151,8 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
             for label in ("2x", "3x"):
                 if label in c:
                     v = c[label]
-                    text = (f"{label}: drop {100 * v['drop']:+.2f} pt ({'ok' if v['ok'] else 'NOT met'}), "
-                            f"speed {'ok' if v['speed_ok'] else 'NOT met'}")
+                    text = (f"{label} ({v['flops_reduction']:.2f}× fewer FLOPs): {100 * -v['drop']:+.2f} pt vs full "
+                            f"({'ok' if v['ok'] else 'NOT met'}), speed {'ok' if v['speed_ok'] else 'NOT met'}")
                     if "beats_training_free" in v:
                         text += f", above training-free {'yes' if v['beats_training_free'] else 'NO'}"
                     parts.append(text)
