@@ -37,6 +37,10 @@ class SmartTrimHeadsConfig(PassConfig):
     min_heads: heads every row keeps at each site, whatever the threshold.
     hidden: width of the trimmer MLP (0 = width // 8, at least 8).
     tau: Gumbel temperature used in training.
+    batched: rows of a batch that keep different heads: "union" computes the heads any row keeps
+      with sliced projections and zeroes each row's dropped heads before the output projection
+      (cheap on CPU); "rows" computes each row's own heads with per-row weights (batched matmuls;
+      fewer FLOPs, more memory traffic). Both equal running the rows one by one.
     """
 
     name: ClassVar[str] = "smarttrim.heads"
@@ -48,8 +52,11 @@ class SmartTrimHeadsConfig(PassConfig):
     min_heads: int = 1
     hidden: int = 0
     tau: float = 1.0
+    batched: str = "union"
 
     def validate(self) -> None:
+        if self.batched not in ("union", "rows"):
+            raise ConfigError(f"smarttrim.heads: batched must be 'union' or 'rows', got {self.batched!r}")
         if not 0.0 < self.target_ratio <= 1.0:
             raise ConfigError(f"smarttrim.heads: target_ratio must be in (0, 1], got {self.target_ratio}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -84,7 +91,7 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
     trimmers.train(model.training)
     model.add_module(_ATTR, trimmers)
     runtime = HeadRuntime(model, plans, by_path, threshold=config.threshold, tau=config.tau,
-                          min_heads=config.min_heads)
+                          min_heads=config.min_heads, batched=config.batched)
     model.__dict__[_RT_ATTR] = runtime
     marked = []  # projections are sliced per input: int8.dynamic must leave them in float
     for plan in plans.values():

@@ -531,8 +531,10 @@ class HeadRuntime:
     """
 
     def __init__(self, model: nn.Module, plans: dict[str, SitePlan], trimmers: dict[str, HeadTrimmer], *,
-                 threshold: float = 0.5, tau: float = 1.0, min_heads: int = 1, cache_budget: float = 2.0):
+                 threshold: float = 0.5, tau: float = 1.0, min_heads: int = 1, cache_budget: float = 2.0,
+                 batched: str = "union"):
         self.model, self.plans, self.trimmers = model, plans, trimmers
+        self.batched = batched  # rows keeping different heads: "union" (sliced + per-row zeroing) or "rows" (bmm)
         self.threshold, self.tau, self.min_heads = threshold, tau, min_heads
         self.cache_budget = cache_budget
         self.enabled = True
@@ -673,6 +675,24 @@ class HeadRuntime:
                 cache[key] = (pairs, d, size)
         return pairs, d
 
+    def _union_forwards(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
+        """Rows that keep different heads: compute the union of their heads with plain sliced
+        projections and zero, per row, the outputs of the heads that row dropped before the output
+        projection (exactly what leaving them out does; no per-row weight copies)."""
+        union = tuple(sorted(set().union(*rows)))
+        pairs, d = self._uniform_forwards(plan, union, device)
+        pos = {u: i for i, u in enumerate(union)}
+        scale = torch.zeros(len(rows), len(union), device=device)
+        for r, row in enumerate(rows):
+            scale[r, [pos[u] for u in row]] = 1.0
+        width = plan.head_dim * plan.group
+        scale = scale.repeat_interleave(width, dim=1)
+        o, out = pairs[-1]
+        pairs = pairs[:-1] + [(o, functools.partial(_linear_scaled, scale=scale, weight=out.keywords["weight"],
+                                                     bias=out.keywords["bias"]))]
+        d = dataclasses.replace(d, idx=d.uniform.expand(len(rows), -1), valid=d.valid.expand(len(rows), -1))
+        return pairs, d
+
     def _row_forwards(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
         idx, valid = _row_index(rows, device)
         padded = valid if any(len(r) < idx.shape[1] for r in rows) else None
@@ -698,6 +718,8 @@ class HeadRuntime:
             if len(rows) > 1:
                 d = dataclasses.replace(d, idx=d.uniform.expand(len(rows), -1),
                                         valid=d.valid.expand(len(rows), -1))
+        elif self.batched == "union":
+            pairs, d = self._union_forwards(plan, rows, device)
         else:
             pairs, d = self._row_forwards(plan, rows, device)
         saved_fw = _set_forwards(pairs)

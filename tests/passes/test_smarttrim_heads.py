@@ -120,10 +120,11 @@ def test_pruned_heads_are_not_computed(ref):
         assert harsh == half
 
 
+@pytest.mark.parametrize("batched", ["union", "rows"])
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
-def test_rows_keeping_different_heads_match_rows_run_alone(ref):
+def test_rows_keeping_different_heads_match_rows_run_alone(ref, batched):
     bb, inputs = _setup(ref)
-    _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5))
+    _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5, batched=batched))
     _randomise(bb.model)
     rt = head_runtime(bb.model)
     batched = _out(bb, inputs)
