@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from trimkit.bench.report import END, START, aggregate, claims, markdown, update_readme
-from trimkit.bench.run import ABLATIONS, BASELINES, QUICK, SMOKE, BenchConfig, RunSpec, config_hash, plan
+from trimkit.bench.run import (ABLATIONS, BASELINES, QUICK, SMOKE, BenchConfig, RunSpec, config_hash,
+                               length_batches, plan)
 from trimkit.cli import cli
 from trimkit.errors import ConfigError
 
@@ -183,3 +184,21 @@ def test_quick_and_smoke_exclude_each_other():
     result = CliRunner().invoke(cli, ["bench", "--quick", "--smoke"])
     assert result.exit_code == 1
     assert "--quick and --smoke exclude each other" in result.output
+
+
+def test_claims_flag_baselines_whose_flops_do_not_match():
+    records = _records() + [_record("topk.cls_attention", 1 / 3, 0, 0.80, 4.8e8)]
+    (row,) = claims(aggregate(records))
+    assert set(row["3x"]["unmatched"]) == {"topk.cls_attention"}
+    assert "FLOPs not matched: topk.cls_attention at 2.08×" in markdown(aggregate(records))
+
+
+def test_length_batches_have_one_length_and_follow_the_seed():
+    lengths = [5, 7, 5, 5, 7, 9, 5, 7, 7, 5]
+    batches = length_batches(lengths, 2, seed=0)
+    assert all(len(b) == 2 and len({lengths[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4, 6, 7, 8]  # 9 and the odd 5 left out
+    assert length_batches(lengths, 2, seed=0) == batches
+    assert any(length_batches(lengths, 2, seed=s) != batches for s in range(1, 5))
+    with pytest.raises(ConfigError, match="no text length has 6 items"):
+        length_batches(lengths, 6, seed=0)

@@ -20,6 +20,7 @@ __all__ = ["Point", "load_results", "aggregate", "claims", "markdown", "plot", "
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 _TRAINING_FREE = ("random.tokens", "topk.cls_attention", "tome.merge")
+_MATCH_TOL = 0.05  # a baseline whose FLOPs reduction differs by more than this fraction is not matched
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def claims(points: list[Point]) -> list[dict]:
             if label == "3x":
                 free = [p for p in pts if p.method in _TRAINING_FREE and math.isclose(p.ratio, ratio, abs_tol=1e-4)]
                 row[label]["beats_training_free"] = bool(free) and all(st.accuracy > p.accuracy for p in free)
+                row[label]["unmatched"] = {p.method: p.flops_reduction for p in free
+                                           if abs(p.flops_reduction / st.flops_reduction - 1) > _MATCH_TOL}
         out.append(row)
     return out
 
@@ -151,10 +154,13 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
             for label in ("2x", "3x"):
                 if label in c:
                     v = c[label]
-                    text = (f"{label} ({v['flops_reduction']:.2f}× fewer FLOPs): {100 * -v['drop']:+.2f} pt vs full "
+                    text = (f"{label} ({v['flops_reduction']:.2f}× fewer FLOPs): {100 * -v['drop'] + 0.0:+.2f} pt vs full "
                             f"({'ok' if v['ok'] else 'NOT met'}), speed {'ok' if v['speed_ok'] else 'NOT met'}")
                     if "beats_training_free" in v:
                         text += f", above training-free {'yes' if v['beats_training_free'] else 'NO'}"
+                        if v.get("unmatched"):
+                            text += " (FLOPs not matched: " + ", ".join(
+                                f"{m} at {r:.2f}×" for m, r in sorted(v["unmatched"].items())) + ")"
                     parts.append(text)
             lines.append(f"- {c['family']} / {c['task']}: " + ("; ".join(parts) if parts else "no 2×/3× point"))
         lines.append("")

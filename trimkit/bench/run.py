@@ -40,7 +40,7 @@ import torch
 from trimkit.errors import ConfigError
 
 __all__ = ["BenchConfig", "RunSpec", "QUICK", "SMOKE", "plan", "run_bench", "run_one", "environment",
-           "BASELINES", "ABLATIONS"]
+           "finetune", "length_batches", "executed_ratio", "BASELINES", "ABLATIONS"]
 
 FORMAT = 1
 BASELINES: tuple[str, ...] = ("random.tokens", "topk.cls_attention", "tome.merge")
@@ -298,11 +298,26 @@ def executed_ratio(model: torch.nn.Module, binding, items: list[dict], device: s
     return trimmed / full
 
 
+def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Indices grouped into full batches of one text length each, in an order seeded by `seed`
+    (items left over in a length group are dropped)."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    chunks = [g[lo:lo + batch_size] for _, g in sorted(groups.items()) for lo in range(0, len(g) - batch_size + 1,
+                                                                                          batch_size)]
+    if not chunks:
+        raise ConfigError(f"no text length has {batch_size} items; use a smaller batch size or more data")
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [chunks[i] for i in order]
+
+
 def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size: int, lr: float, alpha: float,
              seed: int, device: str) -> list[float]:
     """Fine-tune every parameter of `model` (a training-free pass applied) for `steps` steps: task
-    cross-entropy + `alpha` x distillation from the same model with trimming off, AdamW at `lr`,
-    data order seeded by `seed`. Returns the loss of each step."""
+    cross-entropy + `alpha` x distillation from the same model with trimming off, AdamW at `lr`.
+    Batches hold one text length each (no padding, as in evaluation), drawn from the first
+    ``2 * steps * batch_size`` items in an order seeded by `seed`. Returns the loss of each step."""
     import torch.nn.functional as F
 
     from trimkit.control import trimming_off
@@ -314,12 +329,12 @@ def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen)
+    items = [dataset[i] for i in range(min(len(dataset), 2 * steps * batch_size))]
+    batches = length_batches([int(it["input_ids"].shape[-1]) for it in items], batch_size, seed)
     losses = []
     for step in range(steps):
-        rows = [int(order[(step * batch_size + i) % len(order)]) for i in range(batch_size)]
-        inputs, labels = model_batch(binding, collate([dataset[i] for i in rows]), device)
+        rows = batches[step % len(batches)]
+        inputs, labels = model_batch(binding, collate([items[i] for i in rows]), device)
         if alpha > 0:
             model.eval()
             with torch.no_grad(), trimming_off(model):
