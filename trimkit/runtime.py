@@ -61,6 +61,20 @@ class TokenTrimmer(nn.Module):
             h = h + self.cross(g_other).unsqueeze(1)
         return self.score(F.gelu(h)).squeeze(-1)
 
+    def fast_logits(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` for inference with fewer dispatches: functional linears, the two global terms
+        summed before broadcasting, GELU in its erf form (on tiny tensors the library GELU's
+        per-call cost is larger than the work)."""
+        g = F.linear(g_self, self.glob.weight)
+        if self.cross is not None and g_other is not None:
+            g = g + F.linear(g_other, self.cross.weight)
+        if x.shape[0] == 1:  # one fused multiply-add
+            h = torch.addmm(self.local.bias + g, x[0], self.local.weight.T).unsqueeze(0)
+        else:
+            h = F.linear(x, self.local.weight, self.local.bias) + g.unsqueeze(1)
+        h = h * 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
+        return F.linear(h, self.score.weight, self.score.bias).squeeze(-1)
+
 
 # ----------------------------------------------------------------------------------------------
 # Sequence-aligned arguments of a layer, from the recorded forward
@@ -645,10 +659,16 @@ class TokenRuntime:
         g_other = self._global(self.guidance.get(stream), hidden)
         if g_other is not None and g_other.shape[0] != hidden.shape[0]:
             g_other = None
+        if not self.model.training:
+            if self.threshold <= 0:  # keeps everything: the trimmer cannot change the result
+                b = hidden.shape[0]
+                st.kept.append(st.valid.sum(1) if st.valid is not None else torch.full((b,), hidden.shape[1]))
+                return hidden
+            fast = getattr(trimmer, "fast_logits", None)
+            logits = fast(hidden, g_self, g_other) if fast is not None else trimmer(hidden, g_self, g_other)
+            return self._decide_eval(stream, st, logits, hidden)
         logits = trimmer(hidden, g_self, g_other)
         b, length = logits.shape
-        if not self.model.training:
-            return self._decide_eval(stream, st, logits, hidden)
         special = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
         positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
         for p in self.special.get(stream, [0]):

@@ -104,3 +104,16 @@ def test_dual_encoder_reports_same_modality_guidance():
     report = apply_(bb.model, [SmartTrimTokensConfig()], inputs=inputs, hints=bb.hints).results[0].report
     assert "vision_model.encoder.layers" in report["trimmed_streams"]
     assert any("same-modality guidance" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("other", [None, 24])
+def test_trimmer_fast_logits_match_forward(batch, other):
+    from trimkit.runtime import TokenTrimmer
+
+    torch.manual_seed(batch)
+    t = TokenTrimmer(32, other)
+    x, g = torch.randn(batch, 9, 32), torch.randn(batch, 32)
+    o = torch.randn(batch, other) if other else None
+    with torch.no_grad():
+        torch.testing.assert_close(t.fast_logits(x, g, o), t(x, g, o), rtol=1e-5, atol=1e-6)
