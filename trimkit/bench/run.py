@@ -59,7 +59,8 @@ class BenchConfig:
     base_steps: steps of base training (None: the recipe's); base_model / base_train: overrides of
       the base model's size and `trimkit.bench.TrainConfig`.
     steps: SmartTrim training steps, also the fine-tuning budget of the ``+ft`` baselines.
-    batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings.
+    batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings;
+      freeze_backbone: SmartTrim trains its trimmers only.
     finetune: also run the baselines after fine-tuning; ablations: run the four ablations.
     calibrate: training items that pick SmartTrim's inference threshold.
     match_items: validation items on which SmartTrim's executed ratio is measured for matching.
@@ -80,6 +81,7 @@ class BenchConfig:
     steps: int = 300
     batch_size: int = 32
     lr_backbone: float = 1e-4
+    freeze_backbone: bool = False
     lr_trimmer: float = 1e-2
     alpha: float = 1.0
     beta: float = 10.0
@@ -272,6 +274,7 @@ def _train_config(config: BenchConfig, run: RunSpec):
     from trimkit.train import TrainConfig
 
     return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
+                       freeze_backbone=config.freeze_backbone,
                        alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
                        seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
