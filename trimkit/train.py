@@ -69,6 +69,10 @@ class TrainConfig:
     measure_every: steps between executed-FLOPs measurements on the last batch (0 = never).
     calibrate: training items used after the last step to pick the inference threshold whose
       executed ratio is closest to the target (0 keeps the recipe's thresholds).
+    full_task: weight of the task loss of the full-capacity pass (trimmers off) when the backbone
+      trains; that pass then runs with gradient and its detached logits are the distillation
+      target, which keeps the shared backbone (the teacher) from drifting (0 = teacher without
+      gradient, one extra forward only).
     """
 
     batch_size: int = 16
@@ -92,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     measure_every: int = 25
     calibrate: int = 256
+    full_task: float = 0.0
 
     def __post_init__(self) -> None:
         ints = {"batch_size": 1, "grad_accum": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
@@ -104,7 +109,7 @@ class TrainConfig:
         for name in positive:
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"train: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm"):
+        for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -756,7 +761,16 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
                     masks = _survivor_masks(model) if hidden is not None else {}
                     student_hidden = hidden.take() if hidden is not None else {}
                     task_loss = task.loss(outputs, {**inputs, "labels": labels} if labels is not None else inputs)
-                    t_logits, t_hidden = _teacher_logits(model, teacher, task, teacher_task, inputs, hidden)
+                    if config.full_task > 0 and teacher is None and not config.freeze_backbone:
+                        # the full-capacity pass learns the task too, so the shared backbone (the
+                        # teacher) is anchored; its logits are the distillation target, detached
+                        with trimming_off(model):
+                            full_out = model(**inputs)
+                        full_task = task.loss(full_out, {**inputs, "labels": labels} if labels is not None else inputs)
+                        task_loss = task_loss + config.full_task * full_task
+                        t_logits, t_hidden = task.logits(full_out).detach(), (hidden.take() if hidden is not None else {})
+                    else:
+                        t_logits, t_hidden = _teacher_logits(model, teacher, task, teacher_task, inputs, hidden)
                     parts = {"task": task_loss, "distill": distill_loss(task.logits(outputs), t_logits,
                                                                         config.temperature),
                              "cost": cost_loss(ratio, goal, config.cost)}

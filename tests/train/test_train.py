@@ -198,3 +198,23 @@ def test_factory_model_trains_on_truefalse(tokens_recipe):
                    recipe=tokens_recipe, config=TrainConfig(**FAST), progress=False)
     assert result.binding.keys == (("input_ids", "txt"), ("pixel_values", "img"))
     assert len(result.history) == 3 and all(np.isfinite(r["loss"]) for r in result.history)
+
+
+def test_full_capacity_task_loss_anchors_the_backbone(tokens_recipe):
+    """With full_task > 0 the untrimmed pass is trained on the task too: the task part of the loss
+    grows by that pass's loss, and the backbone's weights move differently."""
+    runs = {}
+    for weight in (0.0, 1.0):
+        result = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=3, recipe=tokens_recipe,
+                       config=TrainConfig(**{**FAST, "full_task": weight}), progress=False)
+        runs[weight] = result
+    assert runs[1.0].history[0]["task"] > runs[0.0].history[0]["task"] * 1.5
+    a = dict(runs[0.0].model.named_parameters())
+    b = dict(runs[1.0].model.named_parameters())
+    moved = [n for n in a if "trimkit" not in n and not torch.equal(a[n], b[n])]
+    assert moved
+
+
+def test_full_task_must_be_non_negative():
+    with pytest.raises(ConfigError, match="full_task"):
+        TrainConfig(full_task=-1.0)
