@@ -27,6 +27,8 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--lr-trimmer", default=1e-2, show_default=True, type=float)
 @click.option("--lr-backbone", default=1e-4, show_default=True, type=float)
 @click.option("--freeze-backbone", is_flag=True, help="Train the trimmers only.")
+@click.option("--full-task", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Weight of the task loss of the full-capacity pass (anchors the backbone).")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Weight of the distillation loss.")
 @click.option("--beta", default=10.0, show_default=True, type=float, help="Weight of the cost loss.")
 @click.option("--cost", type=click.Choice(["square", "above"]), default="square", show_default=True,
@@ -44,7 +46,7 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
 def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, batch_size, grad_accum, lr_trimmer,
-                  lr_backbone, freeze_backbone, alpha, beta, cost, anneal, schedule, seed, checkpoint_every,
+                  lr_backbone, freeze_backbone, full_task, alpha, beta, cost, anneal, schedule, seed, checkpoint_every,
                   measure_every, resume, threads, no_progress, as_json):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
@@ -61,7 +63,8 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, ba
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr_trimmer=lr_trimmer,
-                         lr_backbone=lr_backbone, freeze_backbone=freeze_backbone, alpha=alpha, beta=beta,
+                         lr_backbone=lr_backbone, freeze_backbone=freeze_backbone, full_task=full_task,
+                         alpha=alpha, beta=beta,
                          cost=cost, anneal=anneal, schedule=schedule, seed=seed,
                          checkpoint_every=checkpoint_every, measure_every=measure_every)
     try:
