@@ -673,39 +673,19 @@ class TokenRuntime:
         positions = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
         for p in self.special.get(stream, [0]):
             special |= positions == (p % st.length)
-        if self.model.training:
-            sample = ops.gumbel_sigmoid(logits, tau=self.tau)
-            sample = torch.where(special, torch.ones_like(sample), sample)
-            prev = st.mask if st.mask is not None else torch.ones_like(sample)
-            st.mask = prev * sample
-            st.probs.append(torch.sigmoid(logits).masked_fill(special, 1.0) * prev)
-            st.masks.append(st.mask)
-            st.kept.append(st.mask.detach().sum(1))
-            return hidden
-        keep = ops.keep_mask_from_probs(torch.sigmoid(logits), self.threshold, always_keep=special)
-        if st.valid is not None:
-            keep &= st.valid
-        empty = ~keep.any(1)
-        if bool(empty.any()):  # a row keeps at least its most likely token
-            best = logits.masked_fill(~st.valid, float("-inf")) if st.valid is not None else logits
-            keep[empty] |= F.one_hot(best[empty].argmax(1), length).bool()
-        if bool(keep.all()):
-            st.kept.append(keep.sum(1))
-            return hidden
-        new_hidden, idx, valid = ops.gather_tokens(hidden, keep)
-        base = st.index if st.index is not None else torch.arange(length, device=hidden.device).expand(b, -1)
-        st.index = torch.gather(base, 1, idx)
-        st.valid = valid
-        st.kept.append(valid.sum(1))
-        return new_hidden
-
+        sample = ops.gumbel_sigmoid(logits, tau=self.tau)
+        sample = torch.where(special, torch.ones_like(sample), sample)
+        prev = st.mask if st.mask is not None else torch.ones_like(sample)
+        st.mask = prev * sample
+        st.probs.append(torch.sigmoid(logits).masked_fill(special, 1.0) * prev)
+        st.masks.append(st.mask)
+        st.kept.append(st.mask.detach().sum(1))
+        return hidden
 
     def _decide_eval(self, stream: str, st: StreamState, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Inference decisions with as few small ops as possible (they run once per trimmed layer)."""
+        """Inference decisions with as few small ops as possible (they run once per trimmed layer;
+        threshold 0 never gets here)."""
         b, length = logits.shape
-        if self.threshold <= 0:
-            st.kept.append(st.valid.sum(1) if st.valid is not None else torch.full((b,), length))
-            return hidden
         if self.threshold >= 1:
             keep = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
         else:
