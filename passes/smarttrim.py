@@ -135,10 +135,10 @@ class _ProbeTrimmer(nn.Module):
         return 3 * token + 2 * torch.tanh(offset).unsqueeze(1)
 
 
-def _probe(model: nn.Module, model_map: ModelMap, cap, trimmers: dict, other: dict, special: dict, text_embed,
+def _probe(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, special: dict, text_embed,
            inputs: dict, skip: list[str]) -> str:
-    """Why removing tokens with random decisions breaks the model ('' when it does not)."""
-    trimmers = {p: _ProbeTrimmer(i) for i, p in enumerate(trimmers)}
+    """Why removing tokens with random decisions at ``layers`` (paths) breaks the model ('' when it does not)."""
+    trimmers = {p: _ProbeTrimmer(i) for i, p in enumerate(layers)}
     probe = TokenRuntime(model, model_map, cap, trimmers, other, threshold=0.5, special=special,
                          text_embed=text_embed, skip=skip)
     was_training = model.training
@@ -255,8 +255,9 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     kept_streams, skip = [], []
     for name in trimmed:
         verdict = ""
+        layers = [layer.path for layer in model_map.stream(name).layers[config.start_layer:]]
         for mode in ("remove", "skip"):
-            verdict = _probe(model, model_map, cap, build([name]), other, special, text_embed, context.inputs,
+            verdict = _probe(model, model_map, cap, layers, other, special, text_embed, context.inputs,
                              skip=[name] if mode == "skip" else [])
             if not verdict:
                 kept_streams.append(name)
