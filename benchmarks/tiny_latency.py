@@ -6,11 +6,17 @@ The trimmers are untrained, so their scoring layer is replaced by a seeded rando
 about half the tokens and heads at threshold 0.5 ("half"); threshold 1.0 prunes everything that
 may be pruned ("all"). FLOPs: profiler, per sample. Latency: interleaved medians against the same
 model with every trimmer off, one thread, after warm-up, in one process.
+
+Before any pass is applied, each model's own batch-1 and batch-8 latencies give ``row_share_b1``:
+the part of a batch-1 forward that grows with the rows, ``(t8 - t1) / 7 / t1``. The rest is fixed
+per call (Python, dispatch, kernel launch), and no token or head trimming can remove it: at batch 1,
+trimming away half of everything per row saves at most ``row_share_b1 / 2`` of the latency.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -76,13 +82,17 @@ def main() -> None:
     for ref in models:
         bb = load_backbone(ref)
         model = bb.model.eval()
+        extra = {"image_size": args.image} if args.image else {}
+        t1, t8 = (statistics.median(measure_latency(model, bb.example_inputs(b, seed=3, **extra),
+                                                    repeats=args.repeats, warmup=3) for _ in range(3))
+                  for b in (1, 8))
+        share = {"row_share_b1": (t8 - t1) / 7 / t1, "full_ms_b1": t1, "full_ms_b8": t8}
         apply_(model, [SmartTrimTokensConfig(), SmartTrimHeadsConfig()], inputs=bb.example_inputs(4), hints=bb.hints)
         randomise(model)
         for label, thr in (("half", 0.5), ("all", 1.0)):
             set_threshold(model, thr)
-            row = {"model": ref.rsplit("/", 1)[-1], "setting": label, "image": args.image or "native"}
+            row = {"model": ref.rsplit("/", 1)[-1], "setting": label, "image": args.image or "native", **share}
             for b in batches:
-                extra = {"image_size": args.image} if args.image else {}
                 inputs = bb.example_inputs(b, seed=3, **extra)
                 with torch.no_grad():
                     after = count_flops(model, inputs).flops

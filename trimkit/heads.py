@@ -681,12 +681,9 @@ class HeadRuntime:
         projection (exactly what leaving them out does; no per-row weight copies)."""
         union = tuple(sorted(set().union(*rows)))
         pairs, d = self._uniform_forwards(plan, union, device)
-        pos = {u: i for i, u in enumerate(union)}
-        scale = torch.zeros(len(rows), len(union), device=device)
-        for r, row in enumerate(rows):
-            scale[r, [pos[u] for u in row]] = 1.0
-        width = plan.head_dim * plan.group
-        scale = scale.repeat_interleave(width, dim=1)
+        keep = [set(row) for row in rows]
+        scale = torch.tensor([[1.0 if u in k else 0.0 for u in union] for k in keep], device=device)
+        scale = scale.repeat_interleave(plan.head_dim * plan.group, dim=1)
         o, out = pairs[-1]
         pairs = pairs[:-1] + [(o, functools.partial(_linear_scaled, scale=scale, weight=out.keywords["weight"],
                                                      bias=out.keywords["bias"]))]
