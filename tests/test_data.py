@@ -295,6 +295,21 @@ def test_options_objects_texture_and_image_size():
         assert crowded.answers[rec.label] == _vqa_answer(rec.text, rec.objects)
 
 
+def test_jitter_0_centres_objects_in_their_cells_and_keeps_the_scenes():
+    moved = load_dataset("synthetic:vqa?n=40&objects=2-3")
+    centred = load_dataset("synthetic:vqa?n=40&objects=2-3&jitter=0")
+    shifted = 0
+    for i in range(len(moved)):
+        a, b = moved.record(i), centred.record(i)
+        assert a.text == b.text and a.label == b.label
+        for o, c in zip(a.objects, b.objects):
+            assert (o.colour, o.shape, o.size, o.row, o.col) == (c.colour, c.shape, c.size, c.row, c.col)
+            assert (c.cy, c.cx) == ((c.row + 0.5) * 16, (c.col + 0.5) * 16)
+            shifted += (o.cy, o.cx) != (c.cy, c.cx)
+    assert shifted > 20  # the default does move them
+    assert "jitter" not in format_data_spec(moved.spec)  # older specs keep their canonical text
+
+
 def test_generation_is_fast():
     ds = load_dataset("synthetic:vqa?n=1000&seed=5")
     start = time.process_time()
@@ -361,8 +376,9 @@ def test_metric_accuracy_and_recall():
 def test_parse_data_spec_values_and_defaults():
     spec = parse_data_spec("synthetic:vqa?n=2000&seed=1&image=64")
     assert (spec.task, spec.n, spec.seed, spec.image, spec.split, spec.source) == ("vqa", 2000, 1, 64, "train", "synthetic")
-    assert spec.extra == {"objects": (2, 5), "texture": True}
-    assert parse_data_spec("synthetic:retrieval?objects=3&texture=0&split=test").extra == {"objects": (3, 3), "texture": False}
+    assert spec.extra == {"objects": (2, 5), "texture": True, "jitter": True}
+    assert parse_data_spec("synthetic:retrieval?objects=3&texture=0&split=test&jitter=0").extra == {
+        "objects": (3, 3), "texture": False, "jitter": False}
     folder = parse_data_spec("folder:/data/mine?task=vqa&n=5")
     assert (folder.source, folder.path, folder.task, folder.n) == ("folder", "/data/mine", "vqa", 5)
     plain = parse_data_spec("./mine")
@@ -371,13 +387,14 @@ def test_parse_data_spec_values_and_defaults():
 
 @pytest.mark.parametrize("spec, message", [
     ("synthetic:nlvr", "valid tasks: vqa, truefalse, retrieval"),
-    ("synthetic:vqa?size=3", "valid options: n, seed, image, split, objects, texture"),
+    ("synthetic:vqa?size=3", "valid options: n, seed, image, split, objects, texture, jitter"),
     ("synthetic:vqa?n=ten", "n='ten' is not an integer"),
     ("synthetic:vqa?n=0", "expected 1..10000000"),
     ("synthetic:vqa?image=8", "expected 32..1024"),
     ("synthetic:vqa?split=dev", "expected one of train, val, test"),
     ("synthetic:vqa?objects=9-2", "MIN-MAX within 1..16"),
     ("synthetic:vqa?texture=yes", "expected 0 or 1"),
+    ("synthetic:vqa?jitter=2", "jitter='2' is invalid; expected 0 or 1"),
     ("synthetic:vqa?n=1&n=2", "given twice"),
     ("synthetic:vqa?seed", "needs a value"),
     ("vqa", "did you mean synthetic:vqa"),
@@ -394,10 +411,10 @@ def test_parse_data_spec_errors_are_one_line(spec, message):
 @settings(max_examples=20, deadline=None)
 @given(task=st.sampled_from(TASKS), n=st.integers(1, 10_000), seed=st.integers(0, 2**40),
        image=st.integers(32, 1024), split=st.sampled_from(["train", "val", "test"]),
-       lo=st.integers(1, 16), extra=st.integers(0, 15), texture=st.booleans())
-def test_spec_round_trip(task, n, seed, image, split, lo, extra, texture):
+       lo=st.integers(1, 16), extra=st.integers(0, 15), texture=st.booleans(), jitter=st.booleans())
+def test_spec_round_trip(task, n, seed, image, split, lo, extra, texture, jitter):
     spec = DataSpec(task=task, n=n, seed=seed, image=image, split=split,
-                    extra={"objects": (lo, min(lo + extra, 16)), "texture": texture})
+                    extra={"objects": (lo, min(lo + extra, 16)), "texture": texture, "jitter": jitter})
     assert parse_data_spec(format_data_spec(spec)) == spec
 
 

@@ -17,7 +17,9 @@ Data specs
     Options: ``n`` (samples, default 1000), ``seed`` (default 0), ``image`` (side in pixels,
     default 64; 32..1024), ``split`` (``train``/``val``/``test``), ``objects`` (``2-5`` or
     ``3``: objects per scene, 1..16), ``texture`` (``1`` lightly textured backgrounds, ``0``
-    plain ones). Splits draw from separate seed streams, so they never share a scene.
+    plain ones), ``jitter`` (``1`` each object shifted at random inside its grid cell, ``0``
+    centred in it; the scenes are otherwise the same). Splits draw from separate seed streams,
+    so they never share a scene.
 
 ``folder:PATH[?opt=value&...]`` or a plain ``PATH`` to a folder
     Your own data, laid out as::
@@ -130,7 +132,8 @@ class Scene:
     image: np.ndarray
 
 
-def _place_objects(rng: np.random.Generator, image_size: int, count: int) -> tuple[SceneObject, ...]:
+def _place_objects(rng: np.random.Generator, image_size: int, count: int,
+                   jitter: bool = True) -> tuple[SceneObject, ...]:
     cell = image_size / GRID
     cells = sorted(rng.permutation(GRID * GRID)[:count].tolist())
     colours = list(COLOURS)
@@ -139,7 +142,7 @@ def _place_objects(rng: np.random.Generator, image_size: int, count: int) -> tup
         row, col = divmod(idx, GRID)
         size = SIZES[int(rng.integers(len(SIZES)))]
         radius = _RADIUS[size] * cell
-        slack = max(cell / 2 - radius - 1.0, 0.0)
+        slack = max(cell / 2 - radius - 1.0, 0.0) if jitter else 0.0
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
         objects.append(SceneObject(
@@ -200,13 +203,14 @@ def render_scene(objects: Sequence[SceneObject], image_size: int, rng: np.random
 
 
 def generate_scene(rng: np.random.Generator, image_size: int = 64, *,
-                   objects: tuple[int, int] = (2, 5), texture: bool = True) -> Scene:
-    """A random scene: ``objects[0]..objects[1]`` objects on distinct cells of a 4x4 grid."""
+                   objects: tuple[int, int] = (2, 5), texture: bool = True, jitter: bool = True) -> Scene:
+    """A random scene: ``objects[0]..objects[1]`` objects on distinct cells of a 4x4 grid, each
+    shifted at random inside its cell (``jitter``) or centred in it (the same scene otherwise)."""
     lo, hi = objects
     if not 1 <= lo <= hi <= GRID * GRID:
         raise ValueError(f"objects must satisfy 1 <= min <= max <= {GRID * GRID}, got {objects}")
     count = int(rng.integers(lo, hi + 1))
-    placed = _place_objects(rng, image_size, count)
+    placed = _place_objects(rng, image_size, count, jitter)
     return Scene(objects=placed, image=render_scene(placed, image_size, rng, texture))
 
 
@@ -458,7 +462,7 @@ class WordTokenizer:
 
 # ----------------------------------------------------------------------------- spec
 
-_SYNTHETIC_OPTIONS = ("n", "seed", "image", "split", "objects", "texture")
+_SYNTHETIC_OPTIONS = ("n", "seed", "image", "split", "objects", "texture", "jitter")
 _FOLDER_OPTIONS = ("n", "image", "split", "task")
 _DEFAULT_N = 1000
 _DEFAULT_IMAGE = 64
@@ -468,8 +472,8 @@ _DEFAULT_IMAGE = 64
 class DataSpec:
     """A parsed ``--data`` spec. ``source`` is ``synthetic`` or ``folder``; for a folder ``task``
     may be ``auto`` (decided from the labels on load), ``n`` is ``None`` for every line and
-    ``path`` names the folder. ``extra`` holds the synthetic options ``objects`` (min, max) and
-    ``texture`` (bool)."""
+    ``path`` names the folder. ``extra`` holds the synthetic options ``objects`` (min, max),
+    ``texture`` and ``jitter`` (bools)."""
 
     task: str
     n: int | None = _DEFAULT_N
@@ -531,16 +535,18 @@ def parse_data_spec(spec: str) -> DataSpec:
         if task not in TASKS:
             raise DataError(f"unknown synthetic task {task!r} in {spec!r}; valid tasks: {', '.join(TASKS)}")
         opts = _parse_options(query, _SYNTHETIC_OPTIONS, spec)
-        texture = opts.get("texture", "1")
-        if texture not in ("0", "1"):
-            raise DataError(f"data option texture={texture!r} is invalid; expected 0 or 1")
+        texture, jitter = opts.get("texture", "1"), opts.get("jitter", "1")
+        for name, value in (("texture", texture), ("jitter", jitter)):
+            if value not in ("0", "1"):
+                raise DataError(f"data option {name}={value!r} is invalid; expected 0 or 1")
         return DataSpec(
             task=task,
             n=_int_option("n", opts["n"], 1, 10_000_000) if "n" in opts else _DEFAULT_N,
             seed=_int_option("seed", opts["seed"], 0, 2**63 - 1) if "seed" in opts else 0,
             image=_int_option("image", opts["image"], 32, 1024) if "image" in opts else _DEFAULT_IMAGE,
             split=_split_option(opts.get("split", "train")),
-            extra={"objects": _objects_option(opts.get("objects", "2-5")), "texture": texture == "1"},
+            extra={"objects": _objects_option(opts.get("objects", "2-5")), "texture": texture == "1",
+                   "jitter": jitter == "1"},
         )
     if spec.startswith("folder:"):
         body = spec[len("folder:"):]
@@ -573,8 +579,9 @@ def format_data_spec(spec: DataSpec) -> str:
     if spec.source == "synthetic":
         lo, hi = spec.extra.get("objects", (2, 5))
         texture = int(bool(spec.extra.get("texture", True)))
+        jitter = "" if spec.extra.get("jitter", True) else "&jitter=0"  # older specs read the same
         return (f"synthetic:{spec.task}?n={spec.n}&seed={spec.seed}&image={spec.image}"
-                f"&split={spec.split}&objects={lo}-{hi}&texture={texture}")
+                f"&split={spec.split}&objects={lo}-{hi}&texture={texture}{jitter}")
     opts = [f"image={spec.image}", f"split={spec.split}"]
     if spec.n is not None:
         opts.insert(0, f"n={spec.n}")
@@ -612,6 +619,7 @@ class _SyntheticSource:
     image: int
     objects: tuple[int, int]
     texture: bool
+    jitter: bool = True
 
     def __len__(self) -> int:
         return self.n
@@ -622,7 +630,8 @@ class _SyntheticSource:
     def record(self, index: int) -> Record:
         rng = self._rng(index)
         for _ in range(100):  # a scene that no question fits (e.g. six of one shape) is redrawn
-            scene = generate_scene(rng, self.image, objects=self.objects, texture=self.texture)
+            scene = generate_scene(rng, self.image, objects=self.objects, texture=self.texture,
+                                   jitter=self.jitter)
             try:
                 if self.task == "vqa":
                     text, answer = vqa_question(rng, scene.objects)
@@ -714,7 +723,7 @@ _MAX_TEXT_LEN = {"vqa": 16, "truefalse": 16, "retrieval": 40}
 def _load_synthetic(spec: DataSpec) -> VLDataset:
     lo, hi = spec.extra.get("objects", (2, 5))
     source = _SyntheticSource(spec.task, int(spec.n), spec.seed, spec.split, spec.image,
-                              (lo, hi), bool(spec.extra.get("texture", True)))
+                              (lo, hi), bool(spec.extra.get("texture", True)), bool(spec.extra.get("jitter", True)))
     if spec.task == "vqa":
         answers, num_labels = list(VQA_ANSWERS), len(VQA_ANSWERS)
     elif spec.task == "truefalse":
