@@ -170,6 +170,29 @@ def test_train_base_caches_and_reloads(tmp_path, data, monkeypatch):
         _train_tiny(tmp_path, retrain=True)
 
 
+def test_single_object_steps_train_on_one_object_scenes_first(tmp_path, monkeypatch):
+    import trimkit.bench.base as base
+
+    seen = []
+
+    def record(model, train_set, train, **kw):
+        seen.extend(len(train_set.datasets[0].record(i).objects) for i in range(len(train_set.datasets[0])))
+        seen.append(len(train_set))
+        return {"losses": [1.0], "seconds": 0.01}
+
+    monkeypatch.setattr(base, "train_model", record)
+    bench = train_base(
+        "vilt", "vqa", seed=2, data_spec=SPEC, cache_dir=tmp_path, progress=False, threads=None, model=TINY,
+        train=dict(steps=3, batch_size=4, val_n=8, test_n=8, warmup=1, single_object_steps=2))
+    assert seen[:-1] == [1] * 8 and seen[-1] == 8 + 12  # 2 steps of one-object scenes, then the task's
+    assert "objects=1-1" in bench.data["single_object"] and "seed=4" in bench.data["single_object"]
+    specs = data_specs("vqa", TrainConfig(steps=3))
+    assert cache_key("vilt", "vqa", bench.config, specs, TrainConfig(steps=3), 0) != cache_key(
+        "vilt", "vqa", bench.config, specs, TrainConfig(steps=3, single_object_steps=1), 0)
+    with pytest.raises(ConfigError, match="single_object_steps must be in 0..steps-1"):
+        TrainConfig(steps=3, single_object_steps=3)
+
+
 def test_backbone_reads_inputs_from_the_data(tmp_path):
     bench = _train_tiny(tmp_path)
     bb = bench.backbone()

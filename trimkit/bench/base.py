@@ -45,6 +45,8 @@ class TrainConfig:
     steps x batch_size fresh training samples; AdamW (betas 0.9/0.98, weight decay on matrices
     only) with a linear warm-up over ``warmup`` steps and a cosine decay to ``min_lr_ratio * lr``;
     gradients clipped at ``grad_clip``; ``val_n`` / ``test_n`` samples in the evaluation splits.
+    ``single_object_steps``: the first steps read one-object scenes of the same task (a perception
+    curriculum: which object a question means can only be learnt once shapes are recognised).
     """
 
     steps: int = 3000
@@ -59,6 +61,7 @@ class TrainConfig:
     val_n: int = 1000
     test_n: int = 1000
     eval_batch_size: int = 128
+    single_object_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_n", "test_n", "eval_batch_size"):
@@ -68,6 +71,9 @@ class TrainConfig:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not isinstance(self.single_object_steps, int) or not 0 <= self.single_object_steps < self.steps:
+            raise ConfigError(f"single_object_steps must be in 0..steps-1 ({self.steps - 1}), "
+                              f"got {self.single_object_steps!r}")
 
 
 # Default recipes (see trimkit/bench/README.md for what they reach): 16-pixel patches on 64-pixel
@@ -116,14 +122,22 @@ def data_specs(task: str, train: TrainConfig, data_spec: str | None = None) -> d
     if spec.task != task:
         raise DataError(f"data spec {data_spec!r} is for task {spec.task!r}, not {task!r}")
     sizes = {"train": train.steps * train.batch_size, "val": train.val_n, "test": train.test_n}
-    return {split: format_data_spec(replace(spec, split=split, n=n)) for split, n in sizes.items()}
+    out = {split: format_data_spec(replace(spec, split=split, n=n)) for split, n in sizes.items()}
+    if train.single_object_steps:  # its own seed stream: no scene shared with the main train split
+        out["single_object"] = format_data_spec(replace(
+            spec, split="train", seed=spec.seed + 1, n=train.single_object_steps * train.batch_size,
+            extra={**spec.extra, "objects": (1, 1)}))
+    return out
 
 
 def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str], train: TrainConfig,
               seed: int) -> str:
     """Hex digest of everything that decides the trained weights."""
+    recipe = asdict(train)
+    if not recipe["single_object_steps"]:  # keys of runs from before the field stay valid
+        del recipe["single_object_steps"]
     payload = {"family": family, "task": task, "model": config.to_dict(), "data": specs,
-               "train": asdict(train), "seed": seed, "version": CODE_VERSION}
+               "train": recipe, "seed": seed, "version": CODE_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -334,7 +348,10 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            history = train_model(net, _dataset(specs["train"], task), recipe,
+            train_set = _dataset(specs["train"], task)
+            if "single_object" in specs:
+                train_set = torch.utils.data.ConcatDataset([_dataset(specs["single_object"], task), train_set])
+            history = train_model(net, train_set, recipe,
                                   description=f"{family} {task}", progress=progress)
             metrics = {"val": evaluate(net, _dataset(specs["val"], task), task, recipe.eval_batch_size)}
             if evaluate_test:
