@@ -325,12 +325,13 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     _check(family, task)
     size, recipe, default_data = default_recipe(family, task)
     size.update(model or {})
+    changes = {} if isinstance(train, TrainConfig) else dict(train or {})
     if isinstance(train, TrainConfig):
         recipe = train
-    elif train:
-        recipe = replace(recipe, **train)
-    if steps is not None:
-        recipe = replace(recipe, steps=steps, warmup=min(recipe.warmup, max(1, steps // 10)))
+    if steps is not None:  # in one step with the overrides, which may only fit the new count
+        changes.update(steps=steps, warmup=min(changes.get("warmup", recipe.warmup), max(1, steps // 10)))
+    if changes:
+        recipe = replace(recipe, **changes)
     specs = data_specs(task, recipe, data_spec or default_data)
     probe = _dataset(replace(parse_data_spec(specs["val"]), n=1), task)
     config = model_config(family, probe.base if task == "retrieval" else probe, **size)
