@@ -760,13 +760,14 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
                     ratio = expected_ratio(model)
                     masks = _survivor_masks(model) if hidden is not None else {}
                     student_hidden = hidden.take() if hidden is not None else {}
-                    task_loss = task.loss(outputs, {**inputs, "labels": labels} if labels is not None else inputs)
+                    labelled = {**inputs, "labels": labels} if labels is not None else inputs
+                    task_loss = task.loss(outputs, labelled)
                     if config.full_task > 0 and teacher is None and not config.freeze_backbone:
                         # the full-capacity pass learns the task too, so the shared backbone (the
                         # teacher) is anchored; its logits are the distillation target, detached
                         with trimming_off(model):
                             full_out = model(**inputs)
-                        full_task = task.loss(full_out, {**inputs, "labels": labels} if labels is not None else inputs)
+                        full_task = task.loss(full_out, labelled)
                         task_loss = task_loss + config.full_task * full_task
                         t_logits, t_hidden = task.logits(full_out).detach(), (hidden.take() if hidden is not None else {})
                     else:
