@@ -325,9 +325,10 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     _check(family, task)
     size, recipe, default_data = default_recipe(family, task)
     size.update(model or {})
-    changes = {} if isinstance(train, TrainConfig) else dict(train or {})
     if isinstance(train, TrainConfig):
-        recipe = train
+        recipe, changes = train, {}
+    else:
+        changes = dict(train or {})
     if steps is not None:  # in one step with the overrides, which may only fit the new count
         changes.update(steps=steps, warmup=min(changes.get("warmup", recipe.warmup), max(1, steps // 10)))
     if changes:
