@@ -10,7 +10,7 @@ import torch
 from trimkit.backbones.base import Backbone
 from trimkit.bench import FAMILIES, ModelConfig, TrainConfig, build_model, model_config, train_base
 from trimkit.bench.backbone import DataInputs, _fit_text
-from trimkit.bench.base import cache_key, cache_root, data_specs, lr_factor, train_model
+from trimkit.bench.base import default_recipe, cache_key, cache_root, data_specs, lr_factor, train_model
 from trimkit.data import collate, load_dataset
 from trimkit.errors import ConfigError, DataError
 from trimkit.locate import locate
@@ -191,6 +191,14 @@ def test_single_object_steps_train_on_one_object_scenes_first(tmp_path, monkeypa
         "vilt", "vqa", bench.config, specs, TrainConfig(steps=3, single_object_steps=1), 0)
     with pytest.raises(ConfigError, match="single_object_steps must be in 0..steps-1"):
         TrainConfig(steps=3, single_object_steps=3)
+    # a shorter run than the recipe's keeps the recipe's share of one-object steps
+    recipe = default_recipe("vilt", "vqa")[1]
+    assert recipe.single_object_steps > 0
+    for kw in (dict(steps=40), dict(train=dict(steps=40, batch_size=4, val_n=8, test_n=8))):
+        short = train_base("vilt", "vqa", seed=2, data_spec=SPEC, cache_dir=tmp_path, progress=False,
+                           threads=None, model=TINY, **({"train": dict(batch_size=4, val_n=8, test_n=8)} | kw))
+        assert short.train.steps == 40
+        assert short.train.single_object_steps == recipe.single_object_steps * 40 // recipe.steps
 
 
 def test_backbone_reads_inputs_from_the_data(tmp_path):

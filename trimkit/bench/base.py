@@ -76,15 +76,17 @@ class TrainConfig:
                               f"got {self.single_object_steps!r}")
 
 
-# Default recipes (see trimkit/bench/README.md for what they reach): 16-pixel patches on 64-pixel
-# images (one token per cell of the scene grid), 2-3 objects per scene, batch 32.
-_SIZE: dict = dict(hidden=128, layers=4, heads=4, patch=16)
-_TRAIN: dict = dict(batch_size=32, lr=1e-3, warmup=200)
-_STEPS: dict = {"blip": 4500, "bridgetower": 1500, "vilt": 1500}
-_DATA = "synthetic:{task}?image=64&objects=2-3"
+# Default recipes (see trimkit/bench/README.md for what they reach): 8-pixel patches on 64-pixel
+# images (64 patch tokens, each object covering about 2x2 of them), 2-3 objects per scene centred in
+# the cells of the scene grid, batch 32, and a one-object curriculum for the first 1500 steps.
+_SIZE: dict = dict(hidden=128, layers=4, heads=4, patch=8)
+_TRAIN: dict = dict(batch_size=32, lr=1e-3, warmup=300, single_object_steps=1500)
+_STEPS: dict = {("blip", "vqa"): 4000, ("bridgetower", "vqa"): 4000, ("vilt", "vqa"): 5000}
+_DEFAULT_STEPS = 5000
+_DATA = "synthetic:{task}?image=64&objects=2-3&jitter=0"
 _RECIPES: dict[tuple[str, str], tuple[dict, dict, str]] = {
     (family, task): ({**_SIZE, **({"cross_layers": 2} if family == "bridgetower" else {})},
-                     {**_TRAIN, "steps": _STEPS[family]}, _DATA)
+                     {**_TRAIN, "steps": _STEPS.get((family, task), _DEFAULT_STEPS)}, _DATA)
     for family in FAMILIES for task in ("vqa", "truefalse", "retrieval")
 }
 
@@ -317,7 +319,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
 
     family: ``blip``, ``bridgetower`` or ``vilt``; task: ``vqa``, ``truefalse`` or ``retrieval``
     (image-text matching pairs). seed: weight initialisation. steps: overrides the recipe's step
-    count. data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
+    count (the one-object curriculum keeps its share of the steps unless `train` sets it). data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
     model / train: overrides of the model size / the `TrainConfig` (a dict updates the recipe's).
     evaluate_test: also measure the test split. threads: ``torch.set_num_threads`` during training
     (None leaves it). retrain: ignore a cached result.
@@ -331,6 +333,8 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
         changes = dict(train or {})
     if steps is not None:  # in one step with the overrides, which may only fit the new count
         changes.update(steps=steps, warmup=min(changes.get("warmup", recipe.warmup), max(1, steps // 10)))
+    if "steps" in changes and "single_object_steps" not in changes:  # the curriculum keeps its share
+        changes["single_object_steps"] = recipe.single_object_steps * changes["steps"] // recipe.steps
     if changes:
         recipe = replace(recipe, **changes)
     specs = data_specs(task, recipe, data_spec or default_data)

@@ -57,7 +57,8 @@ class BenchConfig:
     seeds: seeds of the 2x points (SmartTrim, baselines, ablations); other ratios use seed 0 only
       unless ``all_seeds``.
     base_steps: steps of base training (None: the recipe's); base_model / base_train: overrides of
-      the base model's size and `trimkit.bench.TrainConfig`.
+      the base model's size and `trimkit.bench.TrainConfig`; base_data: the synthetic data spec of
+      base training (None: the recipe's; ``{task}`` is replaced by the task).
     steps: SmartTrim training steps, also the fine-tuning budget of the ``+ft`` baselines.
     batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings;
       freeze_backbone: SmartTrim trains its trimmers only; full_task: weight of the full-capacity
@@ -79,6 +80,7 @@ class BenchConfig:
     base_steps: int | None = None
     base_model: tuple[tuple[str, Any], ...] = ()
     base_train: tuple[tuple[str, Any], ...] = ()
+    base_data: str | None = None
     steps: int = 300
     batch_size: int = 32
     lr_backbone: float = 1e-4
@@ -128,16 +130,22 @@ class BenchConfig:
         return data
 
 
-# A reduced bench: one small ViLT on VQA, 2x only, baselines training-free, one seed.
+# A reduced bench: one small ViLT on VQA, 2x only, baselines training-free, one seed. Its base is
+# small and quick: 16-pixel patches (16 image tokens), jittered objects, no curriculum.
+_SMALL_DATA = "synthetic:{task}?image=64&objects=2-3"
 QUICK = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=200,
-                    base_model=(("hidden", 64), ("heads", 2)), base_train=(("val_n", 100), ("test_n", 200)),
+                    base_model=(("hidden", 64), ("heads", 2), ("patch", 16)),
+                    base_train=(("val_n", 100), ("test_n", 200), ("single_object_steps", 0), ("warmup", 200)),
+                    base_data=_SMALL_DATA,
                     steps=40, finetune=False, ablations=False, calibrate=64, match_items=8,
                     flops_samples=12, latency_repeats=5, mode="quick")
 
 # The same pipeline with a handful of steps and tiny data (CI).
 SMOKE = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, base_steps=4,
-                    base_model=(("hidden", 32), ("heads", 2), ("layers", 3)),
-                    base_train=(("val_n", 16), ("test_n", 16), ("batch_size", 8), ("eval_batch_size", 16)),
+                    base_model=(("hidden", 32), ("heads", 2), ("layers", 3), ("patch", 16)),
+                    base_train=(("val_n", 16), ("test_n", 16), ("batch_size", 8), ("eval_batch_size", 16),
+                                ("single_object_steps", 0), ("warmup", 200)),
+                    base_data=_SMALL_DATA,
                     steps=3, batch_size=8, finetune=True, ablations=False, calibrate=16, match_items=2,
                     flops_samples=2, latency_batch=4, latency_repeats=1, threads=1, mode="smoke")
 
@@ -245,9 +253,10 @@ def base_model(config: BenchConfig, family: str, task: str, progress: bool = Fal
     """The trained full model of `family` on `task` (`trimkit.bench.BenchModel`, from the cache)."""
     from trimkit.bench.base import train_base
 
+    data = config.base_data.format(task=task) if config.base_data else None
     return train_base(family, task, seed=0, steps=config.base_steps, cache_dir=config.cache_dir,
                       model=dict(config.base_model), train=dict(config.base_train), progress=progress,
-                      threads=config.threads)
+                      data_spec=data, threads=config.threads)
 
 
 def _fresh(bench, device: str):
