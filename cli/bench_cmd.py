@@ -65,6 +65,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--no-ablations", is_flag=True, help="Skip the ablations.")
 @click.option("--freeze-backbone", is_flag=True, help="SmartTrim trains its trimmers only (backbone frozen).")
 @click.option("--full-task", type=click.FloatRange(min=0.0), help="Weight of the full-capacity pass's task loss.")
+@click.option("--dual-lr", type=click.FloatRange(min=0.0),
+              help="Step of the Lagrange multiplier on the FLOPs-ratio gap in SmartTrim training.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -77,7 +79,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, no_finetune, no_ablations,
-                  freeze_backbone, full_task, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
+                  freeze_backbone, full_task, dual_lr, device, threads, out_dir, docs_dir, readme, no_report, report_only,
+                  cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 
@@ -112,6 +115,8 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
             changes["freeze_backbone"] = True
         if full_task is not None:
             changes["full_task"] = full_task
+        if dual_lr is not None:
+            changes["dual_lr"] = dual_lr
         config = replace(config, **changes)
         start = time.perf_counter()
         run_bench(config, out_dir, command=_command_line(click.get_current_context()), log=click.echo)

@@ -10,6 +10,9 @@ The loss of one batch is ``L = L_task + alpha * L_distill + beta * L_cost``:
   model (e.g. for a quantised student) can replace the self-teacher;
 * ``L_cost``: the passes' differentiable expected-FLOPs ratio ``r`` (:func:`trimkit.cost.expected_ratio`)
   against the current target ``t``: ``(r - t)^2`` (``square``) or ``max(r - t, 0)^2`` (``above``).
+  With ``dual_lr > 0`` a Lagrange multiplier ``lambda >= 0`` adds ``lambda * (r - t)`` and rises
+  by ``dual_lr * (r - t)`` after every step while the ratio stays above the target, so the target
+  is reached even where the task loss outweighs the square term.
 
 The target anneals from 1.0 to the final ratio over the first ``anneal`` fraction of the steps
 (linear or cosine); the Gumbel temperature goes from ``tau_start`` to ``tau_end``. Trimmers and
@@ -73,6 +76,7 @@ class TrainConfig:
       trains; that pass then runs with gradient and its detached logits are the distillation
       target, which keeps the shared backbone (the teacher) from drifting (0 = teacher without
       gradient, one extra forward only).
+    dual_lr: step size of the Lagrange multiplier on ``r - t`` (0 = off: the square cost alone).
     """
 
     batch_size: int = 16
@@ -97,6 +101,7 @@ class TrainConfig:
     measure_every: int = 25
     calibrate: int = 256
     full_task: float = 0.0
+    dual_lr: float = 0.0
 
     def __post_init__(self) -> None:
         ints = {"batch_size": 1, "grad_accum": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
@@ -109,7 +114,8 @@ class TrainConfig:
         for name in positive:
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"train: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task"):
+        for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task",
+                     "dual_lr"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -121,7 +127,10 @@ class TrainConfig:
             raise ConfigError(f"train: schedule must be 'linear' or 'cosine', got {self.schedule!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["dual_lr"]:  # checkpoints written before the field still resume
+            del data["dual_lr"]
+        return data
 
 
 @dataclass
@@ -724,6 +733,7 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
         state = _load_checkpoint(path, model, opt)
         _check_resume(state, config, target, steps, path)
         start, history = int(state["step"]), list(state["history"])
+        dual = float(history[-1].get("lambda", 0.0)) if history else 0.0
         cm.rest, cm.overhead, cm.calibrated = state["cost_scale"]["rest"], state["cost_scale"]["overhead"], True
         _set_rng_state(state["rng_state"])
         checkpoint = path
@@ -738,6 +748,8 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     rng_at_step = _rng_state()
     executed = None
     step = start
+    if not resume:
+        dual = 0.0
 
     def save(at: int, rng: dict) -> Path | None:
         if out is None:
@@ -780,6 +792,8 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
                         if mse is not None:
                             parts["distill"] = parts["distill"] + config.hidden_weight * mse
                     loss = parts["task"] + config.alpha * parts["distill"] + config.beta * parts["cost"]
+                    if dual:  # the Lagrange term on the ratio gap (dual_lr > 0)
+                        loss = loss + dual * (ratio - goal)
                     if not _finite({"loss": loss, **parts}):
                         where = save(step, rng_at_step)
                         saved = f"last good checkpoint: {where}" if where else "no out_dir, nothing saved"
@@ -793,6 +807,9 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 row = {"step": step + 1, **sums, "target": goal, "tau": tau}
+                if config.dual_lr > 0:
+                    dual = dual + config.dual_lr * (sums["ratio"] - goal)
+                    row["lambda"] = dual
                 if config.measure_every and ((step + 1) % config.measure_every == 0 or step + 1 == steps):
                     executed = row["executed_ratio"] = _executed_ratio(model, _unpadded_rows(inputs, binding))
                 history.append(row)

@@ -218,3 +218,40 @@ def test_full_capacity_task_loss_anchors_the_backbone(tokens_recipe):
 def test_full_task_must_be_non_negative():
     with pytest.raises(ConfigError, match="full_task"):
         TrainConfig(full_task=-1.0)
+
+
+def test_lagrange_multiplier_pulls_the_ratio_to_the_target(tokens_recipe):
+    """Without the square cost (beta 0) nothing moves the ratio; the multiplier (dual_lr) integrates
+    the gap: it rises while the ratio is above the target, falls while below, and on its own brings
+    the ratio down to the target."""
+    target = 0.7
+    runs = {}
+    for dual_lr in (0.0, 0.3):
+        config = TrainConfig(**{**FAST, "beta": 0.0, "anneal": 0.0, "lr_backbone": 0.0, "dual_lr": dual_lr})
+        runs[dual_lr] = train("vilt-vqa-tiny", "synthetic:vqa?n=128", target_ratio=target, steps=40,
+                              recipe=tokens_recipe, config=config, progress=False)
+    weak, dual = runs[0.0], runs[0.3]
+    assert "lambda" not in weak.history[-1] and weak.expected_ratio > 0.9
+    ratios = [row["ratio"] for row in dual.history]
+    lambdas = [0.0] + [row["lambda"] for row in dual.history]
+    assert min(ratios) < target
+    for r, before, after in zip(ratios, lambdas, lambdas[1:]):
+        assert after - before == pytest.approx(0.3 * (r - target))
+
+
+def test_resume_keeps_the_multiplier(tokens_recipe, tmp_path):
+    config = TrainConfig(checkpoint_every=2, **{**FAST, "dual_lr": 0.5})
+    whole = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+                  out_dir=tmp_path / "a", progress=False)
+
+    def stop_at_4(step, row):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+              out_dir=tmp_path / "b", progress=False, callback=stop_at_4)
+    resumed = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
+                    out_dir=tmp_path / "b", resume=True, progress=False)
+    assert [r["lambda"] for r in resumed.history] == [r["lambda"] for r in whole.history]
+    assert _losses(resumed.history) == _losses(whole.history)

@@ -30,6 +30,7 @@ __all__ = ["FAMILIES", "ModelConfig", "BenchOutput", "BlipClassifier", "BridgeTo
            "ViltClassifier", "build_model", "model_config", "param_count"]
 
 FAMILIES: tuple[str, ...] = ("blip", "bridgetower", "vilt")
+POS_INITS: tuple[str, ...] = ("normal", "sincos")
 
 # Token ids of trimkit.data.WordTokenizer.
 PAD_ID, CLS_ID, SEP_ID = 0, 1, 2
@@ -43,7 +44,9 @@ class ModelConfig:
     and vision towers each, with ``cross_layers`` co-attention layers on the last ones); heads:
     attention heads (BridgeTower's vision tower has ``hidden // 64`` by construction); mlp: FFN
     expansion; image / patch: image side and patch size in pixels; vocab_size / num_labels /
-    max_text_len: from the data set.
+    max_text_len: from the data set; pos_init: how position embeddings start, ``normal`` (truncated
+    normal like every other weight) or ``sincos`` (a fixed 2-D sine-cosine table of the patch grid
+    for image tokens and a 1-D table for text positions; they stay trainable).
     """
 
     family: str
@@ -58,12 +61,17 @@ class ModelConfig:
     mlp: int = 4
     cross_layers: int = 2
     dropout: float = 0.0
+    pos_init: str = "normal"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown bench family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.image % self.patch:
             raise ConfigError(f"image size {self.image} is not a multiple of the patch size {self.patch}")
+        if self.pos_init not in POS_INITS:
+            raise ConfigError(f"unknown pos_init {self.pos_init!r}; known: {', '.join(POS_INITS)}")
+        if self.pos_init == "sincos" and self.hidden % 4:
+            raise ConfigError(f"pos_init 'sincos' needs hidden % 4 == 0, got {self.hidden}")
         if self.hidden % self.heads:
             raise ConfigError(f"hidden size {self.hidden} is not a multiple of the head count {self.heads}")
         if self.family == "bridgetower":
@@ -73,7 +81,10 @@ class ModelConfig:
                 raise ConfigError(f"cross_layers must be in 1..{self.layers}, got {self.cross_layers}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["pos_init"] == "normal":  # cache keys of models from before the field stay valid
+            del data["pos_init"]
+        return data
 
 
 def model_config(family: str, dataset: Any, **overrides: Any) -> ModelConfig:
@@ -196,6 +207,37 @@ def _init_weights(module: nn.Module, std: float) -> None:
             nn.init.trunc_normal_(p, std=std)
 
 
+def sincos_1d(positions: int, dim: int) -> torch.Tensor:
+    """``[positions, dim]``: sines of ``dim / 2`` geometric frequencies, then their cosines."""
+    freq = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] * freq[None]
+    return torch.cat([angle.sin(), angle.cos()], dim=1).float()
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """``[side * side, dim]`` in row-major patch order: half the channels encode the row, half the
+    column."""
+    rows, cols = sincos_1d(side, dim // 2), sincos_1d(side, dim // 2)
+    return torch.cat([rows[:, None].expand(side, side, -1), cols[None].expand(side, side, -1)], -1).reshape(
+        side * side, dim)
+
+
+@torch.no_grad()
+def _init_positions(model: nn.Module, config: ModelConfig) -> None:
+    """Sine-cosine starts for the position embeddings: 2-D over the patch grid for image tokens
+    (the class token's row stays zero), 1-D for text positions."""
+    side = config.image // config.patch
+    for name, p in model.named_parameters():
+        if "position_embedding" not in name or p.dim() < 2:
+            continue
+        table = p.view(-1, p.shape[-1])
+        if table.shape[0] == side * side + 1:  # image: [CLS] then the patch grid
+            table[0].zero_()
+            table[1:].copy_(sincos_2d(side, table.shape[1]))
+        else:
+            table.copy_(sincos_1d(table.shape[0], table.shape[1]))
+
+
 def build_model(config: ModelConfig, *, seed: int = 0, init_std: float = 0.02) -> nn.Module:
     """A freshly initialised bench model of `config` (deterministic by `seed`), in train mode."""
     if not isinstance(config, ModelConfig):
@@ -204,6 +246,8 @@ def build_model(config: ModelConfig, *, seed: int = 0, init_std: float = 0.02) -
         torch.manual_seed(seed)
         model = _CLASSES[config.family](config)
         _init_weights(model, init_std)
+        if config.pos_init == "sincos":
+            _init_positions(model, config)
     return model.train()
 
 

@@ -62,7 +62,8 @@ class BenchConfig:
     steps: SmartTrim training steps, also the fine-tuning budget of the ``+ft`` baselines.
     batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings;
       freeze_backbone: SmartTrim trains its trimmers only; full_task: weight of the full-capacity
-      pass's task loss in SmartTrim training (see `trimkit.train.TrainConfig`).
+      pass's task loss in SmartTrim training; dual_lr: step of the Lagrange multiplier that holds
+      the FLOPs ratio to its target (see `trimkit.train.TrainConfig`).
     finetune: also run the baselines after fine-tuning; ablations: run the four ablations.
     calibrate: training items that pick SmartTrim's inference threshold.
     match_items: validation items on which SmartTrim's executed ratio is measured for matching.
@@ -86,6 +87,7 @@ class BenchConfig:
     lr_backbone: float = 1e-4
     freeze_backbone: bool = False
     full_task: float = 0.0
+    dual_lr: float = 0.0
     lr_trimmer: float = 1e-2
     alpha: float = 1.0
     beta: float = 10.0
@@ -285,7 +287,7 @@ def _train_config(config: BenchConfig, run: RunSpec):
     from trimkit.train import TrainConfig
 
     return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
-                       freeze_backbone=config.freeze_backbone, full_task=config.full_task,
+                       freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
                        alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
                        seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
