@@ -235,3 +235,28 @@ def test_default_recipes_and_factory_refs():
     assert ModelConfig("vilt", vocab_size=40, num_labels=20, **size).image % size["patch"] == 0
     assert set(FACTORIES) >= {"blip-vqa", "bridgetower-vqa", "vilt-vqa", "vilt-truefalse"}
     assert all(callable(load_factory(ref)) for ref in FACTORIES.values())
+
+
+def test_sincos_position_init():
+    from trimkit.bench.models import sincos_1d, sincos_2d
+
+    table = sincos_2d(4, 8)
+    assert table.shape == (16, 8)
+    # the first half of the channels depends on the row only, the second half on the column only
+    assert torch.equal(table[0, :4], table[3, :4]) and not torch.equal(table[0, :4], table[4, :4])
+    assert torch.equal(table[0, 4:], table[4, 4:]) and not torch.equal(table[0, 4:], table[1, 4:])
+    assert torch.allclose(sincos_1d(3, 4)[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    for family in FAMILIES:
+        config = ModelConfig(family, vocab_size=12, num_labels=3, **{**TINY, "pos_init": "sincos"})
+        model = build_model(config, seed=0)
+        grid = (config.image // config.patch) ** 2
+        tables = {n: p.detach().reshape(-1, p.shape[-1]) for n, p in model.named_parameters()
+                  if "position_embedding" in n}
+        image = [t for t in tables.values() if t.shape[0] == grid + 1]
+        assert len(image) == 1 and torch.equal(image[0][1:], sincos_2d(4, config.hidden))
+        assert not image[0][0].any()
+        assert all(torch.equal(t, sincos_1d(*t.shape)) for t in tables.values() if t.shape[0] != grid + 1)
+        assert "pos_init" in config.to_dict()
+    assert "pos_init" not in ModelConfig("vilt", vocab_size=12, num_labels=3).to_dict()  # old cache keys hold
+    with pytest.raises(ConfigError, match="pos_init"):
+        ModelConfig("vilt", vocab_size=12, num_labels=3, pos_init="learned")
