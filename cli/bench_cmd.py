@@ -63,6 +63,11 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--base-steps", type=click.IntRange(min=1), help="Base-model training steps (default: the recipe's).")
 @click.option("--no-finetune", is_flag=True, help="Skip the fine-tuned baselines.")
 @click.option("--no-ablations", is_flag=True, help="Skip the ablations.")
+@click.option("--methods", help="Comma-separated methods to run (default: all planned), e.g. "
+              "full,smarttrim,smarttrim-tokens,tome.merge.")
+@click.option("--ablations-all-ratios", is_flag=True, help="Run the ablations at every target, not only 2x.")
+@click.option("--lr-backbone", type=click.FloatRange(min=0.0), help="Backbone learning rate of SmartTrim training "
+              "and baseline fine-tuning (default 1e-5).")
 @click.option("--freeze-backbone", is_flag=True, help="SmartTrim trains its trimmers only (backbone frozen).")
 @click.option("--full-task", type=click.FloatRange(min=0.0), help="Weight of the full-capacity pass's task loss.")
 @click.option("--dual-lr", type=click.FloatRange(min=0.0),
@@ -79,7 +84,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, no_finetune, no_ablations,
-                  freeze_backbone, full_task, dual_lr, device, threads, out_dir, docs_dir, readme, no_report, report_only,
+                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, device, threads, out_dir, docs_dir, readme, no_report, report_only,
                   cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
@@ -111,6 +116,12 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
             changes["finetune"] = False
         if no_ablations:
             changes["ablations"] = False
+        if methods:
+            changes["methods"] = _names(methods)
+        if ablations_all_ratios:
+            changes["ablations_all"] = True
+        if lr_backbone is not None:
+            changes["lr_backbone"] = lr_backbone
         if freeze_backbone:
             changes["freeze_backbone"] = True
         if full_task is not None:

@@ -64,7 +64,8 @@ class BenchConfig:
       freeze_backbone: SmartTrim trains its trimmers only; full_task: weight of the full-capacity
       pass's task loss in SmartTrim training; dual_lr: step of the Lagrange multiplier that holds
       the FLOPs ratio to its target (see `trimkit.train.TrainConfig`).
-    finetune: also run the baselines after fine-tuning; ablations: run the four ablations.
+    finetune: also run the baselines after fine-tuning; ablations: run the four ablations (at 2x, or
+      at every ratio with ``ablations_all``); methods: run only these methods (empty: all planned).
     calibrate: training items that pick SmartTrim's inference threshold.
     match_items: validation items on which SmartTrim's executed ratio is measured for matching.
     flops_samples: test items whose executed FLOPs are counted one by one.
@@ -84,7 +85,7 @@ class BenchConfig:
     base_data: str | None = None
     steps: int = 300
     batch_size: int = 32
-    lr_backbone: float = 1e-4
+    lr_backbone: float = 1e-5
     freeze_backbone: bool = False
     full_task: float = 0.0
     dual_lr: float = 0.0
@@ -93,6 +94,8 @@ class BenchConfig:
     beta: float = 10.0
     finetune: bool = True
     ablations: bool = True
+    ablations_all: bool = False
+    methods: tuple[str, ...] = ()
     calibrate: int = 256
     match_items: int = 32
     flops_samples: int = 64
@@ -120,6 +123,10 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        known = ("full", "smarttrim", *BASELINES, *(f"{b}+ft" for b in BASELINES), *ABLATIONS)
+        bad = [m for m in self.methods if m not in known]
+        if bad:
+            raise ConfigError(f"unknown bench methods {bad}; known: {', '.join(known)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -195,8 +202,11 @@ def plan(config: BenchConfig) -> list[RunSpec]:
                         if config.finetune:
                             runs.append(RunSpec(family, task, f"{name}+ft", ratio, seed))
             if config.ablations:
-                for seed in range(config.seeds):
-                    runs += [RunSpec(family, task, name, _TWO_X, seed) for name in ABLATIONS]
+                for ratio in (config.ratios if config.ablations_all else (_TWO_X,)):
+                    for seed in _seeds_for(config, ratio):
+                        runs += [RunSpec(family, task, name, ratio, seed) for name in ABLATIONS]
+    if config.methods:
+        runs = [r for r in runs if r.method in config.methods]
     return runs
 
 
