@@ -42,6 +42,21 @@ def test_plan_baseline_follows_the_smarttrim_run_it_matches():
             assert before, run.name
 
 
+def test_plan_methods_filter_and_ablations_at_every_ratio():
+    config = BenchConfig(families=("blip",), tasks=("vqa",), ratios=(0.5, 1 / 3), seeds=2, finetune=False,
+                         ablations_all=True, methods=("full", "smarttrim", "smarttrim-tokens", "tome.merge"))
+    runs = plan(config)
+    assert {r.method for r in runs} == {"full", "smarttrim", "smarttrim-tokens", "tome.merge"}
+    tokens = sorted((round(r.ratio, 3), r.seed) for r in runs if r.method == "smarttrim-tokens")
+    assert tokens == [(0.333, 0), (0.5, 0), (0.5, 1)]  # extra seeds at 2x only, as for SmartTrim
+    every = plan(replace(config, methods=()))
+    assert {round(r.ratio, 3) for r in every if r.method == "smarttrim-heads"} == {0.5, 0.333}
+    only_two_x = plan(replace(config, ablations_all=False, methods=()))
+    assert {r.ratio for r in only_two_x if r.method in ABLATIONS} == {0.5}
+    with pytest.raises(ConfigError, match="unknown bench methods"):
+        replace(config, methods=("smarttrim", "magic"))
+
+
 def test_quick_plan_is_reduced():
     runs = plan(QUICK)
     assert [r.method for r in runs] == ["full", "smarttrim", *BASELINES]
