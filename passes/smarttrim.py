@@ -149,6 +149,11 @@ def _probe(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, spec
             mismatch = _rows_disagree(model, inputs, batched)
             probe.threshold = 1.0
             model(**inputs)
+            padded = _with_padding(inputs)  # a padded text row takes other paths in some models
+            if padded is not inputs and any(padded[k] is not inputs[k] for k in inputs):
+                for threshold in (0.5, 1.0):
+                    probe.threshold = threshold
+                    model(**padded)
         if mismatch:
             return (f"with tokens removed, a padded batch and row-by-row runs disagree ({mismatch}); "
                     "something reads its tokens by position")
@@ -268,6 +273,25 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
                 break
         if verdict:
             notes.append(f"stream '{name}' left whole: {verdict}")
+    # Streams that work alone can still break each other (a cross-modal layer reading two trimmed
+    # streams): probe them together and leave out, last first, the streams the joint run needs whole.
+    def joint(names: list[str]) -> str:
+        layers = [layer.path for n in names for layer in model_map.stream(n).layers[config.start_layer:]]
+        return _probe(model, model_map, cap, layers, other, special, text_embed, context.inputs,
+                      skip=[n for n in skip if n in names]) if names else ""
+
+    verdict = joint(kept_streams)
+    while verdict:
+        for name in reversed(kept_streams):
+            rest = [n for n in kept_streams if n != name]
+            if not joint(rest):
+                break
+        else:
+            name = kept_streams[-1]
+        notes.append(f"stream '{name}' left whole: trimmed together with the others, {verdict}")
+        kept_streams.remove(name)
+        verdict = joint(kept_streams)
+    skip = [n for n in skip if n in kept_streams]
     skipped += [n for n in trimmed if n not in kept_streams]
     trimmed = kept_streams
     by_path = build(trimmed)
