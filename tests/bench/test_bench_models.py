@@ -260,3 +260,32 @@ def test_sincos_position_init():
     assert "pos_init" not in ModelConfig("vilt", vocab_size=12, num_labels=3).to_dict()  # old cache keys hold
     with pytest.raises(ConfigError, match="pos_init"):
         ModelConfig("vilt", vocab_size=12, num_labels=3, pos_init="learned")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_trimming_runs_on_padded_text_batches(tmp_path, family):
+    """smarttrim.tokens is applied from unpadded example inputs; batches with padded text must
+    still run when the trimmers remove every token they may (BridgeTower's text tower feeds its
+    bridges at full length only in that case)."""
+    from trimkit.control import set_threshold
+    from trimkit.passes import apply_
+    from trimkit.passes.smarttrim import SmartTrimTokensConfig
+
+    bench = train_base(family, "vqa", seed=2, data_spec=SPEC, cache_dir=tmp_path, progress=False, threads=None,
+                       model=dict(patch=16), train=dict(steps=2, batch_size=4, val_n=8, test_n=8, warmup=1))
+    bb = bench.backbone()
+    apply_(bb.model, [SmartTrimTokensConfig(threshold=0.5)], inputs=bb.example_inputs(2), hints=bb.hints)
+    g = torch.Generator().manual_seed(0)
+    for trimmer in bb.model.trimkit_token_trimmers.values():  # decisions that differ from token to token
+        with torch.no_grad():
+            trimmer.score.weight.copy_(torch.randn(trimmer.score.weight.shape, generator=g) * 3)
+            trimmer.score.bias.zero_()
+    data = bench.dataset("val")
+    items = sorted((data[i] for i in range(8)), key=lambda it: -int(it["input_ids"].shape[-1]))
+    batch = {k: v for k, v in collate(items).items() if k != "labels"}
+    assert (batch["attention_mask"] == 0).any()  # texts of different lengths: padded rows
+    model = bb.model.eval()
+    for threshold in (0.3, 0.5, 0.7, 1.0):
+        set_threshold(model, threshold)
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).logits).all(), threshold
