@@ -122,6 +122,18 @@ def test_claims_checks_drop_baselines_and_speed():
     assert not worse["3x"]["ok"] and not worse["3x"]["beats_training_free"]
 
 
+def test_claims_of_a_smarttrim_variant_are_checked_on_their_own():
+    records = [*_records(st3=0.80), _record("smarttrim-tokens", 1 / 3, 0, 0.89, 3.3e8, (1.0, 3.0))]
+    points = aggregate(records)
+    (main,) = claims(points)
+    (tokens,) = claims(points, "smarttrim-tokens")
+    assert main["method"] == "smarttrim" and not main["3x"]["ok"]
+    assert tokens["method"] == "smarttrim-tokens" and tokens["3x"]["ok"] and tokens["3x"]["beats_training_free"]
+    assert "2x" not in tokens
+    text = markdown(points)
+    assert "- vilt / vqa (smarttrim-tokens): 3x" in text and "- vilt / vqa: 2x" in text
+
+
 def test_markdown_table_lists_every_point_with_the_command():
     text = markdown(aggregate(_records()), ["trimkit bench --quick"])
     assert "trimkit bench --quick" in text

@@ -95,15 +95,16 @@ def _find(points: list[Point], method: str, ratio: float | None = None) -> Point
     return None
 
 
-def claims(points: list[Point]) -> list[dict]:
-    """Per (family, task): the checks of the SmartTrim claim, from the aggregated points."""
+def claims(points: list[Point], method: str = "smarttrim") -> list[dict]:
+    """Per (family, task): the checks of the SmartTrim claim for `method` (``smarttrim`` or one of its
+    variants, e.g. ``smarttrim-tokens``), from the aggregated points."""
     out = []
     for key in sorted({(p.family, p.task) for p in points}):
         pts = [p for p in points if (p.family, p.task) == key]
         full = _find(pts, "full")
-        row: dict = {"family": key[0], "task": key[1]}
+        row: dict = {"family": key[0], "task": key[1], "method": method}
         for label, ratio, allowed in (("2x", 0.5, 0.01), ("3x", 1 / 3, 0.02)):
-            st = _find(pts, "smarttrim", ratio)
+            st = _find(pts, method, ratio)
             if full is None or st is None:
                 continue
             drop = full.accuracy - st.accuracy
@@ -146,6 +147,8 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
                          f"| {p.flops_reduction:.2f} | {_fmt_speed(p.speedup_1)} | {_fmt_speed(p.speedup_n)} |")
         lines.append("")
     checks = claims(points)
+    variants = sorted({p.method for p in points if p.method.startswith("smarttrim-")})
+    checks += [c for v in variants for c in claims(points, v) if "2x" in c or "3x" in c]
     if checks:
         lines += ["Claim checks (SmartTrim vs full: ≤ 1 point at 2×, ≤ 2 points at 3×, above every training-free "
                   "baseline at 3×; speedup ≥ 0.85 × FLOPs reduction at batch 1 and the large batch):", ""]
@@ -162,7 +165,8 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
                             text += " (FLOPs not matched: " + ", ".join(
                                 f"{m} at {r:.2f}×" for m, r in sorted(v["unmatched"].items())) + ")"
                     parts.append(text)
-            lines.append(f"- {c['family']} / {c['task']}: " + ("; ".join(parts) if parts else "no 2×/3× point"))
+            who = "" if c["method"] == "smarttrim" else f" ({c['method']})"
+            lines.append(f"- {c['family']} / {c['task']}{who}: " + ("; ".join(parts) if parts else "no 2×/3× point"))
         lines.append("")
     return "\n".join(lines)
 
