@@ -8,6 +8,8 @@ layer scores the tokens of the layer's main input and
   embeddings, found from the recorded forward) are gathered to the kept positions. Rows with
   different keep counts are padded to the row maximum; the padded keys are masked out in every
   attention whose keys come from that stream;
+  the feed-forward block of such a layer runs on the kept tokens only, packed across rows (its
+  input projections read ``[N, D]`` instead of ``[B, Lmax, D]``), so padding costs nothing there;
 * in **train** mode keeps the full length and multiplies a straight-through Gumbel mask into a
   per-stream cumulative keep mask; pruned tokens stop being keys of later attention through an
   additive ``log`` mask, so the gradient reaches the trimmers.
@@ -185,6 +187,7 @@ class TrimState:
         self.tokens: dict[str, torch.Tensor] = {}  # layer path -> [B, L] soft mask (train) or [B] counts
         self.keys: dict[str, torch.Tensor] = {}  # attention path -> the same, for its keys
         self.lengths: dict[str, int] = {}  # layer or attention path -> untrimmed length of those tokens
+        self.packed: dict[str, tuple] = {}  # FFN path -> (flat index of kept tokens, leading shape) while packed
 
 
 class _KeyMask(TorchFunctionMode):
@@ -385,6 +388,12 @@ class TokenRuntime:
             mod = m.get_submodule(path)
             self.handles.append(mod.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._make_post(path)))
+        for s in self.map.streams:
+            if s.name not in self.trimmed_streams:
+                continue
+            for layer in s.layers:
+                if layer.ffn is not None:
+                    self._install_packing(s.name, layer.ffn)
         seen = set()
         for site in self.map.sites():
             if site.key_stream in self.trimmed_streams and site.path not in seen:
@@ -393,6 +402,53 @@ class TokenRuntime:
                 self.handles.append(mod.register_forward_pre_hook(
                     self._make_attn_pre(site.key_stream, site.path, site.kind == "cross"), with_kwargs=True))
                 self.handles.append(mod.register_forward_hook(self._attn_post, always_call=True))
+
+    def _install_packing(self, stream: str, ffn) -> None:
+        """Hooks that run the feed-forward block of a padded eval batch on the kept tokens only."""
+        try:
+            fc_in = [self.model.get_submodule(p) for p in ffn.fc_in]
+            fc_out = self.model.get_submodule(ffn.fc_out)
+        except AttributeError:
+            return
+        if not fc_in or not all(isinstance(m, nn.Linear) for m in (*fc_in, fc_out)):
+            return
+        first = fc_in[0]
+
+        def pack(module, args):
+            if self.model.training or not self.enabled or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            st = self.state.streams.get(stream)
+            x = args[0]
+            if module is first:
+                self.state.packed.pop(ffn.path, None)
+                if st is None or st.valid is None or x.dim() != 3 or bool(st.valid.all()):
+                    return None
+                if self.model.get_submodule(ffn.fc_out) is not fc_out:  # replaced by a later pass
+                    return None
+                if tuple(x.shape[:2]) == tuple(st.valid.shape):
+                    valid = st.valid
+                elif tuple(x.shape[:2]) == tuple(st.valid.shape[::-1]):
+                    valid = st.valid.transpose(0, 1)
+                else:
+                    return None
+                index = valid.reshape(-1).nonzero().squeeze(1)
+                self.state.packed[ffn.path] = (index, tuple(x.shape[:2]))
+            got = self.state.packed.get(ffn.path)
+            if got is None or x.dim() != 3 or tuple(x.shape[:2]) != got[1]:
+                return None
+            return (x.reshape(-1, x.shape[-1]).index_select(0, got[0]), *args[1:])
+
+        def unpack(module, args, output):
+            got = self.state.packed.pop(ffn.path, None)
+            if got is None or not isinstance(output, torch.Tensor) or output.dim() != 2:
+                return None
+            index, lead = got
+            full = output.new_zeros(lead[0] * lead[1], output.shape[-1]).index_copy_(0, index, output)
+            return full.view(*lead, output.shape[-1])
+
+        for m in fc_in:
+            self.handles.append(m.register_forward_pre_hook(pack))
+        self.handles.append(fc_out.register_forward_hook(unpack))
 
     def _close_modes(self):
         while self._modes:

@@ -117,3 +117,37 @@ def test_trimmer_fast_logits_match_forward(batch, other):
     o = torch.randn(batch, other) if other else None
     with torch.no_grad():
         torch.testing.assert_close(t.fast_logits(x, g, o), t(x, g, o), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny"])
+def test_feed_forward_of_a_padded_batch_runs_on_kept_tokens_only(ref):
+    """Rows keeping different counts are padded for attention, but the FFN reads the kept tokens
+    packed across rows: its first projection sees [N, D] with N = the tokens kept, and the batch
+    still equals its rows run one by one."""
+    from trimkit.locate import locate
+
+    bb, inputs = _setup(ref)
+    model_map = locate(bb.model, inputs)
+    apply_(bb.model, [SmartTrimTokensConfig(threshold=0.5)], inputs=inputs, hints=bb.hints)
+    _randomise(bb.model)
+    rt = token_runtime(bb.model)
+    seen = {}
+    hooks = []
+    for s in model_map.streams:
+        if s.name in rt.trimmed_streams:
+            for layer in s.layers:
+                if layer.ffn is not None:
+                    fc = bb.model.get_submodule(layer.ffn.fc_in[0])
+                    hooks.append(fc.register_forward_hook(
+                        lambda m, a, o, path=layer.path: seen.__setitem__(path, tuple(a[0].shape))))
+    batched = _out(bb, inputs)
+    for h in hooks:
+        h.remove()
+    packed = {p: shape for p, shape in seen.items() if len(shape) == 2}
+    assert packed, seen
+    for path, shape in packed.items():
+        kept = rt.state.tokens[path]  # per-row counts of the tokens the layer computes
+        assert shape[0] == int(kept.sum()) < len(kept) * int(kept.max()), (path, shape, kept)
+    rows = [_out(bb, {k: (v[i:i + 1] if torch.is_tensor(v) and v.dim() else v) for k, v in inputs.items()})
+            for i in range(inputs[next(iter(inputs))].shape[0])]
+    assert (torch.cat(rows) - batched).abs().max().item() <= 1e-4
