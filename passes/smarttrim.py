@@ -137,7 +137,14 @@ class _ProbeTrimmer(nn.Module):
 
 def _probe(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, special: dict, text_embed,
            inputs: dict, skip: list[str]) -> str:
-    """Why removing tokens with random decisions at ``layers`` (paths) breaks the model ('' when it does not)."""
+    """Why removing tokens with random decisions at ``layers`` (paths) breaks the model ('' when it does not).
+    The probe leaves the global random state as it found it (some models draw in their forward)."""
+    with torch.random.fork_rng(devices=[]):
+        return _probe_forward(model, model_map, cap, layers, other, special, text_embed, inputs, skip)
+
+
+def _probe_forward(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, special: dict, text_embed,
+                   inputs: dict, skip: list[str]) -> str:
     trimmers = {p: _ProbeTrimmer(i) for i, p in enumerate(layers)}
     probe = TokenRuntime(model, model_map, cap, trimmers, other, threshold=0.5, special=special,
                          text_embed=text_embed, skip=skip)
