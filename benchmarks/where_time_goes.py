@@ -15,9 +15,8 @@ FLOPs, then, on test items, in one process with one thread:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import statistics
-import time
 
 import torch
 
@@ -25,34 +24,13 @@ from trimkit.bench.base import train_base
 from trimkit.control import trimming_off
 from trimkit.data import collate
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
-from trimkit.profile import count_flops
+from trimkit.profile import compare_latency, count_flops
 from trimkit.tasks import model_batch
-from trimkit.train import TrainConfig, train
+from trimkit.train import TrainConfig, _Untrimmed, train
 
 COMPUTE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
            "aten::scaled_dot_product", "aten::_softmax", "aten::linear", "aten::matmul", "aten::gelu", "aten::layer_norm",
            "aten::native_layer_norm", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution")
-
-
-def _median_ms(fn, inputs, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(**inputs)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _latency(model, inputs, repeats: int) -> tuple[float, float]:
-    trimmed, full = [], []
-    with torch.no_grad():
-        for _ in range(3):
-            model(**inputs)
-        for _ in range(repeats):
-            trimmed.append(_median_ms(model, inputs, 3))
-            with trimming_off(model):
-                full.append(_median_ms(model, inputs, 3))
-    return statistics.median(trimmed), statistics.median(full)
 
 
 def _breakdown(model, inputs) -> dict:
@@ -85,10 +63,9 @@ def main() -> None:
                    config=TrainConfig(freeze_backbone=True, batch_size=32, measure_every=0), progress=False)
     model, binding = result.model.eval(), result.binding
     test = bench.dataset("test")
-    items = [test[i] for i in range(args.batch)]
-    # one text length per batch, as the bench's evaluation batches are
-    length = max(set(int(it["input_ids"].shape[-1]) for it in items), key=[int(it["input_ids"].shape[-1])
-                                                                            for it in items].count)
+    # one text length per batch, as the bench's evaluation batches are: the commonest length
+    lengths = collections.Counter(int(test[i]["input_ids"].shape[-1]) for i in range(args.batch))
+    length = min(n for n, count in lengths.items() if count == max(lengths.values()))
     pool = [test[i] for i in range(len(test)) if int(test[i]["input_ids"].shape[-1]) == length][: args.batch]
     out: dict = {"family": args.family, "task": args.task, "threshold": result.threshold, "batch": len(pool)}
     with torch.no_grad():
@@ -105,7 +82,8 @@ def main() -> None:
             batch_f = count_flops(model, big).flops
         out["flops_ratio_padded_batch"] = batch_t / batch_f
     for name, inputs in (("batch_1", model_batch(binding, collate(pool[:1]))[0]), (f"batch_{len(pool)}", big)):
-        t, f = _latency(model, inputs, args.repeats)
+        times = compare_latency(_Untrimmed(model), model, inputs, repeats=args.repeats)  # interleaved
+        t, f = times["b_ms"], times["a_ms"]
         out[name] = {"trimmed_ms": t, "untrimmed_ms": f, "speedup": f / t, "trimmed": _breakdown(model, inputs)}
         with trimming_off(model):
             out[name]["untrimmed"] = _breakdown(model, inputs)

@@ -10,9 +10,10 @@ The loss of one batch is ``L = L_task + alpha * L_distill + beta * L_cost``:
   model (e.g. for a quantised student) can replace the self-teacher;
 * ``L_cost``: the passes' differentiable expected-FLOPs ratio ``r`` (:func:`trimkit.cost.expected_ratio`)
   against the current target ``t``: ``(r - t)^2`` (``square``) or ``max(r - t, 0)^2`` (``above``).
-  With ``dual_lr > 0`` a Lagrange multiplier ``lambda >= 0`` adds ``lambda * (r - t)`` and rises
-  by ``dual_lr * (r - t)`` after every step while the ratio stays above the target, so the target
-  is reached even where the task loss outweighs the square term.
+  With ``dual_lr > 0`` a Lagrange multiplier ``lambda`` (starting at 0) adds ``lambda * (r - t)``
+  and moves by ``dual_lr * (r - t)`` after every step: it grows while the ratio is above the target
+  and shrinks, down to negative values, while it is below, so the target is reached even where the
+  task loss outweighs the square term.
 
 The target anneals from 1.0 to the final ratio over the first ``anneal`` fraction of the steps
 (linear or cosine); the Gumbel temperature goes from ``tau_start`` to ``tau_end``. Trimmers and
@@ -726,6 +727,7 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     start = 0
     checkpoint = None
     cm = cost_model(model)
+    dual = 0.0  # the Lagrange multiplier (dual_lr > 0); a resumed run reads it from the history
     if resume:
         path = Path(resume) if isinstance(resume, (str, os.PathLike)) else latest_checkpoint(out)
         if path is None:
@@ -748,8 +750,6 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     rng_at_step = _rng_state()
     executed = None
     step = start
-    if not resume:
-        dual = 0.0
 
     def save(at: int, rng: dict) -> Path | None:
         if out is None:

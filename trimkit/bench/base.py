@@ -319,7 +319,8 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
 
     family: ``blip``, ``bridgetower`` or ``vilt``; task: ``vqa``, ``truefalse`` or ``retrieval``
     (image-text matching pairs). seed: weight initialisation. steps: overrides the recipe's step
-    count (the one-object curriculum keeps its share of the steps unless `train` sets it). data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
+    count (the one-object curriculum keeps its share of the steps unless `train` sets it).
+    data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
     model / train: overrides of the model size / the `TrainConfig` (a dict updates the recipe's).
     evaluate_test: also measure the test split. threads: ``torch.set_num_threads`` during training
     (None leaves it). retrain: ignore a cached result.
