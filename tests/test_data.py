@@ -63,8 +63,24 @@ def _vqa_answer(question, objects):
         named = {"size": size, "colour": colour, "shape": None if shape == "object" else shape}
         assert named[attr] is None, "question names the attribute it asks about"
         return getattr(_resolve(objects, size, colour, shape), attr)
+    if question == "how many objects are there ?":
+        return _NUMBERS[len(objects)]
     if m := re.fullmatch(r"how many (\w+(?: objects)?) are there \?", question):
         return _NUMBERS[_count(objects, m.group(1))]
+    if m := re.fullmatch(rf"what (colour|shape) is the object (left of|right of|above|below|closest to) {_DESC} \?",
+                         question):
+        attr, word, *desc = m.groups()
+        ref = _resolve(objects, *desc)
+        others = [o for o in objects if o is not ref]
+        if word == "closest to":
+            dist = sorted((o.row - ref.row) ** 2 + (o.col - ref.col) ** 2 for o in others)
+            assert len(dist) == 1 or dist[0] < dist[1], "two objects are closest"
+            hits = [o for o in others if (o.row - ref.row) ** 2 + (o.col - ref.col) ** 2 == dist[0]]
+        else:
+            hits = [o for o in others if {"left of": o.col < ref.col, "right of": o.col > ref.col,
+                                          "above": o.row < ref.row, "below": o.row > ref.row}[word]]
+        assert len(hits) == 1, f"{len(hits)} objects are {word} the reference"
+        return getattr(hits[0], attr)
     if m := re.fullmatch(rf"is {_DESC} (left of|right of|above|below) {_DESC} \?", question):
         g = m.groups()
         a, b = _resolve(objects, *g[0:3]), _resolve(objects, *g[4:7])
@@ -310,6 +326,42 @@ def test_jitter_0_centres_objects_in_their_cells_and_keeps_the_scenes():
     assert "jitter" not in format_data_spec(moved.spec)  # older specs keep their canonical text
 
 
+def test_open_questions_are_correct_and_cover_counts_and_relations():
+    ds = load_dataset("synthetic:vqa?n=600&objects=2-4&questions=open&grid=8&image=128")
+    kinds = Counter()
+    for i in range(len(ds)):
+        rec = ds.record(i)
+        assert ds.answers[rec.label] == _vqa_answer(rec.text, rec.objects), rec.text
+        words = rec.text.split()
+        kinds["closest" if "closest" in words else "direction" if {"left", "right", "above", "below"} & set(words)
+              else "all" if words[2] == "objects" else words[0] + words[1]] += 1
+        assert not rec.text.startswith("is "), "no yes/no relation in the open set"
+    assert {"closest", "direction", "all", "howmany", "whatcolour", "whatshape", "whatsize"} <= set(kinds), kinds
+    assert min(kinds.values()) > 20, kinds
+    assert "closest" in ds.tokenizer.vocab and "closest" not in load_dataset("synthetic:vqa?n=1").tokenizer.vocab
+    assert "questions=open" in format_data_spec(ds.spec) and "grid=8" in format_data_spec(ds.spec)
+
+
+def test_grid_option_places_objects_on_finer_cells():
+    ds = load_dataset("synthetic:vqa?n=60&image=128&grid=8&objects=2-3&jitter=0")
+    rows = set()
+    for i in range(len(ds)):
+        rec = ds.record(i)
+        assert rec.image.shape == (3, 128, 128)
+        for o in rec.objects:
+            assert 0 <= o.row < 8 and 0 <= o.col < 8 and (o.cy, o.cx) == ((o.row + 0.5) * 16, (o.col + 0.5) * 16)
+            assert o.radius == 16 * {"small": 0.24, "large": 0.42}[o.size]
+            rows.add(o.row)
+    assert rows == set(range(8))
+    assert parse_data_spec("synthetic:vqa?grid=8&objects=40").extra["objects"] == (40, 40)
+    with pytest.raises(DataError, match="within 1..16"):
+        parse_data_spec("synthetic:vqa?objects=17")
+    with pytest.raises(DataError, match="questions='open' is for synthetic:vqa"):
+        parse_data_spec("synthetic:truefalse?questions=open")
+    with pytest.raises(DataError, match="expected one of yesno, open"):
+        parse_data_spec("synthetic:vqa?questions=maybe")
+
+
 def test_generation_is_fast():
     ds = load_dataset("synthetic:vqa?n=1000&seed=5")
     start = time.process_time()
@@ -376,9 +428,9 @@ def test_metric_accuracy_and_recall():
 def test_parse_data_spec_values_and_defaults():
     spec = parse_data_spec("synthetic:vqa?n=2000&seed=1&image=64")
     assert (spec.task, spec.n, spec.seed, spec.image, spec.split, spec.source) == ("vqa", 2000, 1, 64, "train", "synthetic")
-    assert spec.extra == {"objects": (2, 5), "texture": True, "jitter": True}
+    assert spec.extra == {"objects": (2, 5), "texture": True, "jitter": True, "grid": 4, "questions": "yesno"}
     assert parse_data_spec("synthetic:retrieval?objects=3&texture=0&split=test&jitter=0").extra == {
-        "objects": (3, 3), "texture": False, "jitter": False}
+        "objects": (3, 3), "texture": False, "jitter": False, "grid": 4, "questions": "yesno"}
     folder = parse_data_spec("folder:/data/mine?task=vqa&n=5")
     assert (folder.source, folder.path, folder.task, folder.n) == ("folder", "/data/mine", "vqa", 5)
     plain = parse_data_spec("./mine")
@@ -411,10 +463,13 @@ def test_parse_data_spec_errors_are_one_line(spec, message):
 @settings(max_examples=20, deadline=None)
 @given(task=st.sampled_from(TASKS), n=st.integers(1, 10_000), seed=st.integers(0, 2**40),
        image=st.integers(32, 1024), split=st.sampled_from(["train", "val", "test"]),
-       lo=st.integers(1, 16), extra=st.integers(0, 15), texture=st.booleans(), jitter=st.booleans())
-def test_spec_round_trip(task, n, seed, image, split, lo, extra, texture, jitter):
+       lo=st.integers(1, 16), extra=st.integers(0, 15), texture=st.booleans(), jitter=st.booleans(),
+       grid=st.integers(4, 16), open_questions=st.booleans())
+def test_spec_round_trip(task, n, seed, image, split, lo, extra, texture, jitter, grid, open_questions):
+    questions = "open" if open_questions and task == "vqa" else "yesno"
     spec = DataSpec(task=task, n=n, seed=seed, image=image, split=split,
-                    extra={"objects": (lo, min(lo + extra, 16)), "texture": texture, "jitter": jitter})
+                    extra={"objects": (lo, min(lo + extra, 16)), "texture": texture, "jitter": jitter,
+                           "grid": grid, "questions": questions})
     assert parse_data_spec(format_data_spec(spec)) == spec
 
 

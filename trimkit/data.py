@@ -18,8 +18,10 @@ Data specs
     default 64; 32..1024), ``split`` (``train``/``val``/``test``), ``objects`` (``2-5`` or
     ``3``: objects per scene, 1..16), ``texture`` (``1`` lightly textured backgrounds, ``0``
     plain ones), ``jitter`` (``1`` each object shifted at random inside its grid cell, ``0``
-    centred in it; the scenes are otherwise the same). Splits draw from separate seed streams,
-    so they never share a scene.
+    centred in it; the scenes are otherwise the same), ``grid`` (objects sit on the cells of a
+    ``grid`` x ``grid`` layout and are sized to them, 2..16, default 4), ``questions`` (VQA
+    only: ``yesno``, the default, or ``open``, see :func:`vqa_question`). Splits draw from
+    separate seed streams, so they never share a scene.
 
 ``folder:PATH[?opt=value&...]`` or a plain ``PATH`` to a folder
     Your own data, laid out as::
@@ -133,13 +135,13 @@ class Scene:
 
 
 def _place_objects(rng: np.random.Generator, image_size: int, count: int,
-                   jitter: bool = True) -> tuple[SceneObject, ...]:
-    cell = image_size / GRID
-    cells = sorted(rng.permutation(GRID * GRID)[:count].tolist())
+                   jitter: bool = True, grid: int = GRID) -> tuple[SceneObject, ...]:
+    cell = image_size / grid
+    cells = sorted(rng.permutation(grid * grid)[:count].tolist())
     colours = list(COLOURS)
     objects = []
     for idx in cells:
-        row, col = divmod(idx, GRID)
+        row, col = divmod(idx, grid)
         size = SIZES[int(rng.integers(len(SIZES)))]
         radius = _RADIUS[size] * cell
         slack = max(cell / 2 - radius - 1.0, 0.0) if jitter else 0.0
@@ -203,14 +205,18 @@ def render_scene(objects: Sequence[SceneObject], image_size: int, rng: np.random
 
 
 def generate_scene(rng: np.random.Generator, image_size: int = 64, *,
-                   objects: tuple[int, int] = (2, 5), texture: bool = True, jitter: bool = True) -> Scene:
-    """A random scene: ``objects[0]..objects[1]`` objects on distinct cells of a 4x4 grid, each
-    shifted at random inside its cell (``jitter``) or centred in it (the same scene otherwise)."""
+                   objects: tuple[int, int] = (2, 5), texture: bool = True, jitter: bool = True,
+                   grid: int = GRID) -> Scene:
+    """A random scene: ``objects[0]..objects[1]`` objects on distinct cells of a ``grid`` x ``grid``
+    layout (default 4x4), each shifted at random inside its cell (``jitter``) or centred in it (the
+    same scene otherwise). Objects are sized relative to their cell."""
     lo, hi = objects
-    if not 1 <= lo <= hi <= GRID * GRID:
-        raise ValueError(f"objects must satisfy 1 <= min <= max <= {GRID * GRID}, got {objects}")
+    if not 2 <= grid <= 16:
+        raise ValueError(f"grid must be in 2..16, got {grid}")
+    if not 1 <= lo <= hi <= grid * grid:
+        raise ValueError(f"objects must satisfy 1 <= min <= max <= {grid * grid}, got {objects}")
     count = int(rng.integers(lo, hi + 1))
-    placed = _place_objects(rng, image_size, count, jitter)
+    placed = _place_objects(rng, image_size, count, jitter, grid)
     return Scene(objects=placed, image=render_scene(placed, image_size, rng, texture))
 
 
@@ -271,9 +277,58 @@ def _relation_holds(a: SceneObject, b: SceneObject, word: str) -> bool:
             "above": a.row < b.row, "below": a.row > b.row}[word]
 
 
-def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str]:
-    """A question about the scene and its answer (one of :data:`VQA_ANSWERS`)."""
-    kinds = ["colour", "shape", "size", "count", "h", "v"]
+QUESTION_SETS: tuple[str, ...] = ("yesno", "open")
+
+
+def _relation_target(rng: np.random.Generator, objects: Sequence[SceneObject], keys: list, kind: str):
+    """For ``kind="direction"``: a uniquely described object and a direction word with exactly one
+    other object that way; for ``"closest"``: a uniquely described object whose nearest other
+    object (by grid cells) is unique. Returns ``(reference phrase, word, target)`` or None."""
+    options = []
+    for ref, ref_keys in zip(objects, keys):
+        others = [o for o in objects if o is not ref]
+        if not ref_keys or not others:
+            continue
+        if kind == "direction":
+            for word in ("left of", "right of", "above", "below"):
+                hits = [o for o in others if _relation_holds(o, ref, word)]
+                if len(hits) == 1:
+                    options.append((ref, ref_keys, word, hits[0]))
+        else:
+            dist = sorted(((o.row - ref.row) ** 2 + (o.col - ref.col) ** 2, i) for i, o in enumerate(others))
+            if len(dist) == 1 or dist[0][0] < dist[1][0]:
+                options.append((ref, ref_keys, "closest to", others[dist[0][1]]))
+    if not options:
+        return None
+    ref, ref_keys, word, target = _pick(rng, options)
+    return _phrase(ref, _pick(rng, ref_keys)), word, target
+
+
+def _count_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str] | None:
+    attr = _pick(rng, ("shape", "colour"))
+    value = getattr(_pick(rng, objects), attr) if rng.integers(2) else _pick(rng, _POOLS[attr])
+    n = sum(getattr(o, attr) == value for o in objects)
+    if n >= len(_NUMBERS):
+        return None
+    noun = _PLURAL[value] if attr == "shape" else f"{value} objects"
+    return f"how many {noun} are there ?", _NUMBERS[n]
+
+
+def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject],
+                 questions: str = "yesno") -> tuple[str, str]:
+    """A question about the scene and its answer (one of :data:`VQA_ANSWERS`).
+
+    questions ``yesno``: attributes of a named object, counts of a shape or colour, and "is A left
+    of / right of / above / below B ?" answered yes or no. ``open``: attributes and counts as
+    before, plus "how many objects are there ?", and relations that ask for the colour or shape
+    of the object left of / right of / above / below / closest to a named one. (A yes/no relation
+    hides its answer behind the relation word *and* two objects; the open form names what to
+    look at, and tiny models trained from scratch learn it, see ``trimkit/bench/README.md``.)
+    """
+    if questions not in QUESTION_SETS:
+        raise ValueError(f"unknown question set {questions!r}; expected one of {', '.join(QUESTION_SETS)}")
+    kinds = ["colour", "shape", "size", "count", "h", "v"] if questions == "yesno" else \
+        ["colour", "shape", "size", "count", "direction", "closest"]
     keys = _unique_keys(objects)
     while kinds:
         kind = kinds.pop(int(rng.integers(len(kinds))))
@@ -283,12 +338,17 @@ def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tu
                 obj, phrase = found
                 return f"what {kind} is {phrase} ?", getattr(obj, kind)
         elif kind == "count":
-            attr = _pick(rng, ("shape", "colour"))
-            value = getattr(_pick(rng, objects), attr) if rng.integers(2) else _pick(rng, _POOLS[attr])
-            n = sum(getattr(o, attr) == value for o in objects)
-            if n < len(_NUMBERS):
-                noun = _PLURAL[value] if attr == "shape" else f"{value} objects"
-                return f"how many {noun} are there ?", _NUMBERS[n]
+            if questions == "open" and len(objects) < len(_NUMBERS) and rng.integers(3) == 0:
+                return "how many objects are there ?", _NUMBERS[len(objects)]
+            found = _count_question(rng, objects)
+            if found:
+                return found
+        elif kind in ("direction", "closest"):
+            found = _relation_target(rng, objects, keys, kind)
+            if found:
+                phrase, word, target = found
+                attr = _pick(rng, ("colour", "shape"))
+                return f"what {attr} is the object {word} {phrase} ?", getattr(target, attr)
         else:
             found = _relation(rng, objects, keys, kind)
             if found:
@@ -372,11 +432,13 @@ def negative_caption(rng: np.random.Generator, objects: Sequence[SceneObject]) -
     return caption(objs)
 
 
-def _task_words(task: str) -> list[str]:
+def _task_words(task: str, questions: str = "yesno") -> list[str]:
     words = {*COLOURS, *SHAPES, *SIZES, "the", "a", "object"}
     if task == "vqa":
         words |= {"what", "is", "colour", "shape", "size", "how", "many", "are", "there", "objects",
                   "left", "right", "of", "above", "below", "?", *_PLURAL.values()}
+        if questions == "open":
+            words |= {"closest", "to"}
     elif task == "truefalse":
         words |= {"there", "is", "are", "an", "exactly", "left", "right", "of", "above", "below",
                   *_NUMBERS, *_PLURAL.values()}
@@ -462,7 +524,7 @@ class WordTokenizer:
 
 # ----------------------------------------------------------------------------- spec
 
-_SYNTHETIC_OPTIONS = ("n", "seed", "image", "split", "objects", "texture", "jitter")
+_SYNTHETIC_OPTIONS = ("n", "seed", "image", "split", "objects", "texture", "jitter", "grid", "questions")
 _FOLDER_OPTIONS = ("n", "image", "split", "task")
 _DEFAULT_N = 1000
 _DEFAULT_IMAGE = 64
@@ -473,7 +535,7 @@ class DataSpec:
     """A parsed ``--data`` spec. ``source`` is ``synthetic`` or ``folder``; for a folder ``task``
     may be ``auto`` (decided from the labels on load), ``n`` is ``None`` for every line and
     ``path`` names the folder. ``extra`` holds the synthetic options ``objects`` (min, max),
-    ``texture`` and ``jitter`` (bools)."""
+    ``texture`` and ``jitter`` (bools), ``grid`` (int) and ``questions`` (a question set)."""
 
     task: str
     n: int | None = _DEFAULT_N
@@ -495,13 +557,15 @@ def _int_option(name: str, value: str, lo: int, hi: int) -> int:
     return out
 
 
-def _objects_option(value: str) -> tuple[int, int]:
+def _objects_option(value: str, grid: int = GRID) -> tuple[int, int]:
+    cells = grid * grid
     m = re.fullmatch(r"(\d+)(?:-(\d+))?", value.strip())
     if not m:
-        raise DataError(f"data option objects={value!r} is invalid; expected N or MIN-MAX within 1..16")
+        raise DataError(f"data option objects={value!r} is invalid; expected N or MIN-MAX within 1..{cells}")
     lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-    if not 1 <= lo <= hi <= GRID * GRID:
-        raise DataError(f"data option objects={value!r} is invalid; expected N or MIN-MAX within 1..16")
+    if not 1 <= lo <= hi <= cells:
+        raise DataError(f"data option objects={value!r} is invalid; expected N or MIN-MAX within 1..{cells}"
+                        f" (the cells of a {grid}x{grid} grid)")
     return lo, hi
 
 
@@ -539,14 +603,21 @@ def parse_data_spec(spec: str) -> DataSpec:
         for name, value in (("texture", texture), ("jitter", jitter)):
             if value not in ("0", "1"):
                 raise DataError(f"data option {name}={value!r} is invalid; expected 0 or 1")
+        grid = _int_option("grid", opts["grid"], 2, 16) if "grid" in opts else GRID
+        questions = opts.get("questions", "yesno")
+        if questions not in QUESTION_SETS:
+            raise DataError(f"data option questions={questions!r} is invalid; expected one of "
+                            f"{', '.join(QUESTION_SETS)}")
+        if questions != "yesno" and task != "vqa":
+            raise DataError(f"data option questions={questions!r} is for synthetic:vqa, not {task}")
         return DataSpec(
             task=task,
             n=_int_option("n", opts["n"], 1, 10_000_000) if "n" in opts else _DEFAULT_N,
             seed=_int_option("seed", opts["seed"], 0, 2**63 - 1) if "seed" in opts else 0,
             image=_int_option("image", opts["image"], 32, 1024) if "image" in opts else _DEFAULT_IMAGE,
             split=_split_option(opts.get("split", "train")),
-            extra={"objects": _objects_option(opts.get("objects", "2-5")), "texture": texture == "1",
-                   "jitter": jitter == "1"},
+            extra={"objects": _objects_option(opts.get("objects", "2-5"), grid), "texture": texture == "1",
+                   "jitter": jitter == "1", "grid": grid, "questions": questions},
         )
     if spec.startswith("folder:"):
         body = spec[len("folder:"):]
@@ -579,9 +650,13 @@ def format_data_spec(spec: DataSpec) -> str:
     if spec.source == "synthetic":
         lo, hi = spec.extra.get("objects", (2, 5))
         texture = int(bool(spec.extra.get("texture", True)))
-        jitter = "" if spec.extra.get("jitter", True) else "&jitter=0"  # older specs read the same
+        # options at their defaults are left out, so specs written before they existed read the same
+        jitter = "" if spec.extra.get("jitter", True) else "&jitter=0"
+        grid = spec.extra.get("grid", GRID)
+        questions = spec.extra.get("questions", "yesno")
+        more = ("" if grid == GRID else f"&grid={grid}") + ("" if questions == "yesno" else f"&questions={questions}")
         return (f"synthetic:{spec.task}?n={spec.n}&seed={spec.seed}&image={spec.image}"
-                f"&split={spec.split}&objects={lo}-{hi}&texture={texture}{jitter}")
+                f"&split={spec.split}&objects={lo}-{hi}&texture={texture}{jitter}{more}")
     opts = [f"image={spec.image}", f"split={spec.split}"]
     if spec.n is not None:
         opts.insert(0, f"n={spec.n}")
@@ -620,6 +695,8 @@ class _SyntheticSource:
     objects: tuple[int, int]
     texture: bool
     jitter: bool = True
+    grid: int = GRID
+    questions: str = "yesno"
 
     def __len__(self) -> int:
         return self.n
@@ -631,10 +708,10 @@ class _SyntheticSource:
         rng = self._rng(index)
         for _ in range(100):  # a scene that no question fits (e.g. six of one shape) is redrawn
             scene = generate_scene(rng, self.image, objects=self.objects, texture=self.texture,
-                                   jitter=self.jitter)
+                                   jitter=self.jitter, grid=self.grid)
             try:
                 if self.task == "vqa":
-                    text, answer = vqa_question(rng, scene.objects)
+                    text, answer = vqa_question(rng, scene.objects, self.questions)
                     label = VQA_ANSWERS.index(answer)
                 elif self.task == "truefalse":
                     label = (index % 2) ^ int(self._rng(index // 2, 1).integers(2))
@@ -722,8 +799,10 @@ _MAX_TEXT_LEN = {"vqa": 16, "truefalse": 16, "retrieval": 40}
 
 def _load_synthetic(spec: DataSpec) -> VLDataset:
     lo, hi = spec.extra.get("objects", (2, 5))
+    questions = spec.extra.get("questions", "yesno")
     source = _SyntheticSource(spec.task, int(spec.n), spec.seed, spec.split, spec.image,
-                              (lo, hi), bool(spec.extra.get("texture", True)), bool(spec.extra.get("jitter", True)))
+                              (lo, hi), bool(spec.extra.get("texture", True)), bool(spec.extra.get("jitter", True)),
+                              int(spec.extra.get("grid", GRID)), questions)
     if spec.task == "vqa":
         answers, num_labels = list(VQA_ANSWERS), len(VQA_ANSWERS)
     elif spec.task == "truefalse":
@@ -731,7 +810,7 @@ def _load_synthetic(spec: DataSpec) -> VLDataset:
     else:
         answers, num_labels = None, 2
     max_len = _MAX_TEXT_LEN[spec.task] + (4 * (hi - 5) if spec.task == "retrieval" and hi > 5 else 0)
-    return VLDataset(source, task=spec.task, tokenizer=WordTokenizer(_task_words(spec.task)),
+    return VLDataset(source, task=spec.task, tokenizer=WordTokenizer(_task_words(spec.task, questions)),
                      answers=answers, num_labels=num_labels, max_text_len=max_len, spec=spec)
 
 

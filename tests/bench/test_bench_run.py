@@ -190,6 +190,27 @@ def test_smoke_baselines_match_smarttrim_flops(smoke):
         assert ft["train"]["steps"] == SMOKE.steps
 
 
+def test_a_baseline_run_alone_matches_the_smarttrim_result_on_file(smoke):
+    root, args, _ = smoke
+    st = json.loads((root / "results" / "vilt-vqa-smarttrim-r0500-s0.json").read_text())
+    out = root / "alone"
+    out.mkdir()
+    (out / "vilt-vqa-smarttrim-r0500-s0.json").write_text(json.dumps(st))
+    alone = [a for a in args if a != "--smoke"]
+    alone[alone.index("--out") + 1] = str(out)
+    result = CliRunner().invoke(cli, [*alone, "--smoke", "--methods", "random.tokens", "--no-report"])
+    assert result.exit_code == 0, result.output
+    rec = json.loads((out / "vilt-vqa-random.tokens-r0500-s0.json").read_text())
+    assert rec["apply"]["flops_ratio_target"] == st["train"]["val_executed_ratio"] != 0.5
+    other_base = {**st, "base": {**st["base"], "key": "another"}}
+    (out / "vilt-vqa-smarttrim-r0500-s0.json").write_text(json.dumps(other_base))
+    (out / "vilt-vqa-random.tokens-r0500-s0.json").unlink()
+    result = CliRunner().invoke(cli, [*alone, "--smoke", "--methods", "random.tokens", "--no-report"])
+    assert result.exit_code == 0, result.output
+    rec = json.loads((out / "vilt-vqa-random.tokens-r0500-s0.json").read_text())
+    assert rec["apply"]["flops_ratio_target"] == 0.5  # a SmartTrim point on another base does not count
+
+
 def test_smoke_report_and_resume(smoke):
     root, args, _ = smoke
     text = (root / "README.md").read_text()

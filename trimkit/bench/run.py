@@ -406,6 +406,25 @@ def _binding(backbone, bench):
     return binding_for(backbone, bench.dataset("train"))
 
 
+def _match_from_file(matched: dict[tuple, float], out: Path, run: RunSpec, base_key: str) -> None:
+    """Fill `matched` for `run` (a baseline) from a SmartTrim result in `out` on the same base model
+    when this bench has not run that SmartTrim point itself (e.g. another ``--methods`` selection):
+    the seed's own point, else seed 0's."""
+    for seed in dict.fromkeys((run.seed, 0)):
+        key = (run.family, run.task, run.ratio, seed)
+        if key in matched:
+            return
+        path = out / f"{RunSpec(run.family, run.task, 'smarttrim', run.ratio, seed).name}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ratio = float(data["train"]["val_executed_ratio"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if data.get("base", {}).get("key") == base_key:
+            matched[key] = ratio
+            return
+
+
 def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float]) -> dict:
     """Execute `run` on a copy of `bench`'s model; the run's result (without environment fields).
 
@@ -506,6 +525,8 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike, *, command: str |
                         log(f"skip {run.name} (done)")
                         paths.append(path)
                         continue
+                    if not run.trained and run.method != "full":
+                        _match_from_file(matched, out, run, base_key)
                     torch.manual_seed(run.seed)
                     result = run_one(config, run, bench, matched)
                     record = {"format": FORMAT, "name": run.name, "config_hash": digest, **dataclasses.asdict(run),
