@@ -594,25 +594,34 @@ def _eval_ratio(model: nn.Module, batches: list[dict]) -> float:
     return total / rows
 
 
-def calibrate_threshold(model: nn.Module, batches: list[dict], target: float, *, iterations: int = 12) -> tuple[float, float]:
+_LOGIT_SPAN = 24.0  # calibration searches keep-logit thresholds in [-span, span]
+
+
+def calibrate_threshold(model: nn.Module, batches: list[dict], target: float, *, iterations: int = 16) -> tuple[float, float]:
     """The shared inference threshold whose executed ratio on `batches` (unpadded model inputs) is
-    closest to `target`, set on every runtime; ``(threshold, ratio)``. Ratios fall as it rises."""
+    closest to `target`, set on every runtime; ``(threshold, ratio)``. Ratios fall as it rises.
+
+    The search bisects the threshold's log-odds in ``[-24, 24]``, starting at 0.5: trained
+    trimmers often give the tokens they like keep-logits far above 9 (probabilities that a search in
+    probability space, halving ``[0, 1]``, never gets past), and those would stay kept at any
+    threshold it can reach."""
     from trimkit.control import set_threshold
 
     was = model.training
     model.eval()
     tried: list[tuple[float, float]] = []
     try:
-        lo, hi = 0.0, 1.0
-        for th in (0.5, *([None] * iterations)):
-            th = (lo + hi) / 2 if th is None else th
+        lo, hi = -_LOGIT_SPAN, _LOGIT_SPAN
+        for z in (0.0, *([None] * iterations)):
+            z = (lo + hi) / 2 if z is None else z
+            th = 1.0 / (1.0 + math.exp(-z))
             set_threshold(model, th)
             ratio = _eval_ratio(model, batches)
             tried.append((th, ratio))
             if ratio > target:
-                lo = th
+                lo = z
             else:
-                hi = th
+                hi = z
         best = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0] - 0.5)))
         set_threshold(model, best[0])
     finally:

@@ -122,6 +122,17 @@ def test_claims_checks_drop_baselines_and_speed():
     assert not worse["3x"]["ok"] and not worse["3x"]["beats_training_free"]
 
 
+def test_claims_need_the_point_to_reach_its_target():
+    short = [r if r["method"] != "smarttrim" or r["ratio"] > 0.4 else {**r, "flops": {"mean": 4.1e8, "p95": 4.5e8},
+                                                                         "flops_reduction": 1e9 / 4.1e8}
+             for r in _records()]
+    points = aggregate(short)
+    (row,) = claims(points)
+    assert row["3x"]["drop"] <= 0.02 and row["3x"]["reached"] is False and row["3x"]["ok"] is False
+    assert row["2x"]["reached"] and row["2x"]["ok"]
+    assert "-1.50 pt vs full (NOT met: 2.44× is short of 3x)" in markdown(points)
+
+
 def test_claims_of_a_smarttrim_variant_are_checked_on_their_own():
     records = [*_records(st3=0.80), _record("smarttrim-tokens", 1 / 3, 0, 0.89, 3.3e8, (1.0, 3.0))]
     points = aggregate(records)

@@ -57,3 +57,41 @@ def test_distill_loss_is_zero_for_equal_logits_and_positive_otherwise():
 def test_bad_train_config_is_a_config_error(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------- calibration
+class _Runtime:
+    threshold = 0.5
+
+
+def _ratio_model(monkeypatch, ratio_of_logit):
+    """A module with one runtime whose executed ratio is `ratio_of_logit(log-odds of its threshold)`."""
+    import trimkit.train as train_mod
+    from trimkit import control
+
+    model = torch.nn.Linear(1, 1)
+    rt = _Runtime()
+    model.__dict__[control._ATTR] = [rt]
+
+    def ratio(m, batches):
+        th = rt.threshold
+        return ratio_of_logit(math.log(th / (1 - th)) if 0 < th < 1 else math.copysign(math.inf, th - 0.5))
+
+    monkeypatch.setattr(train_mod, "_eval_ratio", ratio)
+    return model, rt
+
+
+def test_calibration_reaches_targets_that_need_keep_logits_far_above_9(monkeypatch):
+    from trimkit.train import calibrate_threshold
+
+    # saturated trimmers: each unit of log-odds above 0 removes 2 % of the FLOPs, down to 0.2
+    model, rt = _ratio_model(monkeypatch, lambda z: max(0.2, 0.6 - 0.02 * z))
+    th, ratio = calibrate_threshold(model, [], target=1 / 3)
+    assert abs(ratio - 1 / 3) < 0.002 and math.log(th / (1 - th)) > 13  # a search over [0, 1] stopped at 9
+    assert rt.threshold == th
+    model, _ = _ratio_model(monkeypatch, lambda z: 0.5 - 0.01 * z)
+    th, ratio = calibrate_threshold(model, [], target=0.5)
+    assert th == 0.5 and ratio == 0.5  # the start is kept when it is on target
+    model, _ = _ratio_model(monkeypatch, lambda z: 0.9 - 0.01 * z)
+    th, ratio = calibrate_threshold(model, [], target=1 / 3)
+    assert ratio == pytest.approx(0.9 - 0.01 * 24, abs=0.002)  # out of reach: the closest end of the range
