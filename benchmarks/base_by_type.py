@@ -51,8 +51,8 @@ def main(argv: list[str]) -> None:
     size = dict(hidden=128, layers=4, heads=4, patch=patch, **({"cross_layers": 2} if family == "bridgetower" else {}))
     net = build_model(model_config(family, val, **size), seed=0)
     start = time.time()
-    train_model(net, torch.utils.data.ConcatDataset(parts), TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=300),
-                progress=False, log_every=250,
+    recipe = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=300)
+    train_model(net, torch.utils.data.ConcatDataset(parts), recipe, progress=False, log_every=250,
                 log=lambda step, loss: print(f"step {step} loss {loss:.3f} {time.time() - start:.0f} s", flush=True))
     net.eval()
     right, total = collections.Counter(), collections.Counter()
