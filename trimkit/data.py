@@ -323,7 +323,7 @@ def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject],
     before, plus "how many objects are there ?", and relations that ask for the colour or shape
     of the object left of / right of / above / below / closest to a named one. (A yes/no relation
     hides its answer behind the relation word *and* two objects; the open form names what to
-    look at, and tiny models trained from scratch learn it, see ``trimkit/bench/README.md``.)
+    look at. It did not make the bench's small models learn faster, see ``trimkit/bench/README.md``.)
     """
     if questions not in QUESTION_SETS:
         raise ValueError(f"unknown question set {questions!r}; expected one of {', '.join(QUESTION_SETS)}")

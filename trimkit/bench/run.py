@@ -243,12 +243,17 @@ def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _existing(path: Path, digest: str) -> dict | None:
+def _read_result(path: Path) -> dict | None:
+    """A result JSON, or None when it is missing or unreadable."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return data if data.get("config_hash") == digest else None
+
+
+def _existing(path: Path, digest: str) -> dict | None:
+    data = _read_result(path)
+    return data if data is not None and data.get("config_hash") == digest else None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -414,11 +419,10 @@ def _match_from_file(matched: dict[tuple, float], out: Path, run: RunSpec, base_
         key = (run.family, run.task, run.ratio, seed)
         if key in matched:
             return
-        path = out / f"{RunSpec(run.family, run.task, 'smarttrim', run.ratio, seed).name}.json"
+        data = _read_result(out / f"{RunSpec(run.family, run.task, 'smarttrim', run.ratio, seed).name}.json")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
             ratio = float(data["train"]["val_executed_ratio"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # missing (None), unfinished or another format
             continue
         if data.get("base", {}).get("key") == base_key:
             matched[key] = ratio
