@@ -72,6 +72,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--full-task", type=click.FloatRange(min=0.0), help="Weight of the full-capacity pass's task loss.")
 @click.option("--dual-lr", type=click.FloatRange(min=0.0),
               help="Step of the Lagrange multiplier on the FLOPs-ratio gap in SmartTrim training.")
+@click.option("--logit-penalty", type=click.FloatRange(min=0.0),
+              help="Weight of the penalty on SmartTrim keep-logits beyond --logit-margin (default 0 = off).")
+@click.option("--logit-margin", type=click.FloatRange(min=0.0), help="Keep-logit magnitude left free (default 4).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -84,7 +87,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, no_finetune, no_ablations,
-                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, device, threads,
+                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty, logit_margin, device, threads,
                   out_dir, docs_dir, readme, no_report, report_only, cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
@@ -128,6 +131,10 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
             changes["full_task"] = full_task
         if dual_lr is not None:
             changes["dual_lr"] = dual_lr
+        if logit_penalty is not None:
+            changes["logit_penalty"] = logit_penalty
+        if logit_margin is not None:
+            changes["logit_margin"] = logit_margin
         config = replace(config, **changes)
         start = time.perf_counter()
         run_bench(config, out_dir, command=_command_line(click.get_current_context()), log=click.echo)

@@ -18,6 +18,9 @@ A runtime has these attributes and methods:
     layer computes}), ``"keys"`` ({attention path: same, for the keys it attends to}) and
     ``"heads"`` ({attention path: ``[B, H]`` soft keep mask}) and ``"lengths"`` ({layer or
     attention path: the untrimmed token count}). Soft masks carry gradients in training mode.
+``train_logits() -> list[Tensor]`` (optional)
+    The keep-logits its trimmers produced in the last training forward, flat, with gradient
+    (for the trainer's logit penalty).
 ``remove()``
     Takes the hooks out.
 """
@@ -29,7 +32,7 @@ from typing import Any, Iterator
 from torch import nn
 
 __all__ = ["register_runtime", "unregister_runtime", "runtimes", "trimming_off", "set_threshold", "set_tau",
-           "trim_stats"]
+           "trim_stats", "train_logits"]
 
 _ATTR = "_trimkit_runtimes"
 
@@ -61,6 +64,11 @@ def trimming_off(model: nn.Module) -> Iterator[None]:
     finally:
         for rt, was in saved:
             rt.enabled = was
+
+
+def train_logits(model: nn.Module) -> list:
+    """Every runtime's keep-logits of the last training forward (see ``train_logits`` above)."""
+    return [z for rt in runtimes(model) if hasattr(rt, "train_logits") for z in rt.train_logits()]
 
 
 def set_threshold(model: nn.Module, threshold: float) -> None:

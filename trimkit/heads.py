@@ -544,6 +544,7 @@ class HeadRuntime:
         self._masks: dict[str, torch.Tensor] = {}
         self._kept: dict[str, torch.Tensor] = {}
         self._rows: dict[str, tuple] = {}  # eval decisions not yet turned into tensors
+        self._logits: dict[str, torch.Tensor] = {}  # keep-logits of the last training forward
         self._cache: dict[str, dict] = {}
         self._stamps: dict[str, tuple] = {}
         self._open: list = []
@@ -583,6 +584,10 @@ class HeadRuntime:
         return {"heads": {p: (m.repeat_interleave(self.plans[p].group, dim=1) if self.plans[p].group > 1 else m)
                           for p, m in self.masks.items()}}
 
+    def train_logits(self) -> list[torch.Tensor]:
+        """Keep-logits the trimmers gave the heads in the last training forward (flat, with gradient)."""
+        return [z.reshape(-1) for z in self._logits.values()]
+
     def active_sites(self) -> list[str]:
         return [p for p in self.plans if bool(self.trimmers[p].active)]
 
@@ -605,6 +610,7 @@ class HeadRuntime:
             mask = mask + top * (1.0 - mask.detach())
         self._masks[plan.path] = mask
         self._kept[plan.path] = mask.detach().sum(1)
+        self._logits[plan.path] = logits
         return mask
 
     def _eval_rows(self, plan: SitePlan, trimmer: HeadTrimmer, x: torch.Tensor,
@@ -764,7 +770,7 @@ class HeadRuntime:
 
     def _reset(self, module, args):
         self._close_all()
-        self._masks, self._kept, self._rows = {}, {}, {}
+        self._masks, self._kept, self._rows, self._logits = {}, {}, {}, {}
 
     def _make_pre(self, path: str):
         plan = self.plans[path]

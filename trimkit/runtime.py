@@ -176,6 +176,7 @@ class StreamState:
     kept: list = dataclasses.field(default_factory=list)  # tokens alive per trimmed layer, per row
     probs: list = dataclasses.field(default_factory=list)  # keep probabilities per trimmed layer (train)
     masks: list = dataclasses.field(default_factory=list)  # cumulative masks after each trimmed layer
+    logits: list = dataclasses.field(default_factory=list)  # keep-logits of the scored tokens, flat (train)
     alive: torch.Tensor | None = None  # [B, L] bool tokens still computed (eval, skip streams)
     pending: Any = None  # what the post-hook of a skip stream's layer puts back
 
@@ -689,6 +690,11 @@ class TokenRuntime:
         return {"tokens": dict(self.state.tokens), "keys": dict(self.state.keys),
                 "lengths": dict(self.state.lengths)}
 
+    def train_logits(self) -> list[torch.Tensor]:
+        """Keep-logits the trimmers gave the scored tokens in the last training forward (flat, with
+        gradient); empty after an inference forward."""
+        return [z for st in self.state.streams.values() for z in st.logits]
+
     # -- decisions ------------------------------------------------------------------------------
     def _global(self, stream: str | None, like: torch.Tensor) -> torch.Tensor | None:
         if stream is None:
@@ -734,6 +740,7 @@ class TokenRuntime:
         prev = st.mask if st.mask is not None else torch.ones_like(sample)
         st.mask = prev * sample
         st.probs.append(torch.sigmoid(logits).masked_fill(special, 1.0) * prev)
+        st.logits.append(logits[~special])
         st.masks.append(st.mask)
         st.kept.append(st.mask.detach().sum(1))
         return hidden

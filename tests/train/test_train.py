@@ -255,3 +255,44 @@ def test_resume_keeps_the_multiplier(tokens_recipe, tmp_path):
                     out_dir=tmp_path / "b", resume=True, progress=False)
     assert [r["lambda"] for r in resumed.history] == [r["lambda"] for r in whole.history]
     assert _losses(resumed.history) == _losses(whole.history)
+
+
+def test_logit_penalty_is_the_mean_squared_excess_over_the_margin():
+    from trimkit.train import logit_penalty
+
+    z = [torch.tensor([0.5, -3.0, 6.0]), torch.tensor([[-10.0]]), torch.zeros(0)]
+    assert float(logit_penalty(z, margin=4.0)) == pytest.approx((0 + 0 + 2.0 ** 2 + 6.0 ** 2) / 4)
+    assert float(logit_penalty(z, margin=20.0)) == 0.0
+    assert logit_penalty([torch.zeros(0)], margin=1.0) is None
+
+
+def test_logit_penalty_pulls_the_keep_logits_in(tokens_recipe, tmp_path):
+    """Keep-logits start near log-odds 3.9 (a fresh trimmer keeps 98 %); with a margin of 1 the
+    penalty must bring their magnitude down, and both token and head trimmers must report them."""
+    from trimkit.control import train_logits
+
+    both = tmp_path / "both.toml"
+    both.write_text('[[pass]]\nname = "smarttrim.tokens"\ntarget_ratio = 0.5\n\n'
+                    '[[pass]]\nname = "smarttrim.heads"\ntarget_ratio = 0.5\n')
+    runs = {}
+    for weight in (0.0, 1.0):
+        config = TrainConfig(**{**FAST, "beta": 0.0, "anneal": 0.0, "lr_backbone": 0.0, "logit_penalty": weight,
+                                "logit_margin": 1.0})
+        runs[weight] = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=15, recipe=str(both), config=config,
+                             progress=False)
+    off, on = runs[0.0], runs[1.0]
+    assert "logit" not in off.history[-1]
+    assert "logit_penalty" not in TrainConfig().to_dict()  # checkpoints from before the option resume
+    assert on.history[-1]["logit"] < 0.25 * on.history[0]["logit"]
+
+    def magnitudes(result):
+        model = result.model.train()
+        spec = resolve_data(DATA, result.backbone, split="val")
+        inputs, _ = model_batch(result.binding, collate([task_dataset(spec, result.binding)[i] for i in range(8)]))
+        with torch.no_grad():
+            model(**inputs)
+        per_runtime = [rt.train_logits() for rt in runtimes(model)]
+        assert all(len(z) for z in per_runtime)  # tokens and heads both report
+        return float(torch.cat([z.reshape(-1) for z in train_logits(model)]).abs().mean())
+
+    assert magnitudes(on) < magnitudes(off) - 1.0

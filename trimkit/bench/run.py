@@ -63,7 +63,8 @@ class BenchConfig:
     batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings;
       freeze_backbone: SmartTrim trains its trimmers only; full_task: weight of the full-capacity
       pass's task loss in SmartTrim training; dual_lr: step of the Lagrange multiplier that holds
-      the FLOPs ratio to its target (see `trimkit.train.TrainConfig`).
+      the FLOPs ratio to its target; logit_penalty / logit_margin: the penalty on keep-logits beyond
+      the margin (see `trimkit.train.TrainConfig`).
     finetune: also run the baselines after fine-tuning; ablations: run the four ablations (at 2x, or
       at every ratio with ``ablations_all``); methods: run only these methods (empty: all planned).
     calibrate: training items that pick SmartTrim's inference threshold.
@@ -89,6 +90,8 @@ class BenchConfig:
     freeze_backbone: bool = False
     full_task: float = 0.0
     dual_lr: float = 0.0
+    logit_penalty: float = 0.0
+    logit_margin: float = 4.0
     lr_trimmer: float = 1e-2
     alpha: float = 1.0
     beta: float = 10.0
@@ -239,6 +242,8 @@ def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
     data = config.to_dict()
     for key in ("families", "tasks", "ratios", "seeds", "all_seeds", "finetune", "ablations", "cache_dir", "mode"):
         data.pop(key)
+    if not data["logit_penalty"]:  # off: the same runs as before the option existed
+        del data["logit_penalty"], data["logit_margin"]
     payload = {"config": data, "run": dataclasses.asdict(run), "base": base_key, "format": FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -303,6 +308,7 @@ def _train_config(config: BenchConfig, run: RunSpec):
 
     return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
                        freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
+                       logit_penalty=config.logit_penalty, logit_margin=config.logit_margin,
                        alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
                        seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
