@@ -80,6 +80,8 @@ def test_config_hash_tracks_what_decides_a_result():
     base = config_hash(SMOKE, run, "k")
     assert base == config_hash(SMOKE, run, "k")
     assert base == config_hash(replace(SMOKE, seeds=3, ablations=True), run, "k")  # the plan, not the run
+    assert base == config_hash(replace(SMOKE, methods=("smarttrim",), ablations_all=True), run, "k")
+    assert base != config_hash(replace(SMOKE, logit_penalty=0.01), run, "k")
     assert base != config_hash(replace(SMOKE, steps=SMOKE.steps + 1), run, "k")
     assert base != config_hash(SMOKE, replace(run, seed=1), "k")
     assert base != config_hash(SMOKE, run, "other-base")
