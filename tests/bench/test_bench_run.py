@@ -188,6 +188,7 @@ def test_smoke_writes_one_json_per_run(smoke):
     assert record["seeds"] == {"run": 0, "base": 0}
     assert record["command"].startswith("trimkit bench --smoke --out ")
     assert 0 < record["flops_ratio"] < 1 and 0 <= record["accuracy"] <= 1
+    assert 0 <= record["val_accuracy"] <= 1  # settings are chosen on this, never on the test accuracy
     assert set(record["latency_ratio"]) == {"batch_1", f"batch_{SMOKE.latency_batch}"}
     assert record["train"]["threshold"] is not None
 

@@ -412,6 +412,16 @@ def _evaluate(backbone, bench, config: BenchConfig, latency: bool = True) -> dic
                     split="test")
 
 
+def _val_accuracy(backbone, bench, config: BenchConfig) -> float:
+    """The run's metric on the validation split: what settings may be chosen on (the test split is
+    reported, never tuned on)."""
+    from trimkit.train import evaluate
+
+    report = evaluate(backbone, bench.data["val"], batch_size=64, samples=1, latency=False,
+                      threads=config.threads, split="val")
+    return report["metric"]["value"]
+
+
 def _binding(backbone, bench):
     from trimkit.tasks import binding_for
 
@@ -481,6 +491,7 @@ def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float
             result["train"] = {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1]}
         report = _evaluate(backbone, bench, config)
     result.update(_summary(report, config))
+    result["val_accuracy"] = _val_accuracy(backbone, bench, config)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
