@@ -87,8 +87,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, no_finetune, no_ablations,
-                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty, logit_margin, device, threads,
-                  out_dir, docs_dir, readme, no_report, report_only, cache_dir):
+                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty,
+                  logit_margin, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 

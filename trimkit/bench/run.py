@@ -240,8 +240,8 @@ def environment(config: BenchConfig) -> dict:
 def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
     """Digest of everything that decides one run's result (not the environment)."""
     data = config.to_dict()
-    for key in ("families", "tasks", "ratios", "seeds", "all_seeds", "finetune", "ablations", "ablations_all", "methods",
-                "cache_dir", "mode"):
+    for key in ("families", "tasks", "ratios", "seeds", "all_seeds", "finetune", "ablations", "ablations_all",
+                "methods", "cache_dir", "mode"):
         data.pop(key)
     if not data["logit_penalty"]:  # off: the same runs as before the option existed
         del data["logit_penalty"], data["logit_margin"]
