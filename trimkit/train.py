@@ -820,10 +820,9 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
                         mse = _hidden_mse(student_hidden, t_hidden, masks)
                         if mse is not None:
                             parts["distill"] = parts["distill"] + config.hidden_weight * mse
-                    if bound is not None:
-                        parts["logit"] = bound
                     loss = parts["task"] + config.alpha * parts["distill"] + config.beta * parts["cost"]
                     if bound is not None:
+                        parts["logit"] = bound
                         loss = loss + config.logit_penalty * bound
                     if dual:  # the Lagrange term on the ratio gap (dual_lr > 0)
                         loss = loss + dual * (ratio - goal)
