@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimkit.bench.models import FAMILIES, ModelConfig, build_model, model_config
-from trimkit.data import collate, format_data_spec, itm_pairs, load_dataset, metric, parse_data_spec
+from trimkit.data import (COLOURS, SHAPES, SIZES, collate, format_data_spec, itm_pairs, load_dataset, metric,
+                          parse_data_spec)
 from trimkit.errors import ConfigError, DataError
 
 __all__ = ["CODE_VERSION", "TASKS", "TrainConfig", "BenchModel", "cache_root", "default_recipe",
@@ -47,6 +48,11 @@ class TrainConfig:
     gradients clipped at ``grad_clip``; ``val_n`` / ``test_n`` samples in the evaluation splits.
     ``single_object_steps``: the first steps read one-object scenes of the same task (a perception
     curriculum: which object a question means can only be learnt once shapes are recognised).
+    ``scene_weight``: weight of an auxiliary loss on the image tokens (BLIP and BridgeTower): a
+    linear probe, trained with the model and dropped afterwards, reads the colour, shape and size
+    of the object in each patch's grid cell (or "none") from the image stream's last layer. It
+    gives the vision side dense targets, so that objects are recognised before the text side has
+    learnt to pick one.
     """
 
     steps: int = 3000
@@ -62,6 +68,7 @@ class TrainConfig:
     test_n: int = 1000
     eval_batch_size: int = 128
     single_object_steps: int = 0
+    scene_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_n", "test_n", "eval_batch_size"):
@@ -74,6 +81,8 @@ class TrainConfig:
         if not isinstance(self.single_object_steps, int) or not 0 <= self.single_object_steps < self.steps:
             raise ConfigError(f"single_object_steps must be in 0..steps-1 ({self.steps - 1}), "
                               f"got {self.single_object_steps!r}")
+        if not self.scene_weight >= 0:
+            raise ConfigError(f"scene_weight must be >= 0, got {self.scene_weight}")
 
 
 # Default recipes (see trimkit/bench/README.md for what they reach): 8-pixel patches on 64-pixel
@@ -136,8 +145,9 @@ def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str]
               seed: int) -> str:
     """Hex digest of everything that decides the trained weights."""
     recipe = asdict(train)
-    if not recipe["single_object_steps"]:  # keys of runs from before the field stay valid
-        del recipe["single_object_steps"]
+    for name in ("single_object_steps", "scene_weight"):  # keys of runs from before the fields stay valid
+        if not recipe[name]:
+            del recipe[name]
     payload = {"family": family, "task": task, "model": config.to_dict(), "data": specs,
                "train": recipe, "seed": seed, "version": CODE_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -204,7 +214,87 @@ def _batches(dataset, batch_size: int, start: int = 0) -> Iterator[dict[str, tor
 
 
 def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in ("labels", "scene")}
+
+
+# ----------------------------------------------------------------------------- scene targets
+
+SCENE_CLASSES: tuple[int, int, int] = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+_COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
+
+
+def scene_targets(objects, image: int, patch: int, grid: int) -> torch.Tensor:
+    """``[P, 3]`` long, patches in row-major order: colour, shape and size index + 1 of the object in
+    the grid cell that holds the patch's centre, 0 where that cell is empty."""
+    side = image // patch
+    cells = ((torch.arange(side) + 0.5) * patch * grid / image).long().clamp(max=grid - 1)
+    table = torch.zeros(grid, grid, 3, dtype=torch.long)
+    for obj in objects:
+        table[obj.row, obj.col] = torch.tensor(
+            [_COLOUR_INDEX[obj.colour] + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1])
+    return table[cells[:, None], cells[None, :]].reshape(side * side, 3)
+
+
+def _scene_parts(dataset) -> list:
+    parts = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+    for part in parts:
+        source = getattr(part, "source", None)
+        if not hasattr(source, "grid"):
+            raise ConfigError(f"scene_weight needs synthetic scenes; {type(part).__name__} has none "
+                              f"(the retrieval task's matching pairs included)")
+    return list(parts)
+
+
+def _scene_batches(dataset, batch_size: int, patch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Like `_batches`, with each item's `scene_targets` under ``"scene"``."""
+    items = []
+    for part in _scene_parts(dataset):
+        for i in range(len(part)):
+            rec = part.record(i)
+            item = part.encode_item(rec.image, rec.text, rec.label)
+            item["scene"] = scene_targets(rec.objects, part.image_size, patch, part.source.grid)
+            items.append(item)
+            if len(items) == batch_size:
+                yield collate(items)
+                items = []
+    if items:
+        yield collate(items)
+
+
+class _SceneProbe(nn.Module):
+    """Reads the image stream's last-layer patch tokens of a BLIP or BridgeTower bench model (through
+    a forward hook) and scores them against their `scene_targets`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        family = getattr(getattr(model, "config", None), "family", None)
+        if family == "blip":
+            module = model.vision_model
+        elif family == "bridgetower":
+            module = model.bridgetower.vision_model.visual.transformer.resblocks[-1]
+        else:
+            raise ConfigError(f"scene_weight works on BLIP and BridgeTower bench models, not {family!r} "
+                              f"(ViLT shuffles its patch tokens)")
+        self.seq_first = family == "bridgetower"  # its vision blocks run [tokens, batch, hidden]
+        self.heads = nn.Linear(model.config.hidden, sum(SCENE_CLASSES))
+        self._states: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        states = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+        if self.seq_first:
+            states = states.transpose(0, 1)
+        self._states = states[:, 1:]  # drop the image [CLS]
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        if self._states is None or self._states.shape[:2] != targets.shape[:2]:
+            raise ConfigError("the scene probe did not see the image tokens of this batch")
+        logits = self.heads(self._states.float()).split(SCENE_CLASSES, dim=-1)
+        self._states = None
+        return sum(F.cross_entropy(z.flatten(0, 1), targets[..., k].flatten()) for k, z in enumerate(logits)) / 3
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -255,32 +345,49 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
                 log_every: int = 100) -> dict:
     """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
     with the mean loss of every `log_every` steps (and ``cpu_seconds``, the process CPU time)."""
-    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.98))
+    probe = _SceneProbe(model) if train.scene_weight else None
+    params = _param_groups(model, train.weight_decay) + (_param_groups(probe, train.weight_decay) if probe else [])
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
     model.train()
-    losses, window = [], []
+    losses, window, scene_losses = [], [], []
+    batches = _scene_batches(train_set, train.batch_size, model.config.patch) if probe else \
+        _batches(train_set, train.batch_size)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with _progress(progress) as bar:
-        task_id = bar.add_task(description, total=train.steps, loss=float("nan"))
-        for step, batch in enumerate(_batches(train_set, train.batch_size)):
-            if step >= train.steps:
-                break
-            logits = model(**_inputs(batch)).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=train.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            schedule.step()
-            window.append(float(loss.detach()))
-            if len(window) == log_every or step == train.steps - 1:
-                losses.append(sum(window) / len(window))
-                window = []
-                if log is not None:
-                    log(step + 1, losses[-1])
-            bar.update(task_id, advance=1, loss=sum(window[-20:]) / len(window[-20:]) if window else losses[-1])
-    return {"losses": losses, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
+    try:
+        with _progress(progress) as bar:
+            task_id = bar.add_task(description, total=train.steps, loss=float("nan"))
+            for step, batch in enumerate(batches):
+                if step >= train.steps:
+                    break
+                logits = model(**_inputs(batch)).logits
+                loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=train.label_smoothing)
+                window.append(float(loss.detach()))
+                if probe is not None:
+                    scene = probe.loss(batch["scene"])
+                    scene_losses.append(float(scene.detach()))
+                    loss = loss + train.scene_weight * scene
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                optimizer.step()
+                schedule.step()
+                if len(window) == log_every or step == train.steps - 1:
+                    losses.append(sum(window) / len(window))
+                    window = []
+                    if log is not None:
+                        log(step + 1, losses[-1])
+                bar.update(task_id, advance=1,
+                           loss=sum(window[-20:]) / len(window[-20:]) if window else losses[-1])
+    finally:
+        if probe is not None:
+            probe.remove()
+    out = {"losses": losses, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
+    if probe is not None:  # the scene loss's mean over every log_every steps
+        out["scene_losses"] = [sum(scene_losses[i:i + log_every]) / len(scene_losses[i:i + log_every])
+                               for i in range(0, len(scene_losses), log_every)]
+    return out
 
 
 # ----------------------------------------------------------------------------- cache
@@ -370,6 +477,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
               "train_seconds": round(history["seconds"], 2),
               "train_cpu_seconds": round(history.get("cpu_seconds", 0.0), 2),
               "losses": [round(x, 4) for x in history["losses"]],
+              **({"scene_losses": [round(x, 4) for x in history["scene_losses"]]} if "scene_losses" in history else {}),
               "threads": threads, "version": CODE_VERSION, "torch": torch.__version__}
     _save(net, record, weights, meta)
     return BenchModel(family, task, net.eval(), config, recipe, seed, specs, config.num_labels, metrics,
