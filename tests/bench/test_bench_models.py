@@ -289,3 +289,50 @@ def test_token_trimming_runs_on_padded_text_batches(tmp_path, family):
         set_threshold(model, threshold)
         with torch.no_grad():
             assert torch.isfinite(model(**batch).logits).all(), threshold
+
+
+def test_scene_targets_mark_each_objects_cell():
+    from trimkit.bench.base import scene_targets
+    from trimkit.data import COLOURS, SHAPES, SIZES, SceneObject
+
+    a = SceneObject(colour="blue", shape="cross", size="small", row=0, col=3, cy=8, cx=56, radius=3)
+    b = SceneObject(colour="red", shape="circle", size="large", row=2, col=1, cy=40, cx=24, radius=6)
+    t = scene_targets((a, b), image=64, patch=8, grid=4).view(8, 8, 3)
+    want_a = [list(COLOURS).index("blue") + 1, SHAPES.index("cross") + 1, SIZES.index("small") + 1]
+    want_b = [list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1, SIZES.index("large") + 1]
+    assert t[0:2, 6:8].reshape(4, 3).tolist() == [want_a] * 4  # cell (0, 3) = patches rows 0-1, cols 6-7
+    assert t[4:6, 2:4].reshape(4, 3).tolist() == [want_b] * 4
+    assert int((t.sum(-1) > 0).sum()) == 8  # every other patch is empty
+
+
+@pytest.mark.parametrize("family", ["blip", "bridgetower"])
+def test_scene_loss_trains_the_image_stream_and_leaves_no_hook(family, data):
+    torch.manual_seed(0)
+    model = _tiny(family, data)
+    fixed = load_dataset("synthetic:vqa?n=8&image=32&seed=3", "train")
+    repeated = torch.utils.data.ConcatDataset([fixed] * 15)  # one batch of scenes, seen 15 times
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    out = train_model(model, repeated, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2, scene_weight=1.0),
+                      progress=False, log_every=5)
+    assert len(out["scene_losses"]) == 3
+    assert out["scene_losses"][-1] < out["scene_losses"][0] - 0.2
+    assert hooks() == 0
+
+
+def test_scene_loss_refuses_vilt_and_data_without_scenes(data):
+    with pytest.raises(ConfigError, match="ViLT"):
+        train_model(_tiny("vilt", data), data, TrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
+                    progress=False)
+    with pytest.raises(ConfigError, match="synthetic scenes"):
+        train_model(_tiny("blip", data), [data[0]] * 4, TrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
+                    progress=False)
+    with pytest.raises(ConfigError, match="scene_weight must be >= 0"):
+        TrainConfig(scene_weight=-1.0)
+
+
+def test_scene_weight_zero_keeps_cache_keys():
+    config = ModelConfig(family="blip", vocab_size=10, num_labels=3)
+    specs = {"train": "synthetic:vqa?n=8"}
+    key = cache_key("blip", "vqa", config, specs, TrainConfig(steps=3), 0)
+    assert key == cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=0.0), 0)
+    assert key != cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=1.0), 0)
