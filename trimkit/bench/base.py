@@ -37,6 +37,7 @@ __all__ = ["CODE_VERSION", "TASKS", "TrainConfig", "BenchModel", "cache_root", "
 CODE_VERSION = 1
 TASKS: tuple[str, ...] = ("vqa", "truefalse", "retrieval")
 SPLITS = ("train", "val", "test")
+SCENE_TARGETS: tuple[str, ...] = ("attributes", "full")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class TrainConfig:
     linear probe, trained with the model and dropped afterwards, reads the colour, shape and size
     of the object in each patch's grid cell (or "none") from the image stream's last layer. It
     gives the vision side dense targets, so that objects are recognised before the text side has
-    learnt to pick one.
+    learnt to pick one. ``scene_targets``: ``attributes``, or ``full`` (also each object's grid row
+    and column, and on every patch the scene's count of each shape and colour; see `scene_targets`).
     """
 
     steps: int = 3000
@@ -69,6 +71,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     single_object_steps: int = 0
     scene_weight: float = 0.0
+    scene_targets: str = "attributes"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_n", "test_n", "eval_batch_size"):
@@ -83,6 +86,8 @@ class TrainConfig:
                               f"got {self.single_object_steps!r}")
         if not self.scene_weight >= 0:
             raise ConfigError(f"scene_weight must be >= 0, got {self.scene_weight}")
+        if self.scene_targets not in SCENE_TARGETS:
+            raise ConfigError(f"unknown scene_targets {self.scene_targets!r}; known: {', '.join(SCENE_TARGETS)}")
 
 
 # Default recipes (see trimkit/bench/README.md for what they reach): 8-pixel patches on 64-pixel
@@ -148,6 +153,8 @@ def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str]
     for name in ("single_object_steps", "scene_weight"):  # keys of runs from before the fields stay valid
         if not recipe[name]:
             del recipe[name]
+    if recipe["scene_targets"] == "attributes":
+        del recipe["scene_targets"]
     payload = {"family": family, "task": task, "model": config.to_dict(), "data": specs,
                "train": recipe, "seed": seed, "version": CODE_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -219,24 +226,45 @@ def _inputs(batch: dict) -> dict:
 
 # ----------------------------------------------------------------------------- scene targets
 
-SCENE_CLASSES: tuple[int, int, int] = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
 _COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
+_COUNTS = 6  # a scene holds 0..5 objects of one shape or colour
 
 
-def scene_targets(objects, image: int, patch: int, grid: int) -> torch.Tensor:
-    """``[P, 3]`` long, patches in row-major order: colour, shape and size index + 1 of the object in
-    the grid cell that holds the patch's centre, 0 where that cell is empty."""
+def scene_classes(kind: str = "attributes", grid: int = 4) -> tuple[int, ...]:
+    """Class counts of the columns of `scene_targets`."""
+    attrs = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+    if kind == "attributes":
+        return attrs
+    return (*attrs, grid + 1, grid + 1, *([_COUNTS] * (len(SHAPES) + len(COLOURS))))
+
+
+def scene_targets(objects, image: int, patch: int, grid: int, kind: str = "attributes") -> torch.Tensor:
+    """``[P, K]`` long, patches in row-major order. ``attributes`` (K = 3): colour, shape and size
+    index + 1 of the object in the grid cell that holds the patch's centre, 0 where that cell is
+    empty. ``full`` adds that object's grid row + 1 and column + 1 (0 where empty), and on every
+    patch the number of objects of each shape and of each colour in the scene."""
     side = image // patch
     cells = ((torch.arange(side) + 0.5) * patch * grid / image).long().clamp(max=grid - 1)
-    table = torch.zeros(grid, grid, 3, dtype=torch.long)
+    width = 5 if kind == "full" else 3
+    table = torch.zeros(grid, grid, width, dtype=torch.long)
     for obj in objects:
-        table[obj.row, obj.col] = torch.tensor(
-            [_COLOUR_INDEX[obj.colour] + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1])
-    return table[cells[:, None], cells[None, :]].reshape(side * side, 3)
+        row = [_COLOUR_INDEX[obj.colour] + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1]
+        table[obj.row, obj.col] = torch.tensor(row + ([obj.row + 1, obj.col + 1] if kind == "full" else []))
+    out = table[cells[:, None], cells[None, :]].reshape(side * side, width)
+    if kind != "full":
+        return out
+    counts = [sum(o.shape == v for o in objects) for v in SHAPES] + [sum(o.colour == v for o in objects)
+                                                                      for v in COLOURS]
+    counts_t = torch.tensor(counts, dtype=torch.long).clamp(max=_COUNTS - 1)
+    return torch.cat([out, counts_t.expand(side * side, -1)], dim=1)
+
+
+def _parts(dataset) -> list:
+    return list(dataset.datasets) if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
 
 
 def _scene_parts(dataset) -> list:
-    parts = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+    parts = _parts(dataset)
     for part in parts:
         source = getattr(part, "source", None)
         if not hasattr(source, "grid"):
@@ -245,14 +273,14 @@ def _scene_parts(dataset) -> list:
     return list(parts)
 
 
-def _scene_batches(dataset, batch_size: int, patch: int) -> Iterator[dict[str, torch.Tensor]]:
+def _scene_batches(dataset, batch_size: int, patch: int, kind: str) -> Iterator[dict[str, torch.Tensor]]:
     """Like `_batches`, with each item's `scene_targets` under ``"scene"``."""
     items = []
     for part in _scene_parts(dataset):
         for i in range(len(part)):
             rec = part.record(i)
             item = part.encode_item(rec.image, rec.text, rec.label)
-            item["scene"] = scene_targets(rec.objects, part.image_size, patch, part.source.grid)
+            item["scene"] = scene_targets(rec.objects, part.image_size, patch, part.source.grid, kind)
             items.append(item)
             if len(items) == batch_size:
                 yield collate(items)
@@ -265,7 +293,7 @@ class _SceneProbe(nn.Module):
     """Reads the image stream's last-layer patch tokens of a BLIP or BridgeTower bench model (through
     a forward hook) and scores them against their `scene_targets`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, classes: tuple[int, ...]):
         super().__init__()
         family = getattr(getattr(model, "config", None), "family", None)
         if family == "blip":
@@ -276,7 +304,8 @@ class _SceneProbe(nn.Module):
             raise ConfigError(f"scene_weight works on BLIP and BridgeTower bench models, not {family!r} "
                               f"(ViLT shuffles its patch tokens)")
         self.seq_first = family == "bridgetower"  # its vision blocks run [tokens, batch, hidden]
-        self.heads = nn.Linear(model.config.hidden, sum(SCENE_CLASSES))
+        self.classes = tuple(classes)
+        self.heads = nn.Linear(model.config.hidden, sum(self.classes))
         self._states: torch.Tensor | None = None
         self._handle = module.register_forward_hook(self._keep)
 
@@ -289,9 +318,10 @@ class _SceneProbe(nn.Module):
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
         if self._states is None or self._states.shape[:2] != targets.shape[:2]:
             raise ConfigError("the scene probe did not see the image tokens of this batch")
-        logits = self.heads(self._states.float()).split(SCENE_CLASSES, dim=-1)
+        logits = self.heads(self._states.float()).split(self.classes, dim=-1)
         self._states = None
-        return sum(F.cross_entropy(z.flatten(0, 1), targets[..., k].flatten()) for k, z in enumerate(logits)) / 3
+        return sum(F.cross_entropy(z.flatten(0, 1), targets[..., k].flatten())
+                   for k, z in enumerate(logits)) / len(logits)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -345,13 +375,14 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
                 log_every: int = 100) -> dict:
     """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
     with the mean loss of every `log_every` steps (and ``cpu_seconds``, the process CPU time)."""
-    probe = _SceneProbe(model) if train.scene_weight else None
+    grid = max((getattr(getattr(p, "source", None), "grid", 4) for p in _parts(train_set)), default=4)
+    probe = _SceneProbe(model, scene_classes(train.scene_targets, grid)) if train.scene_weight else None
     params = _param_groups(model, train.weight_decay) + (_param_groups(probe, train.weight_decay) if probe else [])
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
     model.train()
     losses, window, scene_losses = [], [], []
-    batches = _scene_batches(train_set, train.batch_size, model.config.patch) if probe else \
+    batches = _scene_batches(train_set, train.batch_size, model.config.patch, train.scene_targets) if probe else \
         _batches(train_set, train.batch_size)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
