@@ -63,6 +63,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--base-steps", type=click.IntRange(min=1), help="Base-model training steps (default: the recipe's).")
 @click.option("--base-scene-weight", type=click.FloatRange(min=0.0),
               help="Base training: weight of the per-patch scene loss (BLIP, BridgeTower; default 0).")
+@click.option("--base-scene-targets", type=click.Choice(["attributes", "full"]),
+              help="Base training: what the scene loss reads (default attributes; see trimkit/bench/README.md).")
 @click.option("--no-finetune", is_flag=True, help="Skip the fine-tuned baselines.")
 @click.option("--no-ablations", is_flag=True, help="Skip the ablations.")
 @click.option("--methods", help="Comma-separated methods to run (default: all planned), e.g. "
@@ -89,7 +91,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
-                  no_finetune, no_ablations,
+                  base_scene_targets, no_finetune, no_ablations,
                   methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty,
                   logit_margin, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
@@ -118,8 +120,11 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
         changes = {k: v for k, v in dict(families=_names(families), tasks=_names(tasks), ratios=_ratios(reductions),
                                            seeds=seeds, steps=steps, base_steps=base_steps, device=device,
                                            threads=threads, cache_dir=cache_dir).items() if v is not None}
+        if base_scene_targets and not base_scene_weight:
+            raise ConfigError("--base-scene-targets needs --base-scene-weight")
         if base_scene_weight:
-            changes["base_train"] = (*config.base_train, ("scene_weight", base_scene_weight))
+            changes["base_train"] = (*config.base_train, ("scene_weight", base_scene_weight),
+                                     *([("scene_targets", base_scene_targets)] if base_scene_targets else []))
         if no_finetune:
             changes["finetune"] = False
         if no_ablations:

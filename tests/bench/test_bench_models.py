@@ -305,14 +305,15 @@ def test_scene_targets_mark_each_objects_cell():
     assert int((t.sum(-1) > 0).sum()) == 8  # every other patch is empty
 
 
-@pytest.mark.parametrize("family", ["blip", "bridgetower"])
-def test_scene_loss_trains_the_image_stream_and_leaves_no_hook(family, data):
+@pytest.mark.parametrize("family,kind", [("blip", "attributes"), ("bridgetower", "attributes"), ("blip", "full")])
+def test_scene_loss_trains_the_image_stream_and_leaves_no_hook(family, kind, data):
     torch.manual_seed(0)
     model = _tiny(family, data)
     fixed = load_dataset("synthetic:vqa?n=8&image=32&seed=3", "train")
     repeated = torch.utils.data.ConcatDataset([fixed] * 15)  # one batch of scenes, seen 15 times
     hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
-    out = train_model(model, repeated, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2, scene_weight=1.0),
+    out = train_model(model, repeated, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2, scene_weight=1.0,
+                                                        scene_targets=kind),
                       progress=False, log_every=5)
     assert len(out["scene_losses"]) == 3
     assert out["scene_losses"][-1] < out["scene_losses"][0] - 0.2
@@ -336,3 +337,19 @@ def test_scene_weight_zero_keeps_cache_keys():
     key = cache_key("blip", "vqa", config, specs, TrainConfig(steps=3), 0)
     assert key == cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=0.0), 0)
     assert key != cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=1.0), 0)
+
+
+def test_full_scene_targets_add_the_place_and_the_scene_counts():
+    from trimkit.bench.base import scene_classes, scene_targets
+    from trimkit.data import COLOURS, SHAPES, SceneObject
+
+    a = SceneObject(colour="blue", shape="cross", size="small", row=0, col=3, cy=8, cx=56, radius=3)
+    b = SceneObject(colour="blue", shape="circle", size="large", row=2, col=1, cy=40, cx=24, radius=6)
+    t = scene_targets((a, b), image=64, patch=8, grid=4, kind="full")
+    assert t.shape == (64, len(scene_classes("full", 4)))
+    assert t[6, 3:5].tolist() == [1, 4] and t[4 * 8 + 2, 3:5].tolist() == [3, 2] and t[0, 3:5].tolist() == [0, 0]
+    counts = t[:, 5:]
+    assert (counts == counts[0]).all()  # the same on every patch, background included
+    assert counts[0, SHAPES.index("cross")] == 1 and counts[0, len(SHAPES) + list(COLOURS).index("blue")] == 2
+    assert int(counts[0].sum()) == 4
+    assert (t < torch.tensor(scene_classes("full", 4))).all()
