@@ -79,6 +79,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--logit-penalty", type=click.FloatRange(min=0.0),
               help="Weight of the penalty on SmartTrim keep-logits beyond --logit-margin (default 0 = off).")
 @click.option("--logit-margin", type=click.FloatRange(min=0.0), help="Keep-logit magnitude left free (default 4).")
+@click.option("--undershoot", type=click.FloatRange(min=0.0),
+              help="SmartTrim trains to the target ratio minus this; the threshold is still calibrated to the target.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -93,7 +95,7 @@ def _command_line(ctx: click.Context) -> str:
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
                   base_scene_targets, no_finetune, no_ablations,
                   methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty,
-                  logit_margin, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
+                  logit_margin, undershoot, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 
@@ -145,6 +147,8 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
             changes["logit_penalty"] = logit_penalty
         if logit_margin is not None:
             changes["logit_margin"] = logit_margin
+        if undershoot is not None:
+            changes["undershoot"] = undershoot
         config = replace(config, **changes)
         start = time.perf_counter()
         run_bench(config, out_dir, command=_command_line(click.get_current_context()), log=click.echo)

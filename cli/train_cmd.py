@@ -37,6 +37,8 @@ __all__ = ["train_command", "eval_command"]
               help="Weight of the squared excess of the trimmers' keep-logits over --logit-margin (0 = off).")
 @click.option("--logit-margin", default=4.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Keep-logit magnitude the penalty leaves free.")
+@click.option("--undershoot", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Train to --target-ratio minus this; the inference threshold is still calibrated to the target.")
 @click.option("--cost", type=click.Choice(["square", "above"]), default="square", show_default=True,
               help="Cost loss: (r - t)^2, or only a ratio above the target costs.")
 @click.option("--anneal", default=0.3, show_default=True, type=float,
@@ -52,8 +54,8 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
 def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, batch_size, grad_accum, lr_trimmer,
-                  lr_backbone, freeze_backbone, full_task, alpha, beta, dual_lr, logit_penalty, logit_margin, cost,
-                  anneal, schedule, seed, checkpoint_every, measure_every, resume, threads, no_progress, as_json):
+                  lr_backbone, freeze_backbone, full_task, alpha, beta, dual_lr, logit_penalty, logit_margin,
+                  undershoot, cost, anneal, schedule, seed, checkpoint_every, measure_every, resume, threads, no_progress, as_json):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
     \b
@@ -71,7 +73,7 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, ba
     config = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr_trimmer=lr_trimmer,
                          lr_backbone=lr_backbone, freeze_backbone=freeze_backbone, full_task=full_task,
                          alpha=alpha, beta=beta, dual_lr=dual_lr, logit_penalty=logit_penalty,
-                         logit_margin=logit_margin,
+                         logit_margin=logit_margin, undershoot=undershoot,
                          cost=cost, anneal=anneal, schedule=schedule, seed=seed,
                          checkpoint_every=checkpoint_every, measure_every=measure_every)
     try:

@@ -84,6 +84,9 @@ class TrainConfig:
     dual_lr: step size of the Lagrange multiplier on ``r - t`` (0 = off: the square cost alone).
     logit_penalty / logit_margin: weight of the squared excess of the keep-logits' magnitude over
       the margin (0 = off), which keeps the trimmers' sigmoids out of their flat tails.
+    undershoot: training aims at ``target - undershoot`` while the inference threshold is still
+      calibrated to ``target``, so calibration only ever keeps *more* tokens than training did
+      (removing tokens the trained model relied on costs far more than keeping a few extra).
     """
 
     batch_size: int = 16
@@ -111,6 +114,7 @@ class TrainConfig:
     dual_lr: float = 0.0
     logit_penalty: float = 0.0
     logit_margin: float = 4.0
+    undershoot: float = 0.0
 
     def __post_init__(self) -> None:
         ints = {"batch_size": 1, "grad_accum": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
@@ -124,7 +128,7 @@ class TrainConfig:
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"train: {name} must be > 0, got {getattr(self, name)!r}")
         for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task",
-                     "dual_lr", "logit_penalty", "logit_margin"):
+                     "dual_lr", "logit_penalty", "logit_margin", "undershoot"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -141,6 +145,8 @@ class TrainConfig:
             del data["dual_lr"]
         if not data["logit_penalty"]:  # the same for the logit penalty, whose margin then does nothing
             del data["logit_penalty"], data["logit_margin"]
+        if not data["undershoot"]:
+            del data["undershoot"]
         return data
 
 
@@ -740,6 +746,8 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     backbone, binding, changes, spec = prepare(model_or_backbone, data_spec, recipe=recipe)
     ref = ref or backbone.name
     target = _check_target(target_ratio if target_ratio is not None else _recipe_target(backbone.model))
+    if config.undershoot and not config.undershoot < target:
+        raise ConfigError(f"train: undershoot {config.undershoot} leaves no training target below {target}")
     model, task = backbone.model, backbone.task
     teacher_task = None
     if teacher is not None:
@@ -790,7 +798,7 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
             for step in range(start, steps):
                 rng_at_step = _rng_state()
                 model.train()
-                goal = target_at(step, steps, target, config.anneal, config.schedule)
+                goal = target_at(step, steps, target - config.undershoot, config.anneal, config.schedule)
                 tau = tau_at(step, steps, config.tau_start, config.tau_end)
                 set_tau(model, tau)
                 sums = {"loss": 0.0, "task": 0.0, "distill": 0.0, "cost": 0.0, "ratio": 0.0}

@@ -64,7 +64,7 @@ class BenchConfig:
       freeze_backbone: SmartTrim trains its trimmers only; full_task: weight of the full-capacity
       pass's task loss in SmartTrim training; dual_lr: step of the Lagrange multiplier that holds
       the FLOPs ratio to its target; logit_penalty / logit_margin: the penalty on keep-logits beyond
-      the margin (see `trimkit.train.TrainConfig`).
+      the margin; undershoot: training aims this far below the target (see `trimkit.train.TrainConfig`).
     finetune: also run the baselines after fine-tuning; ablations: run the four ablations (at 2x, or
       at every ratio with ``ablations_all``); methods: run only these methods (empty: all planned).
     calibrate: training items that pick SmartTrim's inference threshold.
@@ -91,6 +91,7 @@ class BenchConfig:
     full_task: float = 0.0
     dual_lr: float = 0.0
     logit_penalty: float = 0.0
+    undershoot: float = 0.0
     logit_margin: float = 4.0
     lr_trimmer: float = 1e-2
     alpha: float = 1.0
@@ -245,6 +246,8 @@ def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
         data.pop(key)
     if not data["logit_penalty"]:  # off: the same runs as before the option existed
         del data["logit_penalty"], data["logit_margin"]
+    if not data["undershoot"]:
+        del data["undershoot"]
     payload = {"config": data, "run": dataclasses.asdict(run), "base": base_key, "format": FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -310,7 +313,7 @@ def _train_config(config: BenchConfig, run: RunSpec):
     return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
                        freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
                        logit_penalty=config.logit_penalty, logit_margin=config.logit_margin,
-                       alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
+                       undershoot=config.undershoot, alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
                        seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
 
