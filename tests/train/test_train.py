@@ -296,3 +296,18 @@ def test_logit_penalty_pulls_the_keep_logits_in(tokens_recipe, tmp_path):
         return float(torch.cat([z.reshape(-1) for z in train_logits(model)]).abs().mean())
 
     assert magnitudes(on) < magnitudes(off) - 1.0
+
+
+def test_undershoot_trains_below_the_target_and_calibrates_to_it(tokens_recipe):
+    target, under = 0.8, 0.1
+    config = TrainConfig(lr_backbone=2e-3, anneal=0.3, undershoot=under, **{**FAST, "calibrate": 64})
+    result = train("vilt-vqa-tiny", "synthetic:vqa?n=128", target_ratio=target, steps=40, recipe=tokens_recipe,
+                   config=config, progress=False)
+    assert result.history[-1]["target"] == pytest.approx(target - under)
+    assert result.target_ratio == target
+    assert result.expected_ratio < target - under / 2  # training went below the target
+    assert abs(result.calibrated_ratio - target) <= 0.05  # and the threshold keeps more to meet it
+    assert config.to_dict()["undershoot"] == under and "undershoot" not in TrainConfig().to_dict()
+    with pytest.raises(ConfigError, match="undershoot"):
+        train("vilt-vqa-tiny", "synthetic:vqa?n=16", target_ratio=0.3, steps=1, recipe=tokens_recipe,
+              config=TrainConfig(undershoot=0.3, **FAST), progress=False)
