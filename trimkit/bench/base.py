@@ -270,7 +270,7 @@ def _scene_parts(dataset) -> list:
         if not hasattr(source, "grid"):
             raise ConfigError(f"scene_weight needs synthetic scenes; {type(part).__name__} has none "
                               f"(the retrieval task's matching pairs included)")
-    return list(parts)
+    return parts
 
 
 def _scene_batches(dataset, batch_size: int, patch: int, kind: str) -> Iterator[dict[str, torch.Tensor]]:
