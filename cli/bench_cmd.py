@@ -95,7 +95,8 @@ def _command_line(ctx: click.Context) -> str:
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
                   base_scene_targets, no_finetune, no_ablations,
                   methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty,
-                  logit_margin, undershoot, device, threads, out_dir, docs_dir, readme, no_report, report_only, cache_dir):
+                  logit_margin, undershoot, device, threads, out_dir, docs_dir, readme, no_report, report_only,
+                  cache_dir):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 

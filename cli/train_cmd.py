@@ -55,7 +55,8 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
 def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, batch_size, grad_accum, lr_trimmer,
                   lr_backbone, freeze_backbone, full_task, alpha, beta, dual_lr, logit_penalty, logit_margin,
-                  undershoot, cost, anneal, schedule, seed, checkpoint_every, measure_every, resume, threads, no_progress, as_json):
+                  undershoot, cost, anneal, schedule, seed, checkpoint_every, measure_every, resume, threads,
+                  no_progress, as_json):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
     \b

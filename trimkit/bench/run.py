@@ -313,7 +313,8 @@ def _train_config(config: BenchConfig, run: RunSpec):
     return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
                        freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
                        logit_penalty=config.logit_penalty, logit_margin=config.logit_margin,
-                       undershoot=config.undershoot, alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
+                       undershoot=config.undershoot,
+                       alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
                        seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
 
