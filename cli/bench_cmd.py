@@ -79,8 +79,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--logit-penalty", type=click.FloatRange(min=0.0),
               help="Weight of the penalty on SmartTrim keep-logits beyond --logit-margin (default 0 = off).")
 @click.option("--logit-margin", type=click.FloatRange(min=0.0), help="Keep-logit magnitude left free (default 4).")
-@click.option("--undershoot", type=click.FloatRange(min=0.0),
-              help="SmartTrim trains to the target ratio minus this; the threshold is still calibrated to the target.")
+@click.option("--undershoot", type=float,
+              help="SmartTrim trains to the target ratio minus this (negative: above it); the threshold is still "
+                   "calibrated to the target.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),

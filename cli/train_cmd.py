@@ -37,8 +37,9 @@ __all__ = ["train_command", "eval_command"]
               help="Weight of the squared excess of the trimmers' keep-logits over --logit-margin (0 = off).")
 @click.option("--logit-margin", default=4.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Keep-logit magnitude the penalty leaves free.")
-@click.option("--undershoot", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Train to --target-ratio minus this; the inference threshold is still calibrated to the target.")
+@click.option("--undershoot", default=0.0, show_default=True, type=float,
+              help="Train to --target-ratio minus this (negative: above it); the inference threshold is still "
+                   "calibrated to the target.")
 @click.option("--cost", type=click.Choice(["square", "above"]), default="square", show_default=True,
               help="Cost loss: (r - t)^2, or only a ratio above the target costs.")
 @click.option("--anneal", default=0.3, show_default=True, type=float,

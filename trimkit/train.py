@@ -87,6 +87,8 @@ class TrainConfig:
     undershoot: training aims at ``target - undershoot`` while the inference threshold is still
       calibrated to ``target``, so calibration only ever keeps *more* tokens than training did
       (removing tokens the trained model relied on costs far more than keeping a few extra).
+      Negative: training stops above the target and calibration removes the rest (e.g. train at
+      0.5, read at 0.33).
     """
 
     batch_size: int = 16
@@ -128,7 +130,7 @@ class TrainConfig:
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"train: {name} must be > 0, got {getattr(self, name)!r}")
         for name in ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task",
-                     "dual_lr", "logit_penalty", "logit_margin", "undershoot"):
+                     "dual_lr", "logit_penalty", "logit_margin"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -746,8 +748,9 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
     backbone, binding, changes, spec = prepare(model_or_backbone, data_spec, recipe=recipe)
     ref = ref or backbone.name
     target = _check_target(target_ratio if target_ratio is not None else _recipe_target(backbone.model))
-    if config.undershoot and not config.undershoot < target:
-        raise ConfigError(f"train: undershoot {config.undershoot} leaves no training target below {target}")
+    if config.undershoot and not 0.0 < target - config.undershoot <= 1.0:
+        raise ConfigError(f"train: undershoot {config.undershoot} puts the training target "
+                          f"{target - config.undershoot:g} outside (0, 1]")
     model, task = backbone.model, backbone.task
     teacher_task = None
     if teacher is not None:

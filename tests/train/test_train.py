@@ -308,6 +308,7 @@ def test_undershoot_trains_below_the_target_and_calibrates_to_it(tokens_recipe):
     assert result.expected_ratio < target - under / 2  # training went below the target
     assert abs(result.calibrated_ratio - target) <= 0.05  # and the threshold keeps more to meet it
     assert config.to_dict()["undershoot"] == under and "undershoot" not in TrainConfig().to_dict()
-    with pytest.raises(ConfigError, match="undershoot"):
-        train("vilt-vqa-tiny", "synthetic:vqa?n=16", target_ratio=0.3, steps=1, recipe=tokens_recipe,
-              config=TrainConfig(undershoot=0.3, **FAST), progress=False)
+    for bad in (0.3, -0.8):  # training targets 0 and 1.1
+        with pytest.raises(ConfigError, match="undershoot"):
+            train("vilt-vqa-tiny", "synthetic:vqa?n=16", target_ratio=0.3, steps=1, recipe=tokens_recipe,
+                  config=TrainConfig(undershoot=bad, **FAST), progress=False)
