@@ -8,7 +8,8 @@ calibrated threshold and a few fixed ones, the accuracy and the executed-FLOPs r
 of the cost model) on the first 500 validation items; and the same items with the trimmers in
 training mode (Gumbel decisions at the last step's temperature), which is what training saw.
 A point that collapses at its calibrated threshold while its training-mode accuracy holds lost
-accuracy between training and inference, not in training.
+accuracy between training and inference, not in training. Two more lines read it with only the
+token trimmers or only the head trimmers at the calibrated threshold (the other kind keeps all).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from trimkit.bench.run import BenchConfig, RunSpec, _fresh, _smarttrim_configs, _train_config, base_model
-from trimkit.control import set_threshold
+from trimkit.control import runtimes, set_threshold
 from trimkit.cost import expected_ratio
 from trimkit.data import collate
 from trimkit.tasks import model_batch, task_dataset
@@ -56,6 +57,13 @@ def main(argv: list[str]) -> None:
         set_threshold(model, th)
         acc, ratio = read(model, batches)
         print(f"threshold {th:.4g}: accuracy {acc:.3f} at ratio {ratio:.3f}")
+    for keep_all in ("HeadRuntime", "TokenRuntime"):  # one kind of trimmer off, the other at the threshold
+        for rt in runtimes(model):
+            if hasattr(rt, "threshold"):
+                rt.threshold = 0.0 if type(rt).__name__ == keep_all else trained.threshold
+        acc, ratio = read(model, batches)
+        other = "tokens" if keep_all == "HeadRuntime" else "heads"
+        print(f"only {other} trimmed (calibrated threshold): accuracy {acc:.3f} at ratio {ratio:.3f}")
     set_threshold(model, trained.threshold)
     model.train()
     acc, ratio = read(model, batches)
