@@ -375,8 +375,10 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
                 log_every: int = 100) -> dict:
     """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
     with the mean loss of every `log_every` steps (and ``cpu_seconds``, the process CPU time)."""
-    grid = max((getattr(getattr(p, "source", None), "grid", 4) for p in _parts(train_set)), default=4)
-    probe = _SceneProbe(model, scene_classes(train.scene_targets, grid)) if train.scene_weight else None
+    probe = None
+    if train.scene_weight:  # the parts are checked for scenes before the probe hooks the model
+        grid = max(part.source.grid for part in _scene_parts(train_set))
+        probe = _SceneProbe(model, scene_classes(train.scene_targets, grid))
     params = _param_groups(model, train.weight_decay) + (_param_groups(probe, train.weight_decay) if probe else [])
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
