@@ -443,7 +443,9 @@ class BaselineRuntime(TokenRuntime):
     def _alive(self, st: StreamState) -> torch.Tensor | None:
         return st.valid.sum(1) if st.valid is not None else None
 
-    def _key_mask(self, stream: str, st: StreamState) -> torch.Tensor | None:
+    def _key_mask(self, stream: str, st: StreamState, cross: bool = False) -> torch.Tensor | None:
+        # a skip stream's carried tokens stay keys of other streams' attention here (merged tokens of
+        # a skip stream have no full-length alive mask)
         mask = super()._key_mask(stream, st)
         size = self._sizes.get(stream)
         if self.method != "tome" or not self.proportional or size is None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from trimkit.ops import (
     additive_key_mask, combine_masks, gather_along, gather_tokens, gumbel_sigmoid,
-    head_keep_index, keep_mask_from_probs, padding_key_mask, scatter_tokens, slice_out_cols,
+    head_keep_index, keep_mask_from_probs, keep_softmax, padding_key_mask, scatter_tokens, slice_out_cols,
     slice_qkv_rows,
 )
 
@@ -196,6 +196,41 @@ def test_soft_key_mask_gradients():
                           atol=1e-4)
     half = additive_key_mask(torch.tensor([[1.0, 0.0]]), torch.float16)
     assert half.dtype == torch.float16 and half[0, 0, 0, 1] == torch.finfo(torch.float16).min
+
+
+@SETTINGS
+@given(keep_masks())
+def test_keep_softmax_is_softmax_over_kept_keys(case):
+    keep, seed = case
+    keep[:, 0] = True  # every row keeps a key
+    scores = torch.randn(keep.shape[0], 2, 3, keep.shape[1], generator=torch.Generator().manual_seed(seed)) * 8
+    weights = keep_softmax(scores, keep[:, None, None, :].float())
+    for b in range(keep.shape[0]):
+        kept = scores[b][..., keep[b]].softmax(-1)
+        assert torch.allclose(weights[b][..., keep[b]], kept, atol=1e-6)
+        assert bool((weights[b][..., ~keep[b]] == 0).all())
+
+
+def test_keep_softmax_does_not_leak_and_matches_the_leaky_gradient():
+    # a dropped key scoring 20 above the kept ones: log(keep + 1e-6) hands it most of the weight
+    scores = torch.tensor([[0.0, 20.0, 1.0]], dtype=torch.float64)
+    keep = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    leaky = (scores + additive_key_mask(keep, eps=1e-6)[0, 0]).softmax(-1)
+    assert leaky[0, 1] > 0.5
+    exact = keep_softmax(scores, keep)
+    assert exact[0, 1] == 0 and torch.allclose(exact, scores.masked_fill(keep == 0, -math.inf).softmax(-1))
+    # gradient at the dropped key: that of a multiplicative mask, d/dm_j of m_2 e^s_2 / sum m_k e^s_k
+    (grad,) = torch.autograd.grad(exact[0, 2], keep)
+    e = scores.exp()
+    z = e[0, 0] + e[0, 2]
+    assert torch.allclose(grad[0, 1], -e[0, 2] * e[0, 1] / z ** 2)
+    tiny = torch.autograd.grad((scores + additive_key_mask(keep, eps=1e-14)[0, 0]).softmax(-1)[0, 2], keep)[0]
+    assert torch.allclose(grad, tiny, rtol=1e-4)
+    # other masks in the scores, low precision, and a row with no kept key
+    low = torch.finfo(torch.float16).min
+    half = keep_softmax(torch.tensor([[low, 3.0, 1.0, 2.0]], dtype=torch.float16), torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert half.dtype == torch.float16 and half.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert keep_softmax(torch.randn(1, 3), torch.zeros(1, 3)).abs().sum() == 0
 
 
 def test_combine_masks_clamps_and_broadcasts():

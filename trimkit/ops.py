@@ -3,8 +3,8 @@
 Shapes: ``B`` batch, ``L`` sequence length, ``Lmax`` kept length (row maximum), ``H`` heads,
 ``hd`` head dim. Bad shapes raise ``ValueError`` with the numbers involved.
 
-Training uses masks (:func:`gumbel_sigmoid`, :func:`additive_key_mask`); inference removes tokens
-(:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
+Training uses masks (:func:`gumbel_sigmoid`, :func:`keep_softmax`, :func:`additive_key_mask`);
+inference removes tokens (:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
 (:func:`slice_qkv_rows`, :func:`slice_out_cols`).
 """
 
@@ -21,6 +21,7 @@ __all__ = [
     "gather_tokens",
     "gather_along",
     "scatter_tokens",
+    "keep_softmax",
     "additive_key_mask",
     "combine_masks",
     "padding_key_mask",
@@ -168,6 +169,29 @@ def additive_key_mask(keep: Tensor, dtype: torch.dtype | None = None, eps: float
         tiny = torch.finfo(keep.dtype).tiny
         bias = torch.where(keep > 0, torch.log(keep.clamp_min(tiny)), torch.full_like(keep, lowest))
     return bias.clamp_min(lowest).to(dtype)[:, None, None, :]
+
+
+# exp() of a dropped key's score is capped this far above the kept keys' maximum (no overflow)
+_EXP_CAP = 60.0
+
+
+def keep_softmax(scores: Tensor, keep: Tensor) -> Tensor:
+    """Attention weights over the last dim with every key weighted by ``keep`` (broadcast to ``scores``):
+    ``exp(s_j) * keep_j / sum_k exp(s_k) * keep_k``.
+
+    With a 0/1 ``keep`` the forward value is exactly the softmax over the kept keys alone (a dropped
+    key gets weight 0, as if it were removed), while the gradient still reaches the dropped keys'
+    ``keep``: ``d/dkeep_j = exp(s_j) / Z * (g_j - sum_k p_k g_k)``. An additive ``log(keep + eps)``
+    mask has the same gradient, but lets dropped keys leak a weight of ``eps * exp(score gap)``.
+    Computed in at least float32; returned in ``scores``' dtype. A row without a kept key is all 0.
+    """
+    work = torch.promote_types(scores.dtype, torch.float32)
+    s, k = scores.to(work), keep.to(work)
+    alive = (k > 0) & (s > torch.finfo(work).min)
+    top = torch.where(alive, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+    e = torch.exp((s - top).clamp_max(_EXP_CAP)) * k
+    return (e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(work).tiny)).to(scores.dtype)
 
 
 def combine_masks(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -11,17 +11,20 @@ layer scores the tokens of the layer's main input and
   the feed-forward block of such a layer runs on the kept tokens only, packed across rows (its
   input projections read ``[N, D]`` instead of ``[B, Lmax, D]``), so padding costs nothing there;
 * in **train** mode keeps the full length and multiplies a straight-through Gumbel mask into a
-  per-stream cumulative keep mask; pruned tokens stop being keys of later attention through an
-  additive ``log`` mask, so the gradient reaches the trimmers.
+  per-stream cumulative keep mask; pruned tokens stop being keys of later attention: the attention
+  weights are computed as ``exp(s) * keep / sum(exp(s) * keep)`` (:func:`trimkit.ops.keep_softmax`),
+  so a pruned key gets exactly no weight, as at inference, and the gradient still reaches it.
 
-Key masks are added by a short-lived ``TorchFunctionMode`` that is active only inside the attention
-modules whose keys come from a trimmed stream; it adds the mask to the attention softmax or to the
-``scaled_dot_product_attention`` call, whatever the model's own code looks like.
+Key masks are applied by a short-lived ``TorchFunctionMode`` that is active only inside the attention
+modules whose keys come from a trimmed stream; it changes the attention softmax, the
+``scaled_dot_product_attention`` call or ``multi_head_attention_forward``, whatever the model's own
+code looks like.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -191,16 +194,39 @@ class TrimState:
         self.packed: dict[str, tuple] = {}  # FFN path -> (flat index of kept tokens, leading shape) while packed
 
 
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True: may attend) as an additive one; float masks pass through."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 class _KeyMask(TorchFunctionMode):
-    """Adds an additive key mask [B, 1, 1, Lk] to attention softmax / SDPA calls with matching Lk."""
+    """Masks the keys of the attention softmax / SDPA / ``multi_head_attention_forward`` calls whose
+    key length matches, inside one attention module.
 
-    def __init__(self, mask: torch.Tensor):
+    Without ``keep`` (inference) it adds the additive mask ``[B, 1, 1, Lk]``. With ``keep``
+    (training: the straight-through 0/1 keep mask ``[B, Lk]``) it computes those calls' weights with
+    :func:`trimkit.ops.keep_softmax`: dropped keys get exactly no weight, and still a gradient.
+    ``hits`` counts the calls it changed.
+    """
+
+    def __init__(self, mask: torch.Tensor, keep: torch.Tensor | None = None, site: str = ""):
         super().__init__()
-        self.mask = mask
+        self.mask, self.keep, self.site = mask, keep, site
+        self.hits = 0
 
-    def _fit(self, shape: tuple, dtype: torch.dtype):
-        """The mask shaped to add to scores of ``shape`` ([B,H,Lq,Lk] or [B*H,Lq,Lk]), or None."""
-        m, lk = self.mask, self.mask.shape[-1]
+    def _fit(self, shape: tuple, dtype: torch.dtype, m: torch.Tensor | None = None):
+        """``m`` (default: the additive mask, ``[B, 1, 1, Lk]``) shaped to broadcast over scores of
+        ``shape`` ([B,H,Lq,Lk] or [B*H,Lq,Lk]), or None."""
+        m = self.mask if m is None else m
+        lk = m.shape[-1]
         if shape[-1] != lk:
             return None
         if len(shape) == 4 and shape[0] in (m.shape[0], 1):
@@ -210,46 +236,121 @@ class _KeyMask(TorchFunctionMode):
             return m.to(dtype).repeat_interleave(heads, 0)[:, 0]
         return None
 
+    def _fit_keep(self, shape: tuple, dtype: torch.dtype):
+        return None if self.keep is None else self._fit(shape, dtype, self.keep[:, None, None, :])
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             x = args[0]
             if dim in (-1, x.dim() - 1):
+                keep = self._fit_keep(tuple(x.shape), x.dtype)
+                if keep is not None:
+                    self.hits += 1
+                    dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
+                    return ops.keep_softmax(x if dtype is None else x.to(dtype), keep)
                 add = self._fit(tuple(x.shape), x.dtype)
                 if add is not None:
+                    self.hits += 1
                     args = (torch.clamp(x + add, min=torch.finfo(x.dtype).min),) + tuple(args[1:])
         elif func is F.multi_head_attention_forward:
+            if self.keep is not None:
+                out = self._mha_keep(args, kwargs)
+                if out is not None:
+                    self.hits += 1
+                    return out
             key = args[1]
-            lk = key.shape[0] if key.dim() == 3 else key.shape[0]
+            lk = key.shape[0]
             add = self.mask[:, 0, 0, :]
-            if add.shape[-1] == lk or (key.dim() == 3 and key.shape[0] == add.shape[-1]):
+            if add.shape[-1] == lk:
+                self.hits += 1
                 kpm = kwargs.get("key_padding_mask")
-                if kpm is not None and kpm.dtype == torch.bool:
-                    kpm = torch.zeros(kpm.shape, dtype=add.dtype, device=add.device).masked_fill(kpm, float("-inf"))
+                if kpm is not None and kpm.dtype == torch.bool:  # True where a key is ignored
+                    kpm = _additive(~kpm, add.dtype)
                 kwargs = dict(kwargs)
                 kwargs["key_padding_mask"] = add.to(key.dtype) if kpm is None else kpm + add.to(key.dtype)
         elif func is F.scaled_dot_product_attention:
             q, k = args[0], args[1]
-            add = self._fit((*q.shape[:-1], k.shape[-2]), q.dtype)
+            shape = (*q.shape[:-1], k.shape[-2])
+            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args))
+            named.update(kwargs)
+            mask = _additive(named.pop("attn_mask", None), q.dtype)
+            causal = named.pop("is_causal", False)
+            if causal:
+                lq, lk = q.shape[-2], k.shape[-2]
+                tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+                mask = _additive(tri, q.dtype) if mask is None else mask + _additive(tri, q.dtype)
+            keep = self._fit_keep(shape, q.dtype)
+            if keep is not None:
+                self.hits += 1
+                return self._sdpa_keep(keep, mask, **named)
+            add = self._fit(shape, q.dtype)
             if add is not None:
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-                causal = kwargs.pop("is_causal", False)
-                if len(args) > 5:
-                    causal = args[5]
-                    args = args[:5]
-                args = tuple(args[:3])
-                if mask is None:
-                    mask = torch.zeros((), dtype=q.dtype, device=q.device)
-                elif mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-                if causal:
-                    lq, lk = q.shape[-2], k.shape[-2]
-                    tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-                    mask = mask + torch.zeros(lq, lk, dtype=q.dtype, device=q.device).masked_fill(~tri, float("-inf"))
-                kwargs = {k2: v for k2, v in kwargs.items() if k2 != "attn_mask"}
-                kwargs["attn_mask"] = mask + add
+                self.hits += 1
+                named["attn_mask"] = add if mask is None else mask + add
+                return func(named.pop("query"), named.pop("key"), named.pop("value"), **named)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _sdpa_keep(keep, mask, query, key, value, dropout_p=0.0, scale=None, enable_gqa=False):
+        """``scaled_dot_product_attention`` written out, with the keep-weighted softmax."""
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        scores = (query @ key.transpose(-2, -1)) * scale
+        if mask is not None:
+            scores = scores + mask
+        weights = ops.keep_softmax(scores, keep)
+        if dropout_p > 0:
+            weights = F.dropout(weights, dropout_p)
+        return weights @ value
+
+    def _mha_keep(self, args, kwargs):
+        """``F.multi_head_attention_forward`` written out for seq-first batched inputs, with the
+        keep-weighted softmax; None for the cases it does not cover (extra bias / zero-attention keys,
+        static keys, unbatched inputs), which then get the exact additive mask instead."""
+        a = dict(zip(_MHA_ARGS, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if (q.dim() != 3 or a.get("add_zero_attn")
+                or any(a.get(n) is not None for n in ("bias_k", "bias_v", "static_k", "static_v"))):
+            return None
+        lq, b, e = q.shape
+        lk, h = k.shape[0], a["num_heads"]
+        if tuple(self.keep.shape) != (b, lk):
+            return None
+        if a.get("use_separate_proj_weight"):
+            ws = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+        else:
+            ws = a["in_proj_weight"].chunk(3)
+        bias = a.get("in_proj_bias")
+        bs = bias.chunk(3) if bias is not None else (None, None, None)
+
+        def split(x, i):
+            return F.linear(x, ws[i], bs[i]).reshape(x.shape[0], b, h, -1).permute(1, 2, 0, 3)
+
+        qh, kh, vh = split(q, 0), split(k, 1), split(v, 2)
+        scores = (qh @ kh.transpose(-2, -1)) * qh.shape[-1] ** -0.5
+        attn_mask = a.get("attn_mask")
+        if attn_mask is None and a.get("is_causal"):
+            attn_mask = ~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:  # boolean: True where attending is NOT allowed
+            add = _additive(~attn_mask, scores.dtype) if attn_mask.dtype == torch.bool else attn_mask
+            scores = scores + (add.reshape(b, h, lq, lk) if add.dim() == 3 else add)
+        kpm = a.get("key_padding_mask")
+        if kpm is not None:
+            add = _additive(~kpm, scores.dtype) if kpm.dtype == torch.bool else kpm.to(scores.dtype)
+            scores = scores + add[:, None, None, :]
+        weights = ops.keep_softmax(scores, self.keep[:, None, None, :])
+        p = a.get("dropout_p", 0.0)
+        dropped = F.dropout(weights, p) if p > 0 and a.get("training", True) else weights
+        out = (dropped @ vh).permute(2, 0, 1, 3).reshape(lq, b, e)
+        out = F.linear(out, a["out_proj_weight"], a.get("out_proj_bias"))
+        if not a.get("need_weights", True):
+            return out, None
+        return out, (weights.mean(1) if a.get("average_attn_weights", True) else weights)
 
 
 def _encoder_layer_padding(module: nn.Module, args, kwargs, valid: torch.Tensor | None):
@@ -376,6 +477,7 @@ class TokenRuntime:
         self.trimmed_streams = {self.stream_of[p] for p in trimmers}
         self.handles: list = []
         self._modes: list = []
+        self._exact_only: set[str] = set()  # attention sites the training-mode keep softmax cannot reach
         self._install()
         register_runtime(model, self)
 
@@ -613,9 +715,14 @@ class TokenRuntime:
             if self.record_cost or self.model.training:
                 self.state.keys[site_path] = self._keys_alive(st, args, kwargs, cross)
                 self.state.lengths[site_path] = st.length
-            mask = self._key_mask(key_stream, st)
+            mask = self._key_mask(key_stream, st, cross)
             if mask is None:
                 self._modes.append(None)
+                return None
+            if self.model.training and st.mask is not None and site_path not in self._exact_only:
+                mode = _KeyMask(mask, keep=st.mask, site=site_path)
+                mode.__enter__()
+                self._modes.append(mode)
                 return None
             if isinstance(module, nn.MultiheadAttention):  # its fast path never calls the functions
                 self._modes.append(None)
@@ -631,18 +738,28 @@ class TokenRuntime:
 
         return pre
 
-    def _key_mask(self, stream: str, st: StreamState) -> torch.Tensor | None:
+    def _key_mask(self, stream: str, st: StreamState, cross: bool = False) -> torch.Tensor | None:
         """Additive mask ``[B, 1, 1, Lk]`` for attention whose keys are ``stream``'s tokens (None: none)."""
         if self.model.training and st.mask is not None:
-            return ops.additive_key_mask(st.mask, eps=1e-6)
+            return ops.additive_key_mask(st.mask)
         if st.valid is not None and not bool(st.valid.all()):
             return ops.padding_key_mask(st.valid)
+        if cross and st.alive is not None and not bool(st.alive.all()):
+            return ops.padding_key_mask(st.alive)  # a skip stream's pruned tokens, carried along at full length
         return None
 
     def _attn_post(self, module, args, output):
         mode = self._modes.pop() if self._modes else None
         if mode is not None:
             mode.__exit__(None, None, None)
+            if isinstance(mode, _KeyMask) and mode.keep is not None and mode.hits == 0:
+                self._exact_only.add(mode.site)
+                later = ("later steps mask them exactly through its attention_mask argument, without a gradient to "
+                         "them" if _mask_position(module) is not None else
+                         "it has no attention_mask argument either, so they stay visible in training")
+                warnings.warn(f"trimkit: the attention at {mode.site!r} computes its weights without a softmax, "
+                              "scaled_dot_product_attention or multi_head_attention_forward call, so this training "
+                              f"step did not mask its dropped keys; {later}", RuntimeWarning, stacklevel=2)
         return None
 
     # -- what the last forward kept -------------------------------------------------------------
@@ -712,6 +829,8 @@ class TokenRuntime:
             w = st.mask.unsqueeze(-1)
         elif st.valid is not None and st.valid.shape[1] == h.shape[1]:
             w = st.valid.unsqueeze(-1).to(h.dtype)
+        elif st.alive is not None and st.alive.shape[1] == h.shape[1]:  # a skip stream between its layers
+            w = st.alive.unsqueeze(-1).to(h.dtype)
         else:
             return h.mean(1)
         return (h * w).sum(1) / w.sum(1).clamp_min(1e-6)

@@ -1,6 +1,8 @@
 """smarttrim.tokens on every family: exact at threshold 0, real removal, batched == row by row, grads."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -151,3 +153,63 @@ def test_feed_forward_of_a_padded_batch_runs_on_kept_tokens_only(ref):
     rows = [_out(bb, {k: (v[i:i + 1] if torch.is_tensor(v) and v.dim() else v) for k, v in inputs.items()})
             for i in range(inputs[next(iter(inputs))].shape[0])]
     assert (torch.cat(rows) - batched).abs().max().item() <= 1e-4
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("dropout", "attention_dropout", "dropout_prob"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
+@pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", TOYS[0], TOYS[1]])
+def test_train_mode_forward_equals_inference_with_the_same_decisions(ref, monkeypatch):
+    """Training masks keys, inference removes tokens: with the same decisions both give the same output
+    (a key the mask drops must not leak into attention)."""
+    bb, inputs = _setup(ref)
+    apply_(bb.model, [SmartTrimTokensConfig(threshold=0.5)], inputs=inputs, hints=bb.hints)
+    _randomise(bb.model)
+    _no_dropout(bb.model)
+
+    def noiseless(logits, tau=1.0, hard=True, generator=None):  # the eval decision, logit > 0
+        soft = torch.sigmoid(logits)
+        return (logits > 0).to(soft.dtype) + (soft - soft.detach())
+
+    monkeypatch.setattr("trimkit.ops.gumbel_sigmoid", noiseless)
+    rt = token_runtime(bb.model)
+    eval_out = _out(bb, inputs)
+    kept_eval = [k.clone() for s in rt.state.streams.values() for k in s.kept]
+    bb.model.train()
+    with torch.no_grad():
+        train_out = bb.task.logits(bb.model(**inputs))
+    kept_train = [k for s in rt.state.streams.values() for k in s.kept]
+    assert [k.tolist() for k in kept_train] == [k.tolist() for k in kept_eval]
+    assert any(k.min() < s.length for s in rt.state.streams.values() for k in s.kept), "nothing was dropped"
+    assert (train_out - eval_out).abs().max().item() <= 1e-4, (train_out - eval_out).abs().max()
+
+
+def test_attention_the_training_mask_cannot_reach_is_reported_once(monkeypatch):
+    def manual(self, x, context=None, key_mask=None):  # weights without a softmax call
+        b, n, d = x.shape
+        if self.cross:
+            q, k, v = self.to_q(x), *self.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1) for t in (q, k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        out = torch.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdim=True), v).reshape(b, n, d)
+        return self.proj(out)
+
+    bb, inputs = _setup(TOYS[0])
+    apply_(bb.model, [SmartTrimTokensConfig()], inputs=inputs, hints=bb.hints)
+    monkeypatch.setattr(type(bb.model.text[0].attn), "forward", manual)
+    bb.model.train()
+    with pytest.warns(RuntimeWarning, match="did not mask its dropped keys.*no attention_mask argument"):
+        bb.model(**inputs)
+    assert "text.1.attn" in token_runtime(bb.model)._exact_only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bb.model(**inputs)
