@@ -10,6 +10,7 @@ inference removes tokens (:func:`gather_tokens`, :func:`gather_along`, :func:`pa
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -171,8 +172,10 @@ def additive_key_mask(keep: Tensor, dtype: torch.dtype | None = None, eps: float
     return bias.clamp_min(lowest).to(dtype)[:, None, None, :]
 
 
-# exp() of a dropped key's score is capped this far above the kept keys' maximum (no overflow)
-_EXP_CAP = 60.0
+# A dropped key's exp(s_j) is capped at exp(_EXP_CAP) = 1e6 times the kept keys' maximum, so its gradient
+# factor exp(s_j) / Z stays below 1e6: the bound a log(keep + 1e-6) mask has. Uncapped, a dropped key
+# far above the kept ones sends a huge gradient.
+_EXP_CAP = math.log(1e6)
 
 
 def keep_softmax(scores: Tensor, keep: Tensor) -> Tensor:
@@ -181,8 +184,9 @@ def keep_softmax(scores: Tensor, keep: Tensor) -> Tensor:
 
     With a 0/1 ``keep`` the forward value is exactly the softmax over the kept keys alone (a dropped
     key gets weight 0, as if it were removed), while the gradient still reaches the dropped keys'
-    ``keep``: ``d/dkeep_j = exp(s_j) / Z * (g_j - sum_k p_k g_k)``. An additive ``log(keep + eps)``
-    mask has the same gradient, but lets dropped keys leak a weight of ``eps * exp(score gap)``.
+    ``keep``: ``d/dkeep_j = exp(s_j) / Z * (g_j - sum_k p_k g_k)``, with ``exp(s_j) / Z`` kept below
+    1e6. An additive ``log(keep + 1e-6)`` mask has nearly the same gradient, but lets dropped keys
+    leak a weight of ``1e-6 * exp(score gap)``.
     Computed in at least float32; returned in ``scores``' dtype. A row without a kept key is all 0.
     """
     work = torch.promote_types(scores.dtype, torch.float32)
