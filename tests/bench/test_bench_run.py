@@ -264,3 +264,16 @@ def test_length_batches_have_one_length_and_follow_the_seed():
     assert any(length_batches(lengths, 2, seed=s) != batches for s in range(1, 5))
     with pytest.raises(ConfigError, match="no text length has 6 items"):
         length_batches(lengths, 6, seed=0)
+
+
+def test_rows_name_their_code_revisions_when_runs_differ():
+    def at(rev, records):
+        return [{**r, "environment": {"git_revision": rev}} for r in records]
+
+    same = markdown(aggregate(at("a" * 40, _records())))
+    assert "git |" not in same
+    mixed = at("a" * 40, _records()[:4]) + at("b" * 40, _records()[4:])
+    text = markdown(aggregate(mixed))
+    assert "| speedup b1 | speedup b32 | git |" in text
+    assert "| smarttrim | 2.0× | 3 | 89.50 ± 0.20 | -0.50 |" in text and "| aaaaaaa |" in text
+    assert text.count("| bbbbbbb |") == 3

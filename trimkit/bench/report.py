@@ -41,6 +41,7 @@ class Point:
     speedup_1: float | None
     speedup_n: float | None
     batch_n: int
+    revisions: tuple[str, ...] = ()  # git revisions (12 hex digits) of the runs behind the point
 
     @property
     def n(self) -> int:
@@ -68,6 +69,10 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _revisions(rows: Iterable[dict]) -> tuple[str, ...]:
+    return tuple(sorted({str(r.get("environment", {}).get("git_revision", "?"))[:12] for r in rows}))
+
+
 def aggregate(results: Iterable[dict]) -> list[Point]:
     """Results grouped by (family, task, method, ratio): mean (and sample std) over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -84,7 +89,7 @@ def aggregate(results: Iterable[dict]) -> list[Point]:
             statistics.fmean(r["flops"]["p95"] for r in rows) / 1e9,
             statistics.fmean(r["flops_reduction"] for r in rows),
             _mean([r["latency_speedup"].get("batch_1") for r in rows]),
-            _mean([r["latency_speedup"].get(f"batch_{batch_n}") for r in rows]), batch_n))
+            _mean([r["latency_speedup"].get(f"batch_{batch_n}") for r in rows]), batch_n, _revisions(rows)))
     order = {"full": 0, "smarttrim": 1}
     return sorted(points, key=lambda p: (p.family, p.task, -p.ratio, order.get(p.method, 2), p.method))
 
@@ -133,6 +138,7 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
     commands = sorted(set(commands))
     if commands:
         lines += ["Reproduce with:", "", "```", *commands, "```", ""]
+    mixed = len({r for p in points for r in p.revisions}) > 1  # runs of several code revisions: say which
     for key in sorted({(p.family, p.task) for p in points}):
         pts = [p for p in points if (p.family, p.task) == key]
         full = _find(pts, "full")
@@ -140,14 +146,15 @@ def markdown(points: list[Point], commands: Iterable[str] = ()) -> str:
         lines += [f"**{key[0]} / {key[1]}** (test accuracy; executed GFLOPs per sample; speedup = untrimmed / "
                   f"trimmed latency, same run)", "",
                   f"| method | target | seeds | accuracy | Δ vs full | GFLOPs mean | GFLOPs p95 | FLOPs ÷ | "
-                  f"speedup b1 | speedup b{batch_n} |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"speedup b1 | speedup b{batch_n} |" + (" git |" if mixed else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
         for p in pts:
             target = "–" if p.method == "full" else f"{1 / p.ratio:.1f}×"
             acc = f"{100 * p.accuracy:.2f}" + (f" ± {100 * p.accuracy_std:.2f}" if p.n > 1 else "")
             delta = "–" if full is None or p.method == "full" else f"{100 * (p.accuracy - full.accuracy):+.2f}"
             lines.append(f"| {p.method} | {target} | {p.n} | {acc} | {delta} | {p.gflops:.4f} | {p.gflops_p95:.4f} "
-                         f"| {p.flops_reduction:.2f} | {_fmt_speed(p.speedup_1)} | {_fmt_speed(p.speedup_n)} |")
+                         f"| {p.flops_reduction:.2f} | {_fmt_speed(p.speedup_1)} | {_fmt_speed(p.speedup_n)} |"
+                         + (f" {', '.join(r[:7] for r in p.revisions)} |" if mixed else ""))
         lines.append("")
     checks = claims(points)
     variants = sorted({p.method for p in points if p.method.startswith("smarttrim-")})
@@ -237,10 +244,15 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
     commands = sorted({r.get("command", "") for r in results} - {""})
     modes = sorted({r.get("bench", {}).get("mode", "?") for r in results})
     env = results[0].get("environment", {})
+    revs: dict[str, int] = {}
+    for r in results:
+        rev = _revisions([r])[0]
+        revs[rev] = revs.get(rev, 0) + 1
+    git = ", ".join(f"{r} ({n} runs)" if len(revs) > 1 else r for r, n in sorted(revs.items(), key=lambda i: -i[1]))
     header = (f"Bench mode: {', '.join(modes)}; results in `{Path(out_dir).as_posix()}` "
               f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
               f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}, transformers "
-              f"{env.get('transformers', '?')}, git {str(env.get('git_revision', '?'))[:12]}.\n")
+              f"{env.get('transformers', '?')}, git {git}.\n")
     plots = plot(points, docs, command=commands[0] if commands else "") if docs is not None else []
     text = header + "\n" + markdown(points, commands)
     if plots:
