@@ -86,6 +86,16 @@ def test_multihead_attention_call_sees_only_kept_keys(need_weights):
     assert keep.grad[0, 1] != 0
 
 
+def test_softmax_dtype_argument_is_kept():
+    scores = _peaked((2, 3, 4, 5))
+    mode, _ = _mode()
+    with mode:
+        out = F.softmax(scores, dim=-1, dtype=torch.float64)
+        same = F.softmax(scores, -1, 3)  # F.softmax's third positional is _stacklevel
+    assert out.dtype == torch.float64 and same.dtype == torch.float32 and mode.hits == 2
+    assert torch.allclose(out.float(), same) and bool((out[0, ..., 1] == 0).all())
+
+
 def test_calls_of_another_key_length_are_left_alone():
     mode, _ = _mode()
     x = torch.randn(2, 3, 4)

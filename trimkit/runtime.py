@@ -248,8 +248,8 @@ class _KeyMask(TorchFunctionMode):
                 keep = self._fit_keep(tuple(x.shape), x.dtype)
                 if keep is not None:
                     self.hits += 1
-                    dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
-                    return ops.keep_softmax(x if dtype is None else x.to(dtype), keep)
+                    dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)  # F.softmax: _stacklevel
+                    return ops.keep_softmax(x.to(dtype) if isinstance(dtype, torch.dtype) else x, keep)
                 add = self._fit(tuple(x.shape), x.dtype)
                 if add is not None:
                     self.hits += 1
