@@ -248,7 +248,8 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
     for r in results:
         rev = _revisions([r])[0]
         revs[rev] = revs.get(rev, 0) + 1
-    git = ", ".join(f"{r} ({n} run{'s' if n != 1 else ''})" if len(revs) > 1 else r for r, n in sorted(revs.items(), key=lambda i: -i[1]))
+    by_count = sorted(revs.items(), key=lambda i: -i[1])
+    git = ", ".join(f"{r} ({n} run{'s' if n != 1 else ''})" if len(revs) > 1 else r for r, n in by_count)
     header = (f"Bench mode: {', '.join(modes)}; results in `{Path(out_dir).as_posix()}` "
               f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
               f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}, transformers "
