@@ -293,19 +293,23 @@ class _KeyMask(TorchFunctionMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _sdpa_keep(keep, mask, query, key, value, dropout_p=0.0, scale=None, enable_gqa=False):
-        """``scaled_dot_product_attention`` written out, with the keep-weighted softmax."""
-        if enable_gqa and key.shape[-3] != query.shape[-3]:
-            rep = query.shape[-3] // key.shape[-3]
-            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    def _attend(keep, mask, query, key, value, dropout_p=0.0, scale=None):
+        """Attention written out with the keep-weighted softmax: ``(output, weights before dropout)``."""
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         scores = (query @ key.transpose(-2, -1)) * scale
         if mask is not None:
             scores = scores + mask
         weights = ops.keep_softmax(scores, keep)
-        if dropout_p > 0:
-            weights = F.dropout(weights, dropout_p)
-        return weights @ value
+        dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+        return dropped @ value, weights
+
+    @classmethod
+    def _sdpa_keep(cls, keep, mask, query, key, value, dropout_p=0.0, scale=None, enable_gqa=False):
+        """``scaled_dot_product_attention`` written out, with the keep-weighted softmax."""
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        return cls._attend(keep, mask, query, key, value, dropout_p, scale)[0]
 
     def _mha_keep(self, args, kwargs):
         """``F.multi_head_attention_forward`` written out for seq-first batched inputs, with the
@@ -332,22 +336,20 @@ class _KeyMask(TorchFunctionMode):
             return F.linear(x, ws[i], bs[i]).reshape(x.shape[0], b, h, -1).permute(1, 2, 0, 3)
 
         qh, kh, vh = split(q, 0), split(k, 1), split(v, 2)
-        scores = (qh @ kh.transpose(-2, -1)) * qh.shape[-1] ** -0.5
+        mask = None
         attn_mask = a.get("attn_mask")
         if attn_mask is None and a.get("is_causal"):
             attn_mask = ~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
         if attn_mask is not None:  # boolean: True where attending is NOT allowed
-            add = _additive(~attn_mask, scores.dtype) if attn_mask.dtype == torch.bool else attn_mask
-            scores = scores + (add.reshape(b, h, lq, lk) if add.dim() == 3 else add)
+            add = _additive(~attn_mask, qh.dtype) if attn_mask.dtype == torch.bool else attn_mask
+            mask = add.reshape(b, h, lq, lk) if add.dim() == 3 else add
         kpm = a.get("key_padding_mask")
         if kpm is not None:
-            add = _additive(~kpm, scores.dtype) if kpm.dtype == torch.bool else kpm.to(scores.dtype)
-            scores = scores + add[:, None, None, :]
-        weights = ops.keep_softmax(scores, self.keep[:, None, None, :])
-        p = a.get("dropout_p", 0.0)
-        dropped = F.dropout(weights, p) if p > 0 and a.get("training", True) else weights
-        out = (dropped @ vh).permute(2, 0, 1, 3).reshape(lq, b, e)
-        out = F.linear(out, a["out_proj_weight"], a.get("out_proj_bias"))
+            add = (_additive(~kpm, qh.dtype) if kpm.dtype == torch.bool else kpm.to(qh.dtype))[:, None, None, :]
+            mask = add if mask is None else mask + add
+        p = a.get("dropout_p", 0.0) if a.get("training", True) else 0.0
+        out, weights = self._attend(self.keep[:, None, None, :], mask, qh, kh, vh, p)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(lq, b, e), a["out_proj_weight"], a.get("out_proj_bias"))
         if not a.get("need_weights", True):
             return out, None
         return out, (weights.mean(1) if a.get("average_attn_weights", True) else weights)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -244,12 +245,8 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
     commands = sorted({r.get("command", "") for r in results} - {""})
     modes = sorted({r.get("bench", {}).get("mode", "?") for r in results})
     env = results[0].get("environment", {})
-    revs: dict[str, int] = {}
-    for r in results:
-        rev = _revisions([r])[0]
-        revs[rev] = revs.get(rev, 0) + 1
-    by_count = sorted(revs.items(), key=lambda i: -i[1])
-    git = ", ".join(f"{r} ({n} run{'s' if n != 1 else ''})" if len(revs) > 1 else r for r, n in by_count)
+    revs = Counter(_revisions([r])[0] for r in results)
+    git = ", ".join(f"{r} ({n} run{'s' if n != 1 else ''})" if len(revs) > 1 else r for r, n in revs.most_common())
     header = (f"Bench mode: {', '.join(modes)}; results in `{Path(out_dir).as_posix()}` "
               f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
               f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}, transformers "
