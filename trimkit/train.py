@@ -134,6 +134,8 @@ class TrainConfig:
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)!r}")
+        if not -1.0 < float(self.undershoot) < 1.0:  # the training target must stay in (0, 1]
+            raise ConfigError(f"train: undershoot must be in (-1, 1), got {self.undershoot!r}")
         if not 0.0 <= self.anneal <= 1.0:
             raise ConfigError(f"train: anneal must be in [0, 1], got {self.anneal}")
         if self.cost not in ("square", "above"):

@@ -308,6 +308,9 @@ def test_undershoot_trains_below_the_target_and_calibrates_to_it(tokens_recipe):
     assert result.expected_ratio < target - under / 2  # training went below the target
     assert abs(result.calibrated_ratio - target) <= 0.05  # and the threshold keeps more to meet it
     assert config.to_dict()["undershoot"] == under and "undershoot" not in TrainConfig().to_dict()
+    for bad in (float("nan"), 1.0, -1.0):  # never a training target in (0, 1]
+        with pytest.raises(ConfigError, match="undershoot"):
+            TrainConfig(undershoot=bad)
     for bad in (0.3, -0.8):  # training targets 0 and 1.1
         with pytest.raises(ConfigError, match="undershoot"):
             train("vilt-vqa-tiny", "synthetic:vqa?n=16", target_ratio=0.3, steps=1, recipe=tokens_recipe,
