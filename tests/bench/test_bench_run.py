@@ -124,6 +124,16 @@ def test_claims_checks_drop_baselines_and_speed():
     assert not worse["3x"]["ok"] and not worse["3x"]["beats_training_free"]
 
 
+def test_claims_allow_exactly_the_allowed_drop():
+    # 0.535 - 0.525 is 0.010000000000000009 in floating point: a drop of exactly 1 point is allowed
+    records = [_record("full", 1.0, 0, 0.535, 1e9), _record("smarttrim", 0.5, 0, 0.525, 5e8),
+               _record("smarttrim", 1 / 3, 0, 0.515, 3.3e8)]
+    (row,) = claims(aggregate(records))
+    assert 0.535 - 0.525 > 0.01 and row["2x"]["ok"] and row["3x"]["ok"]
+    (worse,) = claims(aggregate([*records[:1], _record("smarttrim", 0.5, 0, 0.524, 5e8)]))
+    assert not worse["2x"]["ok"]
+
+
 def test_claims_need_the_point_to_reach_its_target():
     short = [r if r["method"] != "smarttrim" or r["ratio"] > 0.4 else {**r, "flops": {"mean": 4.1e8, "p95": 4.5e8},
                                                                          "flops_reduction": 1e9 / 4.1e8}
