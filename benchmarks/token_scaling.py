@@ -24,11 +24,12 @@ import time
 import torch
 from torch import nn
 
+from trimkit.bench.base import default_recipe
 from trimkit.bench.models import ModelConfig, build_model
 from trimkit.profile import count_flops
 
-# the bench recipe's sizes (trimkit.bench.base): 64-pixel images in 8-pixel patches, 16 text tokens
-_VOCAB, _LABELS, _TEXT, _IMAGE = 39, 20, 16, 64
+# vocabulary and label count only size the embeddings and the head, which are not timed
+_VOCAB, _LABELS = 39, 20
 
 
 class _Stack(nn.Module):
@@ -63,13 +64,12 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    extra = {"cross_layers": 2} if args.family == "bridgetower" else {}
-    config = ModelConfig(family=args.family, vocab_size=_VOCAB, num_labels=_LABELS, max_text_len=_TEXT,
-                         image=_IMAGE, hidden=128, layers=4, heads=4, patch=8, **extra)
+    size, _, _ = default_recipe(args.family, "vqa")  # the bench models' sizes; image and text: the defaults
+    config = ModelConfig(family=args.family, vocab_size=_VOCAB, num_labels=_LABELS, **size)
     model = build_model(config).eval()
     name, layers = _encoder_layers(model)
-    patches = (_IMAGE // 8) ** 2 + 1
-    full = args.length or (patches + _TEXT if args.family == "vilt" else patches)
+    patches = (config.image // config.patch) ** 2 + 1
+    full = args.length or (patches + config.max_text_len if args.family == "vilt" else patches)
     stack = _Stack(layers).eval()
     width = config.hidden
     out: dict = {"family": args.family, "layers": name, "count": len(layers), "width": width, "length": full,

@@ -70,8 +70,12 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _revision(row: dict) -> str:
+    return str(row.get("environment", {}).get("git_revision", "?"))[:12]
+
+
 def _revisions(rows: Iterable[dict]) -> tuple[str, ...]:
-    return tuple(sorted({str(r.get("environment", {}).get("git_revision", "?"))[:12] for r in rows}))
+    return tuple(sorted({_revision(r) for r in rows}))
 
 
 def aggregate(results: Iterable[dict]) -> list[Point]:
@@ -247,7 +251,7 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
     commands = sorted({r.get("command", "") for r in results} - {""})
     modes = sorted({r.get("bench", {}).get("mode", "?") for r in results})
     env = results[0].get("environment", {})
-    revs = Counter(_revisions([r])[0] for r in results)
+    revs = Counter(_revision(r) for r in results)
     git = ", ".join(f"{r} ({n} run{'s' if n != 1 else ''})" if len(revs) > 1 else r for r, n in revs.most_common())
     header = (f"Bench mode: {', '.join(modes)}; results in `{Path(out_dir).as_posix()}` "
               f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
