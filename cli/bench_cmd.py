@@ -88,7 +88,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Results folder (default benchmarks/results; --quick: benchmarks/results/quick).")
 @click.option("--docs", "docs_dir", default="docs", show_default=True, type=click.Path(file_okay=False),
               help="Where the plots go.")
-@click.option("--readme", default="README.md", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--readme", default="benchmarks/README.md", show_default=True, type=click.Path(dir_okay=False),
               help="README whose bench block is rewritten.")
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")

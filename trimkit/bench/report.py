@@ -260,7 +260,8 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
     plots = plot(points, docs, command=commands[0] if commands else "") if docs is not None else []
     text = header + "\n" + markdown(points, commands)
     if plots:
-        text += "\nPlots: " + ", ".join(f"[{p.name}]({Path(docs).as_posix()}/{p.name})" for p in plots) + "\n"
+        base = Path(readme).parent if readme is not None else Path(".")
+        text += "\nPlots: " + ", ".join(f"[{p.name}]({Path(os.path.relpath(p, base)).as_posix()})" for p in plots) + "\n"
     if readme is not None:
         update_readme(readme, text)
     return {"points": points, "plots": plots, "markdown": text}
