@@ -161,3 +161,5 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
     click.echo(report["markdown"])
     for path in report["plots"]:
         click.echo(f"plot: {path}")
+    if report["skipped"]:
+        click.echo(report["skipped"], err=True)

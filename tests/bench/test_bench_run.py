@@ -111,6 +111,23 @@ def test_aggregate_mean_and_std_over_seeds():
     assert points[0].method == "full"
 
 
+def test_report_without_matplotlib_writes_the_table_and_says_why_there_is_no_plot(tmp_path, monkeypatch):
+    import sys
+
+    from trimkit.bench.report import build_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for i, record in enumerate(_records()):
+        (results / f"run{i}.json").write_text(json.dumps({**record, "config_hash": str(i)}))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib now fails
+    report = build_report(results, docs=tmp_path / "docs", readme=tmp_path / "README.md")
+    assert report["plots"] == []
+    assert report["skipped"] == "plots skipped: matplotlib is not installed (pip install 'trimkit[plot]')"
+    assert "| smarttrim | 2.0× |" in (tmp_path / "README.md").read_text()
+    assert not (tmp_path / "docs").exists()
+
+
 def test_claims_checks_drop_baselines_and_speed():
     (row,) = claims(aggregate(_records()))
     assert row["2x"]["ok"] and math.isclose(row["2x"]["drop"], 0.005, abs_tol=1e-9)

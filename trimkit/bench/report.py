@@ -243,7 +243,8 @@ def update_readme(readme: str | os.PathLike, block: str) -> None:
 def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None = "docs",
                  readme: str | os.PathLike | None = "README.md") -> dict:
     """Aggregate the JSON in `out_dir`, write the plots into `docs` and the table into `readme`
-    (None skips either); ``{"points": [...], "plots": [...], "markdown": str}``."""
+    (None skips either); ``{"points": [...], "plots": [...], "markdown": str, "skipped": str}``, where
+    ``skipped`` says why no plot was drawn (matplotlib missing), else is empty."""
     results = load_results(out_dir)
     if not results:
         raise ConfigError(f"no bench results in {str(out_dir)!r}; run `trimkit bench` first")
@@ -257,11 +258,18 @@ def build_report(out_dir: str | os.PathLike, *, docs: str | os.PathLike | None =
               f"({len(results)} runs); device {env.get('device', '?')} ({env.get('device_name', '?')}), "
               f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}, transformers "
               f"{env.get('transformers', '?')}, git {git}.\n")
-    plots = plot(points, docs, command=commands[0] if commands else "") if docs is not None else []
+    plots, skipped = [], ""
+    if docs is not None:
+        try:
+            plots = plot(points, docs, command=commands[0] if commands else "")
+        except ModuleNotFoundError as err:
+            if err.name != "matplotlib":
+                raise
+            skipped = "plots skipped: matplotlib is not installed (pip install 'trimkit[plot]')"
     text = header + "\n" + markdown(points, commands)
     if plots:
         base = Path(readme).parent if readme is not None else Path(".")
         text += "\nPlots: " + ", ".join(f"[{p.name}]({Path(os.path.relpath(p, base)).as_posix()})" for p in plots) + "\n"
     if readme is not None:
         update_readme(readme, text)
-    return {"points": points, "plots": plots, "markdown": text}
+    return {"points": points, "plots": plots, "markdown": text, "skipped": skipped}
