@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "models"))
 
 from trimkit.backbones import load_backbone  # noqa: E402
-from trimkit.control import set_threshold, trimming_off  # noqa: E402
+from trimkit.runtime import set_threshold, trimming_off  # noqa: E402
 from trimkit.passes import apply_  # noqa: E402
 from trimkit.passes.smarttrim import SmartTrimTokensConfig  # noqa: E402
 from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig  # noqa: E402

@@ -21,7 +21,7 @@ import json
 import torch
 
 from trimkit.bench.base import train_base
-from trimkit.control import trimming_off
+from trimkit.runtime import trimming_off
 from trimkit.data import collate
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import compare_latency, count_flops

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from trimkit.backbones import load_backbone
-from trimkit.control import set_threshold, trimming_off
+from trimkit.runtime import set_threshold, trimming_off
 from trimkit.cost import calibrate, expected_ratio
 from trimkit.errors import TrimkitError
 from trimkit.passes import apply_

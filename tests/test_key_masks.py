@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimkit import ops
-from trimkit.runtime import _KeyMask
+from trimkit.runtime.keymask import KeyMask
 
 torch.set_num_threads(1)
 KEEP = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
@@ -17,7 +17,7 @@ KEEP = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
 
 def _mode(keep=KEEP):
     keep = keep.clone().requires_grad_(True)
-    return _KeyMask(ops.additive_key_mask(keep.detach()), keep=keep), keep
+    return KeyMask(ops.additive_key_mask(keep.detach()), keep=keep), keep
 
 
 def _peaked(shape, seed=0):
