@@ -5,7 +5,9 @@ Shapes: ``B`` batch, ``L`` sequence length, ``Lmax`` kept length (row maximum), 
 
 Training uses masks (:func:`gumbel_sigmoid`, :func:`keep_softmax`, :func:`additive_key_mask`);
 inference removes tokens (:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
-(:func:`slice_qkv_rows`, :func:`slice_out_cols`).
+(:func:`slice_qkv_rows`, :func:`slice_out_cols`, :func:`project_heads_in`, :func:`project_heads_out`,
+:func:`repair_head_shape`). :func:`additive_mask` turns a boolean attention mask (True: may attend)
+into an additive one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -23,12 +26,17 @@ __all__ = [
     "gather_along",
     "scatter_tokens",
     "keep_softmax",
+    "additive_mask",
     "additive_key_mask",
     "combine_masks",
     "padding_key_mask",
     "head_keep_index",
     "slice_qkv_rows",
     "slice_out_cols",
+    "head_feature_index",
+    "project_heads_in",
+    "project_heads_out",
+    "repair_head_shape",
 ]
 
 
@@ -145,6 +153,14 @@ def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int) -> Tens
     out = y.new_zeros(batch, length + 1, *trailing)
     idx = target.view(batch, kept, *([1] * len(trailing))).expand_as(y)
     return out.scatter(1, idx, y)[:, :length]
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean attention mask (True: may attend) -> additive mask of the same shape: 0 where allowed,
+    ``-inf`` where not."""
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"allowed must be a bool tensor, got {allowed.dtype}")
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def additive_key_mask(keep: Tensor, dtype: torch.dtype | None = None, eps: float = 0.0) -> Tensor:
@@ -277,3 +293,96 @@ def slice_out_cols(weight: Tensor, heads_idx: Tensor, head_dim: int) -> Tensor:
                          f"head_dim {head_dim}")
     cols = _head_rows(heads_idx, head_dim, weight.shape[1] // head_dim).to(weight.device)
     return weight[:, cols]
+
+
+def head_feature_index(idx: Tensor, unit: int, units: int, blocks: int = 1) -> Tensor:
+    """Feature indices ``[..., blocks * Hk * unit]`` of the kept units ``idx [..., Hk]`` in a projection laid
+    out as ``[blocks, units, unit]`` (``blocks = 3`` for a fused q/k/v projection)."""
+    base = (idx[..., None] * unit + torch.arange(unit, device=idx.device)).flatten(-2)
+    return torch.cat([base + k * units * unit for k in range(blocks)], dim=-1)
+
+
+def _feature_valid(valid: Tensor, unit: int, blocks: int) -> Tensor:
+    return valid.repeat_interleave(unit, dim=-1).repeat(*([1] * (valid.dim() - 1)), blocks)
+
+
+def project_heads_in(x: Tensor, weight: Tensor, bias: Tensor | None, *, blocks: int, unit: int, units: int,
+                     idx: Tensor | None = None, valid: Tensor | None = None,
+                     uniform: Tensor | None = None) -> Tensor:
+    """A q/k/v projection of batch-first ``x [B, ..., Din]`` computing only the kept units.
+
+    ``weight [blocks * units * unit, Din]``. ``idx [B, Hk]`` (None: every unit) with ``valid [B, Hk]`` for
+    per-row choices padded to the row maximum (padded units give 0), or ``uniform [Hk]`` when every row
+    keeps the same units. Returns ``[B, ..., blocks * Hk * unit]``.
+    """
+    if idx is None:
+        return F.linear(x, weight, bias)
+    if uniform is not None:
+        rows = head_feature_index(uniform, unit, units, blocks)
+        return F.linear(x, weight[rows], None if bias is None else bias[rows])
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"projection input has batch {x.shape[0]}, decisions have {b} rows")
+    rows = head_feature_index(idx, unit, units, blocks)  # [B, R]
+    keep = _feature_valid(valid, unit, blocks).to(weight.dtype)
+    w = weight[rows] * keep[..., None]  # [B, R, Din]
+    y = torch.bmm(x.reshape(b, -1, x.shape[-1]), w.transpose(1, 2))
+    if bias is not None:
+        y = y + (bias[rows] * keep)[:, None, :]
+    return y.reshape(*x.shape[:-1], rows.shape[1])
+
+
+def project_heads_out(x: Tensor, weight: Tensor, bias: Tensor | None, *, unit: int, units: int,
+                      idx: Tensor | None = None, valid: Tensor | None = None, uniform: Tensor | None = None,
+                      mask: Tensor | None = None) -> Tensor:
+    """The output projection ``weight [Dout, units * unit]`` of batch-first ``x``.
+
+    With ``mask [B, units]`` every unit is computed and its features are scaled by the mask; with ``idx``
+    / ``valid`` / ``uniform`` (as in :func:`project_heads_in`) ``x`` holds the kept units' features only.
+    """
+    if mask is not None:
+        scale = mask.repeat_interleave(unit, dim=-1).to(x.dtype)
+        if x.shape[0] != scale.shape[0]:
+            raise ValueError(f"output projection input has batch {x.shape[0]}, masks have {scale.shape[0]} rows")
+        x = x * scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[1])
+        return F.linear(x, weight, bias)
+    if idx is None:
+        return F.linear(x, weight, bias)
+    if uniform is not None:
+        return F.linear(x, weight[:, head_feature_index(uniform, unit, units, 1)], bias)
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"output projection input has batch {x.shape[0]}, decisions have {b} rows")
+    cols = head_feature_index(idx, unit, units, 1)
+    w = weight.t()[cols] * valid.repeat_interleave(unit, dim=-1).to(weight.dtype)[..., None]
+    y = torch.bmm(x.reshape(b, -1, x.shape[-1]), w)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fits(shape: tuple, numel: int) -> bool:
+    known = [s for s in shape if s != -1]
+    prod = math.prod(known)
+    if len(known) == len(shape):
+        return prod == numel
+    return len(shape) - len(known) == 1 and prod > 0 and numel % prod == 0
+
+
+def repair_head_shape(shape: tuple, numel: int, heads: int, head_dim: int, kept: int) -> tuple | None:
+    """A reshape target that no longer fits ``numel`` elements because heads were removed: ``shape`` with
+    the full head count (next to ``head_dim``) or the full width ``heads * head_dim`` replaced by the kept
+    ones. None when ``shape`` fits already or no replacement fits."""
+    if _fits(shape, numel):
+        return None
+    for i in range(len(shape) - 2, -1, -1):
+        if shape[i] == heads and shape[i + 1] == head_dim:
+            new = shape[:i] + (kept,) + shape[i + 1:]
+            if _fits(new, numel):
+                return new
+    for i in range(len(shape) - 1, -1, -1):
+        if shape[i] == heads * head_dim:
+            new = shape[:i] + (kept * head_dim,) + shape[i + 1:]
+            if _fits(new, numel):
+                return new
+    return None
