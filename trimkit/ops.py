@@ -5,15 +5,14 @@ Shapes: ``B`` batch, ``L`` sequence length, ``Lmax`` kept length (row maximum), 
 
 Training uses masks (:func:`gumbel_sigmoid`, :func:`keep_softmax`, :func:`additive_key_mask`);
 inference removes tokens (:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
-(:func:`slice_qkv_rows`, :func:`slice_out_cols`, :func:`project_heads_in`, :func:`project_heads_out`,
-:func:`repair_head_shape`). :func:`additive_mask` turns a boolean attention mask (True: may attend)
+(:func:`slice_head_rows`, :func:`slice_head_cols` and their checked forms :func:`slice_qkv_rows`,
+:func:`slice_out_cols`; :func:`project_heads_in`, :func:`project_heads_out`, :func:`repair_head_shape`). :func:`additive_mask` turns a boolean attention mask (True: may attend)
 into an additive one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,6 @@ from torch import Tensor
 
 __all__ = [
     "gumbel_sigmoid",
-    "keep_mask_from_probs",
     "gather_tokens",
     "gather_along",
     "scatter_tokens",
@@ -31,6 +29,8 @@ __all__ = [
     "combine_masks",
     "padding_key_mask",
     "head_keep_index",
+    "slice_head_rows",
+    "slice_head_cols",
     "slice_qkv_rows",
     "slice_out_cols",
     "head_feature_index",
@@ -57,40 +57,6 @@ def gumbel_sigmoid(logits: Tensor, tau: float = 1.0, hard: bool = True,
         return soft
     # soft - soft.detach() is exactly 0, so the value is exactly the 0/1 mask
     return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
-
-
-def _positions_mask(always_keep, shape: torch.Size, device) -> Tensor:
-    """``always_keep`` as a bool tensor broadcastable to ``shape`` (``[..., L]``)."""
-    length = shape[-1]
-    if isinstance(always_keep, Tensor) and always_keep.dtype == torch.bool:
-        mask = always_keep.to(device)
-        if mask.shape[-1] != length or mask.dim() > len(shape):
-            raise ValueError(f"always_keep mask shape {tuple(mask.shape)} does not fit probs "
-                             f"shape {tuple(shape)}")
-        return mask
-    idx = torch.as_tensor(always_keep, dtype=torch.long, device=device).reshape(-1)
-    if idx.numel() and (idx.min() < -length or idx.max() >= length):
-        raise ValueError(f"always_keep index out of range for length {length}: {idx.tolist()}")
-    mask = torch.zeros(length, dtype=torch.bool, device=device)
-    mask[idx] = True
-    return mask
-
-
-def keep_mask_from_probs(probs: Tensor, threshold: float,
-                         always_keep: Tensor | Sequence[int] | None = None) -> Tensor:
-    """Bool keep mask, same shape as ``probs`` ``[L]`` or ``[B, L]``: ``probs > threshold``.
-
-    ``threshold <= 0`` keeps everything (even probabilities that underflowed to 0). Positions in
-    ``always_keep`` (bool ``[L]`` / ``[B, L]`` or indices along ``L``) are always kept.
-    """
-    if probs.dim() not in (1, 2):
-        raise ValueError(f"probs must be [L] or [B, L], got shape {tuple(probs.shape)}")
-    if threshold <= 0:
-        return torch.ones(probs.shape, dtype=torch.bool, device=probs.device)
-    keep = probs > threshold
-    if always_keep is not None:
-        keep = keep | _positions_mask(always_keep, probs.shape, probs.device)
-    return keep
 
 
 def gather_along(t: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -245,20 +211,34 @@ def head_keep_index(keep_heads: Tensor) -> Tensor:
     return torch.nonzero(keep_heads).flatten()
 
 
-def _head_rows(heads_idx: Tensor, head_dim: int, num_heads: int) -> Tensor:
-    """Row indices ``h*hd : (h+1)*hd`` of each kept head, flattened."""
+def _check_heads(heads_idx: Tensor, num_heads: int) -> None:
     if heads_idx.dim() != 1:
         raise ValueError(f"heads_idx must be 1-D, got shape {tuple(heads_idx.shape)}")
     if heads_idx.numel() and (int(heads_idx.min()) < 0 or int(heads_idx.max()) >= num_heads):
         raise ValueError(f"heads_idx {heads_idx.tolist()} out of range for {num_heads} heads")
-    offsets = torch.arange(head_dim, device=heads_idx.device)
-    return (heads_idx.long()[:, None] * head_dim + offsets).flatten()
+
+
+def slice_head_rows(weight: Tensor, bias: Tensor | None, idx: Tensor, unit: int,
+                    blocks: int = 1) -> tuple[Tensor, Tensor | None]:
+    """Rows of the kept units ``idx [Hk]`` of a projection ``weight [blocks * units * unit, in]`` laid out
+    as ``[blocks, units, unit]`` (``blocks``: 1 separate, 2 fused k/v, 3 fused q/k/v), and of its bias.
+    The result keeps the layout: ``[blocks * Hk * unit, in]``."""
+    din = weight.shape[1]
+    w = weight.view(blocks, -1, unit, din)[:, idx].reshape(-1, din)
+    b = None if bias is None else bias.view(blocks, -1, unit)[:, idx].reshape(-1)
+    return w, b
+
+
+def slice_head_cols(weight: Tensor, idx: Tensor, unit: int) -> Tensor:
+    """Input columns of the kept units ``idx [Hk]`` of an output projection ``weight [out, units * unit]``."""
+    dout = weight.shape[0]
+    return weight.view(dout, -1, unit)[:, idx].reshape(dout, -1)
 
 
 def slice_qkv_rows(weight: Tensor, bias: Tensor | None, heads_idx: Tensor, head_dim: int,
                    num_heads: int, fused: bool | None = None,
                    layout: str = "qkv_blocks") -> tuple[Tensor, Tensor | None]:
-    """Rows of a q/k/v projection ``weight [out, in]`` (and ``bias [out]``) for the kept heads.
+    """Rows of a q/k/v projection ``weight [out, in]`` (and ``bias [out]``) for the kept heads, checked.
 
     Separate projection (``out = H*hd``): rows ``h*hd:(h+1)*hd``. Fused (``out = 3*H*hd``; guessed
     from ``out`` when ``fused`` is None): ``layout="qkv_blocks"`` is ``[q | k | v]`` each ``[H*hd]``,
@@ -275,24 +255,20 @@ def slice_qkv_rows(weight: Tensor, bias: Tensor | None, heads_idx: Tensor, head_
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {out}")
     if layout not in ("qkv_blocks", "per_head"):
         raise ValueError(f"layout must be 'qkv_blocks' or 'per_head', got {layout!r}")
-    if not fused:
-        rows = _head_rows(heads_idx, head_dim, num_heads)
-    elif layout == "qkv_blocks":
-        rows = _head_rows(heads_idx, head_dim, num_heads)
-        rows = torch.cat([rows + block * inner for block in range(3)])
-    else:
-        rows = _head_rows(heads_idx, 3 * head_dim, num_heads)
-    rows = rows.to(weight.device)
-    return weight[rows], (None if bias is None else bias[rows])
+    _check_heads(heads_idx, num_heads)
+    idx = heads_idx.long().to(weight.device)
+    if fused and layout == "per_head":
+        return slice_head_rows(weight, bias, idx, 3 * head_dim)
+    return slice_head_rows(weight, bias, idx, head_dim, 3 if fused else 1)
 
 
 def slice_out_cols(weight: Tensor, heads_idx: Tensor, head_dim: int) -> Tensor:
-    """Input columns of an output projection ``weight [out, H*hd]`` for the kept heads."""
+    """Input columns of an output projection ``weight [out, H*hd]`` for the kept heads, checked."""
     if weight.dim() != 2 or weight.shape[1] % head_dim:
         raise ValueError(f"weight shape {tuple(weight.shape)}: columns not a multiple of "
                          f"head_dim {head_dim}")
-    cols = _head_rows(heads_idx, head_dim, weight.shape[1] // head_dim).to(weight.device)
-    return weight[:, cols]
+    _check_heads(heads_idx, weight.shape[1] // head_dim)
+    return slice_head_cols(weight, heads_idx.long().to(weight.device), head_dim)
 
 
 def head_feature_index(idx: Tensor, unit: int, units: int, blocks: int = 1) -> Tensor:

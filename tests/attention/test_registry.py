@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from trimkit.attention import (
-    Action, AttentionKind, AttentionMode, CaptureProbs, KeyMask, get_kind, kind_of_function, kind_of_op, kinds,
-    register_kind,
+    Action, AttentionKind, AttentionMode, CaptureProbs, KeyMask, attention_formulas, get_kind, kind_of_function,
+    kind_of_op, kind_of_op_name, kinds, register_kind,
 )
 from trimkit.attention import registry
 
@@ -34,7 +34,7 @@ def test_unknown_kind_lists_the_registered_ones():
 
 @pytest.fixture
 def scratch_registry(monkeypatch):
-    for name in ("_KINDS", "_BY_FUNCTION", "_BY_OP"):
+    for name in ("_KINDS", "_BY_FUNCTION", "_BY_OP", "_BY_NAME"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
 
 
@@ -120,3 +120,13 @@ def test_missed_training_mask_warns():
     with AttentionMode(hit):
         torch.randn(1, 2, 3).softmax(-1)
     assert not hit.missed and not hit.warn_missed(has_mask_arg=False)
+
+
+def test_formulas_and_families_by_op_name():
+    assert kind_of_op_name("_native_multi_head_attention") is get_kind("native_mha")
+    assert kind_of_op_name("_scaled_dot_product_efficient_attention").family == "attention"
+    assert kind_of_op_name("mm") is None
+    formulas = attention_formulas()
+    assert formulas["_transformer_encoder_layer_fwd"] is get_kind("encoder_layer").formulas[
+        "_transformer_encoder_layer_fwd"]
+    assert all(kind_of_op_name(name) is not None for name in formulas)

@@ -20,6 +20,7 @@ from torch import nn
 
 from trimkit import ops
 from trimkit.attention.eager import bind_mha, mha_keep, mha_kept_heads, sdpa_keep, sdpa_probs
+from trimkit.attention.flops import encoder_layer_formula, native_mha_formula, sdpa_formula
 from trimkit.attention.registry import AttentionKind, register_kind
 
 __all__ = ["EagerSoftmax", "Sdpa", "MultiHeadAttention", "NativeMha", "EncoderLayer"]
@@ -36,8 +37,8 @@ class EagerSoftmax(AttentionKind):
     name = "softmax"
     functions = (torch.softmax, F.softmax, torch.Tensor.softmax)
     graph_ops = frozenset({aten._softmax.default, aten.softmax.int, aten._safe_softmax.default})
+    pattern = "eager"  # FLOPs: its products count as matrix products, the softmax as elementwise work
     products = frozenset({aten.bmm.default, aten.mm.default, aten.matmul.default, aten.baddbmm.default})
-    """The query·key (and weights·value) products around the softmax in a captured graph."""
 
     def mask_keys(self, action, func, args, kwargs, proceed):
         x, dim = args[0], _softmax_dim(args, kwargs)
@@ -81,6 +82,18 @@ class Sdpa(AttentionKind):
         aten._scaled_dot_product_attention_math.default,
         aten.scaled_dot_product_attention.default,
     })
+    pattern = "qkv"
+    formulas = {name: sdpa_formula(mask) for name, mask in {
+        "scaled_dot_product_attention": "attn_mask",
+        "_scaled_dot_product_flash_attention_for_cpu": "attn_mask",
+        "_scaled_dot_product_attention_math": "attn_mask",
+        "_scaled_dot_product_attention_math_for_mps": "attn_mask",
+        "_scaled_dot_product_efficient_attention": "attn_bias",
+        "_scaled_dot_product_flash_attention": "attn_mask",
+        "_scaled_dot_product_cudnn_attention": "attn_bias",
+        "_scaled_dot_product_fused_attention_overrideable": "attn_bias",
+    }.items()}
+    family = "attention"
 
     @staticmethod
     def _mask(named: dict, q: torch.Tensor, lk: int):
@@ -169,6 +182,9 @@ class MultiHeadAttention(AttentionKind):
 class NativeMha(AttentionKind):
     name = "native_mha"
     graph_ops = frozenset({aten._native_multi_head_attention.default})
+    pattern = "mha_kernel"
+    formulas = {"_native_multi_head_attention": native_mha_formula}
+    family = "multi_head_attention"
 
     @staticmethod
     def key_padding_args(module: nn.MultiheadAttention, args: tuple, kwargs: dict, mask: torch.Tensor):
@@ -197,6 +213,9 @@ class NativeMha(AttentionKind):
 class EncoderLayer(AttentionKind):
     name = "encoder_layer"
     graph_ops = frozenset({aten._transformer_encoder_layer_fwd.default})
+    pattern = "layer_kernel"
+    formulas = {"_transformer_encoder_layer_fwd": encoder_layer_formula}
+    family = "encoder_layer"
 
     @staticmethod
     def padding_args(module: nn.Module, args: tuple, kwargs: dict, valid: torch.Tensor | None):
