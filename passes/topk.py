@@ -11,13 +11,12 @@ special token uses the attention every key receives, averaged over queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from trimkit.attention import AttentionMode, CaptureProbs
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassContext, PassResult
@@ -25,7 +24,7 @@ from trimkit.passes.baselines import BaselineConfig, ScheduleDecider, apply_base
 from trimkit.passes.registry import register_pass
 from trimkit.runtime import TokenStep
 
-__all__ = ["TopKClsAttentionConfig", "ClsAttentionDecider", "ClsAttention"]
+__all__ = ["TopKClsAttentionConfig", "ClsAttentionDecider"]
 
 
 @dataclass(frozen=True)
@@ -39,86 +38,6 @@ class TopKClsAttentionConfig(BaselineConfig):
         if self.start_layer < 1:
             raise ConfigError(f"{self.name}: start_layer must be >= 1 (the [CLS] attention comes from the "
                               f"previous layer), got {self.start_layer}")
-
-
-class ClsAttention(TorchFunctionMode):
-    """Records the [CLS] row of the self-attention probabilities (mean over heads) as ``[B, Lk]``."""
-
-    def __init__(self, length: int, cls_index: torch.Tensor | int | None, batch: int,
-                 record: Callable[[torch.Tensor], None]):
-        super().__init__()
-        self.length, self.cls, self.batch, self.record = length, cls_index, batch, record
-        self.done = False
-
-    def _cls_rows(self, b: int, device) -> torch.Tensor:
-        if isinstance(self.cls, torch.Tensor):
-            return self.cls.to(device)
-        return torch.full((b,), int(self.cls), dtype=torch.long, device=device)
-
-    def _rows(self, probs: torch.Tensor) -> torch.Tensor:
-        """``probs`` ``[B, H, Lq, Lk]`` -> ``[B, Lk]``: the CLS query's row (or all queries'), mean over heads."""
-        if self.cls is None:
-            return probs.mean(dim=(1, 2))
-        b = probs.shape[0]
-        return probs[torch.arange(b, device=probs.device), :, self._cls_rows(b, probs.device)].mean(1)
-
-    def _save(self, rows: torch.Tensor) -> None:
-        self.record(rows.detach().float())
-        self.done = True
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.done:
-            return func(*args, **kwargs)
-        if func in (torch.softmax, F.softmax, torch.Tensor.softmax):
-            out = func(*args, **kwargs)
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim in (-1, out.dim() - 1) and out.dim() in (3, 4) and out.shape[-1] == out.shape[-2] == self.length:
-                b = self.batch
-                probs = out if out.dim() == 4 else (out.reshape(b, -1, *out.shape[1:]) if out.shape[0] % b == 0
-                                                    else None)
-                if probs is not None:
-                    self._save(self._rows(probs))
-            return out
-        if func is F.scaled_dot_product_attention:
-            q, k = args[0], args[1]
-            if q.dim() == 4 and q.shape[-2] == k.shape[-2] == self.length:
-                probs = self._sdpa_probs(q, k, kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
-                                         kwargs.get("scale"))
-                self._save(probs.mean(dim=(1, 2)))
-            return func(*args, **kwargs)
-        if func is F.multi_head_attention_forward:
-            key = args[1]
-            if key.shape[0] == self.length:
-                wanted, averaged = kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True)
-                kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
-                out, weights = func(*args, **kwargs)
-                if weights.dim() == 4:
-                    self._save(self._rows(weights))
-                if not wanted:
-                    return out, None
-                return out, (weights.mean(1) if averaged else weights)
-            return func(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _sdpa_probs(self, q, k, mask, scale) -> torch.Tensor:
-        """Attention probabilities ``[B, H, R, Lk]`` of the CLS query (R = 1) or of every query."""
-        b, h, lq, hd = q.shape
-        if k.shape[1] != h:
-            k = k.repeat_interleave(h // k.shape[1], dim=1)
-        scale = scale if scale is not None else hd ** -0.5
-        if self.cls is None:
-            rows = torch.arange(lq, device=q.device).expand(b, -1)
-        else:
-            rows = self._cls_rows(b, q.device)[:, None]
-        qs = torch.gather(q, 2, rows[:, None, :, None].expand(-1, h, -1, hd))
-        logits = (qs.float() @ k.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            m = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, device=q.device).masked_fill(
-                ~mask, float("-inf"))
-            m = m.float().expand(b, h, lq, k.shape[-2])
-            logits = logits + torch.gather(m, 2, rows[:, None, :, None].expand(-1, h, -1, k.shape[-2]))
-        return logits.softmax(-1)
 
 
 class ClsAttentionDecider(ScheduleDecider):
@@ -164,7 +83,7 @@ class ClsAttentionDecider(ScheduleDecider):
                     rows = torch.full((rows.shape[0], full), float("-inf"), device=rows.device).scatter(1, index, rows)
                 self._cls[stream] = rows
 
-            mode = ClsAttention(length, cls, self.batch, record)
+            mode = AttentionMode(CaptureProbs(length, cls, self.batch, record))
             mode.__enter__()
             self._modes.append(mode)
             return None

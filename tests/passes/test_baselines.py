@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimkit.attention import AttentionMode, CaptureProbs
 from trimkit.backbones import load_backbone
 from trimkit.runtime import set_threshold, trim_stats, trimming_off
 from trimkit.errors import ConfigError
 from trimkit.io import load_folder, save_folder
 from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_
 from trimkit.passes import tome
-from trimkit.passes import topk as bl
 from trimkit.passes.baselines import baseline_runtime, keep_counts, schedule_points
 from trimkit.passes.random_tokens import RandomTokensConfig
 from trimkit.passes.tome import ToMeMergeConfig, bipartite_merge
@@ -347,11 +347,11 @@ def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
         rows = torch.as_tensor(rows).expand(2)
         expected = probs[torch.arange(2), :, rows].mean(1)
     seen = []
-    with bl.ClsAttention(6, cls, 2, seen.append):
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with bl.ClsAttention(6, cls, 2, seen.append):
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
         ((q @ k.transpose(-1, -2)) * 0.5 + mask).softmax(dim=-1)
-    with bl.ClsAttention(6, cls, 2, seen.append):  # [B*H, L, L] scores
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):  # [B*H, L, L] scores
         ((q @ k.transpose(-1, -2)) * 0.5 + mask).reshape(6, 6, 6).softmax(-1)
     assert len(seen) == 3
     for got in seen:
@@ -361,7 +361,7 @@ def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
     with torch.no_grad():
         plain, _ = mha(x, x, x, need_weights=False)
         weights = mha(x, x, x, need_weights=True, average_attn_weights=False)[1]
-        with bl.ClsAttention(6, cls, 2, seen.append):
+        with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
             out, none = mha(x, x, x, need_weights=False)
     assert none is None and torch.allclose(out, plain, atol=1e-6)
     expected = weights.mean(dim=(1, 2)) if rows is None else weights[torch.arange(2), :, rows].mean(1)

@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from trimkit.passes import smarttrim_heads
-from trimkit.runtime import slicing
+from trimkit.attention import HeadSlice
 from trimkit.backbones import load_backbone
-from trimkit.runtime import trimming_off
 from trimkit.errors import ConfigError
 from trimkit.io import load_folder, save_folder
-from trimkit.passes import apply_, remove_
+from trimkit.passes import apply_, remove_, smarttrim_heads
 from trimkit.passes.smarttrim import SmartTrimTokensConfig, token_runtime
 from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig, head_runtime
 from trimkit.profile import count_flops
+from trimkit.runtime import trimming_off
 
 ROOT = Path(__file__).resolve().parents[2]
 HF = ["blip-vqa-tiny", "blip-itm-tiny", "bridgetower-itm-tiny", "vilt-vqa-tiny", "clip-tiny", "siglip-tiny",
@@ -216,8 +215,8 @@ def test_linear_layouts_are_chosen_and_run_without_a_torch_function_mode(ref, mo
     fast = {p for p, layout in report["layouts"].items() if layout.startswith("linear")}
     assert fast and fast == {p for p in sites if not (moded and re.search(moded, p))}, report["layouts"]
     entered = []
-    enter = slicing.HeadMode.__enter__
-    monkeypatch.setattr(slicing.HeadMode, "__enter__", lambda self: (entered.append(self.plan.path), enter(self))[1])
+    for_site = HeadSlice.for_site
+    monkeypatch.setattr(HeadSlice, "for_site", lambda plan, d: (entered.append(plan.path), for_site(plan, d))[1])
     _randomise(bb.model)
     rt = head_runtime(bb.model)
     removed = _out(bb, inputs)

@@ -1,5 +1,5 @@
 """Sequence-aligned arguments of a layer call, found from the recorded forward, and the small
-rewrites of a call's arguments that token removal needs (slicing, padding masks)."""
+rewrites of a call's arguments that token removal needs (slicing, merging a key mask)."""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from trimkit.graph import Capture
 
-__all__ = ["layer_arg_axes", "get_arg", "set_arg", "encoder_layer_padding", "mask_position", "merge_into_mask_arg",
-           "mha_key_padding"]
+__all__ = ["layer_arg_axes", "get_arg", "set_arg", "mask_position", "merge_into_mask_arg"]
 
 
 def _batch_size(cap: Capture) -> int:
@@ -94,23 +93,6 @@ def set_arg(args, kwargs, name: str, new):
 
 
 
-def encoder_layer_padding(module: nn.Module, args, kwargs, valid: torch.Tensor | None):
-    """A ``TransformerEncoderLayer``'s fused eval kernel never calls its attention module: hand it
-    the padding of a gathered batch as ``src_key_padding_mask``."""
-    if not isinstance(module, nn.TransformerEncoderLayer) or valid is None or bool(valid.all()):
-        return args, kwargs
-    pad = ~valid
-    old = kwargs.get("src_key_padding_mask")
-    if old is None and len(args) > 2:
-        old, args = args[2], args[:2]
-    if old is not None:
-        pad = (pad | old) if old.dtype == torch.bool else (
-            old + torch.zeros(pad.shape, dtype=old.dtype, device=old.device).masked_fill(pad, float("-inf")))
-    kwargs = dict(kwargs)
-    kwargs["src_key_padding_mask"] = pad
-    return args, kwargs
-
-
 _MASK_POSITION: dict = {}
 
 
@@ -159,25 +141,3 @@ def merge_into_mask_arg(module: nn.Module, args, kwargs, mask: torch.Tensor):
     else:
         args = tuple(args[:pos]) + (new,) + tuple(args[pos + 1:])
     return args, kwargs
-
-
-def mha_key_padding(module: nn.MultiheadAttention, args, kwargs, mask: torch.Tensor):
-    """``(args, kwargs)`` of an ``nn.MultiheadAttention`` call with ``mask`` added as key padding."""
-    key = args[1] if len(args) > 1 else kwargs.get("key")
-    if key is None:
-        return None
-    lk = key.shape[1] if (module.batch_first and key.dim() == 3) else key.shape[0]
-    add = mask[:, 0, 0, :]
-    if add.shape[-1] != lk:
-        return None
-    add = add.to(key.dtype)
-    kpm = kwargs.get("key_padding_mask")
-    if kpm is None and len(args) > 3:
-        kpm = args[3]
-        args = args[:3]
-    if kpm is not None and kpm.dtype == torch.bool:
-        kpm = torch.zeros(kpm.shape, dtype=add.dtype, device=add.device).masked_fill(kpm, float("-inf"))
-    kwargs = dict(kwargs)
-    kwargs["key_padding_mask"] = add if kpm is None else kpm + add
-    return args, kwargs
-

@@ -26,7 +26,7 @@ restore it without probing:
   rewrites reshapes that would fail (``H`` next to ``head_dim`` becomes the kept count, ``H * head_dim``
   the kept width) and catches projections called as ``F.linear`` on the weights. It costs a Python
   call per torch function inside the module, so it is the fallback. ``nn.MultiheadAttention`` always
-  uses it: :func:`mha_forward` computes the kept heads with sliced weights.
+  uses it (the :class:`~trimkit.attention.HeadSlice` action computes the kept heads with sliced weights).
 """
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimkit import ops
+from trimkit.attention import AttentionMode, HeadSlice
+from trimkit.attention import HeadDecision as SliceDecision
 from trimkit.runtime.control import register_runtime, runtimes, unregister_runtime
 from trimkit.runtime.deciders import HeadDecider, SiteStep
 from trimkit.runtime.sites import LAYOUT_ATTRS, LAYOUT_LINEAR_ATTRS, LAYOUT_RESHAPE, SitePlan
-from trimkit.runtime.slicing import (Decision, HeadMode, decision_from_rows, keep_tensor, linear_rows, linear_rows_out,
-                                     linear_scaled, restore_forwards, row_index, rows_in, rows_out, set_forwards,
-                                     slice_in, slice_out, stamp)
+from trimkit.runtime.slicing import (decision_from_rows, keep_tensor, linear_rows, linear_rows_out, linear_scaled,
+                                     restore_forwards, row_index, rows_in, rows_out, set_forwards, stamp)
 
 __all__ = ["HeadRuntime", "SlicedForwards", "relaxed_heads"]
 
@@ -89,7 +90,7 @@ class SlicedForwards:
             self._cache[plan.path] = {}
         return self._cache[plan.path]
 
-    def uniform(self, plan: SitePlan, key: tuple[int, ...], device) -> tuple[list, Decision]:
+    def uniform(self, plan: SitePlan, key: tuple[int, ...], device) -> tuple[list, SliceDecision]:
         """(module, forward) pairs computing the units ``key`` only, and the matching decision."""
         cache = self._site_cache(plan)
         if cache is not None:
@@ -100,14 +101,14 @@ class SlicedForwards:
         idx = torch.tensor(key, dtype=torch.long, device=device)
         pairs, size = [], 0
         for m, blocks, unit in plan.in_mods:
-            w, b = slice_in(m.weight, m.bias, blocks, unit, idx)
+            w, b = ops.slice_head_rows(m.weight, m.bias, idx, unit, blocks)
             pairs.append((m, functools.partial(F.linear, weight=w, bias=b)))
             size += w.numel() + (0 if b is None else b.numel())
         o = plan.out_mod
-        w = slice_out(o.weight, plan.head_dim * plan.group, idx)
+        w = ops.slice_head_cols(o.weight, idx, plan.head_dim * plan.group)
         pairs.append((o, functools.partial(F.linear, weight=w, bias=o.bias)))
         size += w.numel()
-        d = Decision(plan.units, plan.head_dim * plan.group, idx=idx[None],
+        d = SliceDecision(plan.units, plan.head_dim * plan.group, idx=idx[None],
                      valid=torch.ones(1, len(key), dtype=torch.bool, device=device), uniform=idx)
         if cache is not None:
             budget = self.cache_budget * sum(t.numel() for m in [m for m, _, _ in plan.in_mods] + [o]
@@ -119,7 +120,7 @@ class SlicedForwards:
                 cache[key] = (pairs, d, size)
         return pairs, d
 
-    def union(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
+    def union(self, plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, SliceDecision]:
         """Rows that keep different heads: compute the union of their heads with plain sliced
         projections and zero, per row, the outputs of the heads that row dropped before the output
         projection (exactly what leaving them out does; no per-row weight copies)."""
@@ -135,7 +136,7 @@ class SlicedForwards:
         return pairs, d
 
     @staticmethod
-    def per_row(plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, Decision]:
+    def per_row(plan: SitePlan, rows: list[tuple[int, ...]], device) -> tuple[list, SliceDecision]:
         """Each row's own heads, with per-row gathered weights (batched matrix products)."""
         idx, valid = row_index(rows, device)
         padded = valid if any(len(r) < idx.shape[1] for r in rows) else None
@@ -146,7 +147,7 @@ class SlicedForwards:
         o = plan.out_mod
         w = rows_out(o.weight, plan.head_dim * plan.group, idx, padded)
         pairs.append((o, functools.partial(linear_rows_out, weight=w, bias=o.bias)))
-        return pairs, Decision(plan.units, plan.head_dim * plan.group, idx=idx, valid=valid)
+        return pairs, SliceDecision(plan.units, plan.head_dim * plan.group, idx=idx, valid=valid)
 
 
 def _close(entry) -> None:
@@ -160,7 +161,9 @@ def _close(entry) -> None:
             mode.__exit__(None, None, None)
 
 
-def _enter(mode: HeadMode) -> HeadMode:
+def _enter(plan: SitePlan, decision: SliceDecision) -> AttentionMode:
+    """The attention mode that applies ``decision`` inside the site's attention call, entered."""
+    mode = AttentionMode(HeadSlice.for_site(plan, decision))
     mode.__enter__()
     return mode
 
@@ -294,7 +297,7 @@ class HeadRuntime:
     def _removal(self, plan: SitePlan, rows: list[tuple[int, ...]], layout: int, device) -> tuple:
         """The open entry ``(mode, saved attributes, saved forwards)`` that removes the pruned units."""
         if plan.mha:
-            return _enter(HeadMode(plan, decision_from_rows(rows, plan.units, plan.head_dim * plan.group, device))), [], []
+            return _enter(plan, decision_from_rows(rows, plan.units, plan.head_dim * plan.group, device)), [], []
         first = rows[0]
         if all(r == first for r in rows):
             pairs, d = self.forwards.uniform(plan, first, device)
@@ -311,14 +314,14 @@ class HeadRuntime:
             for m, name, kind in plan.attrs:
                 saved.append((m, name, getattr(m, name)))
                 setattr(m, name, kept if kind == "heads" else kept * plan.head_dim)
-        mode = _enter(HeadMode(plan, d)) if layout in (LAYOUT_RESHAPE, LAYOUT_ATTRS) else None
+        mode = _enter(plan, d) if layout in (LAYOUT_RESHAPE, LAYOUT_ATTRS) else None
         return mode, saved, saved_fw
 
     @staticmethod
     def _masking(plan: SitePlan, mask: torch.Tensor) -> tuple:
         """The open entry that scales each head's output by ``mask [B, units]`` (train, reference)."""
         if plan.mha:
-            return _enter(HeadMode(plan, Decision(plan.units, plan.head_dim * plan.group, mask=mask))), [], []
+            return _enter(plan, SliceDecision(plan.units, plan.head_dim * plan.group, mask=mask)), [], []
         o = plan.out_mod
         scale = mask.repeat_interleave(plan.head_dim * plan.group, dim=-1)
         return None, [], set_forwards([(o, functools.partial(linear_scaled, scale=scale, weight=o.weight,

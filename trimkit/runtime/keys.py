@@ -1,7 +1,6 @@
 """Key masks of the token runtime: hooks on every attention whose keys come from a trimmed stream."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -9,8 +8,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from trimkit import ops
-from trimkit.runtime.args import mask_position, merge_into_mask_arg, mha_key_padding
-from trimkit.runtime.keymask import KeyMask
+from trimkit.attention import AttentionMode, KeyMask, get_kind
+from trimkit.runtime.args import mask_position, merge_into_mask_arg
 from trimkit.runtime.streams import StreamState, alive_tokens
 
 __all__ = ["KeyMasking"]
@@ -20,7 +19,7 @@ class KeyMasking:
     """Masks dropped and padded keys inside the attention sites of a token runtime's trimmed streams.
 
     In training (relaxed decisions) the attention weights are computed with the keep-weighted softmax
-    under a :class:`~trimkit.runtime.keymask.KeyMask`; at inference the padding mask is merged into
+    under a :class:`~trimkit.attention.KeyMask` action; at inference the padding mask is merged into
     the module's own ``attention_mask`` argument where that is safe, else added by the function mode.
     """
 
@@ -42,9 +41,9 @@ class KeyMasking:
 
     def close(self) -> None:
         while self._modes:
-            mode = self._modes.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+            entry = self._modes.pop()
+            if entry is not None:
+                entry[0].__exit__(None, None, None)
 
     def _make_pre(self, key_stream: str, site_path: str, cross: bool = False):
         rt = self.rt
@@ -65,7 +64,7 @@ class KeyMasking:
                 return self._enter(KeyMask(mask, keep=st.mask, site=site_path))
             if isinstance(module, nn.MultiheadAttention):  # its fast path never calls the functions
                 self._modes.append(None)
-                return mha_key_padding(module, args, kwargs, mask)
+                return get_kind("native_mha").key_padding_args(module, args, kwargs, mask)
             merged = merge_into_mask_arg(module, args, kwargs, mask)
             if merged is not None:  # the module's own attention_mask carries it: no function mode needed
                 self._modes.append(None)
@@ -74,9 +73,10 @@ class KeyMasking:
 
         return pre
 
-    def _enter(self, mode: KeyMask) -> None:
+    def _enter(self, action: KeyMask) -> None:
+        mode = AttentionMode(action)
         mode.__enter__()
-        self._modes.append(mode)
+        self._modes.append((mode, action))
         return None
 
     def mask(self, stream: str, st: StreamState, cross: bool = False) -> torch.Tensor | None:
@@ -95,17 +95,12 @@ class KeyMasking:
         return mask if bias is None else ops.combine_masks(mask, bias)
 
     def _post(self, module, args, output):
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
+        entry = self._modes.pop() if self._modes else None
+        if entry is not None:
+            mode, action = entry
             mode.__exit__(None, None, None)
-            if isinstance(mode, KeyMask) and mode.keep is not None and mode.hits == 0:
-                self.exact_only.add(mode.site)
-                later = ("later steps mask them exactly through its attention_mask argument, without a gradient to "
-                         "them" if mask_position(module) is not None else
-                         "it has no attention_mask argument either, so they stay visible in training")
-                warnings.warn(f"trimkit: the attention at {mode.site!r} computes its weights without a softmax, "
-                              "scaled_dot_product_attention or multi_head_attention_forward call, so this training "
-                              f"step did not mask its dropped keys; {later}", RuntimeWarning, stacklevel=2)
+            if action.warn_missed(has_mask_arg=mask_position(module) is not None):
+                self.exact_only.add(action.site)
         return None
 
     def _keys_alive(self, st: StreamState, args, kwargs, cross: bool):

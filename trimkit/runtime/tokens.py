@@ -33,7 +33,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from trimkit import ops
 from trimkit.graph import Capture
 from trimkit.locate import ModelMap
-from trimkit.runtime.args import encoder_layer_padding, get_arg, layer_arg_axes, set_arg
+from trimkit.attention import get_kind
+from trimkit.runtime.args import get_arg, layer_arg_axes, set_arg
 from trimkit.runtime.keys import KeyMasking
 from trimkit.runtime.control import register_runtime, unregister_runtime
 from trimkit.runtime.deciders import TokenDecider, TokenDecision, TokenStep
@@ -192,7 +193,7 @@ class TokenRuntime:
                 self.state.tokens[path] = alive
                 self.state.lengths[path] = st.length
             args, kwargs = self._slice_side(spec, st, args, kwargs)
-            return encoder_layer_padding(module, args, kwargs, st.valid)
+            return get_kind("encoder_layer").padding_args(module, args, kwargs, st.valid)
 
         return pre
 
@@ -233,7 +234,7 @@ class TokenRuntime:
             small = small.transpose(0, 1)
         args, kwargs = set_arg(args, kwargs, spec["main"], small)
         args, kwargs = self._slice_side(spec, st, args, kwargs)
-        return encoder_layer_padding(module, args, kwargs, st.valid)
+        return get_kind("encoder_layer").padding_args(module, args, kwargs, st.valid)
 
     def _skip_post(self, path: str, st: StreamState, output):
         full, st.pending = st.pending, None
