@@ -79,7 +79,7 @@ from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.profile import count_flops
 from trimkit.runtime import (REMOVE, SKIP, WHOLE, TokenDecider, TokenDecision, TokenRuntime, TokenStep,
                              candidate_streams, capture_padded, per_token_streams, probe_streams, split_row, state,
-                             task_logits, trimming_off)
+                             stream_report, task_logits, trimming_off)
 
 __all__ = ["BaselineConfig", "BaselineSchedule", "ScheduleDecider", "keep_counts", "schedule_points", "topk_keep",
            "apply_baseline", "baseline_runtime"]
@@ -463,9 +463,8 @@ def apply_baseline(model: nn.Module, model_map: ModelMap, config: BaselineConfig
         except Exception:
             undo()
             raise
-    report = {"method": method, "trimmed_streams": schedule.trimmed(), "skip_mode_streams": schedule.skipped(),
-              "skipped_streams": [s.name for s in model_map.streams if s.name not in schedule.trimmed()],
-              "per_token_streams": sorted(per_token),
+    whole = [s.name for s in model_map.streams if s.name not in schedule.trimmed()]
+    report = {"method": method, **stream_report(schedule.trimmed(), schedule.skipped(), whole, per_token),
               "trimmed_layers": sum(1 for p in layers if runtime.stream_of[p] in schedule.trimmed()),
               "keep_ratio": float(schedule.keep_ratio), "tokens_kept": _tokens_kept(runtime, schedule),
               "flops_ratio": measured, "notes": notes}

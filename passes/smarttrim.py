@@ -22,7 +22,7 @@ from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
 from trimkit.runtime import (REMOVE, SKIP, ScoreDecider, TokenRuntime, TokenStep, candidate_streams, capture_padded,
-                             per_token_streams, probe_streams, state, task_logits)
+                             per_token_streams, probe_streams, state, stream_report, task_logits)
 
 __all__ = ["SmartTrimTokensConfig", "TokenTrimmer", "SmartTrimDecider", "token_runtime"]
 
@@ -220,8 +220,7 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
         state.drop(model, state.TOKEN_TRIMMERS)
         state.drop(model, state.TOKEN_RUNTIME)
 
-    report = {"trimmed_streams": kept, "skip_mode_streams": skip, "skipped_streams": skipped,
-              "per_token_streams": sorted(per_token), "trimmers": len(by_path), "guidance": dict(other),
+    report = {**stream_report(kept, skip, skipped, per_token), "trimmers": len(by_path), "guidance": dict(other),
               "notes": notes, "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
     return PassResult(model, report, undo, trainable=bool(by_path))
 

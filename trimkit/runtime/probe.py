@@ -13,8 +13,8 @@ from trimkit.runtime.deciders import ScoreDecider, TokenStep
 from trimkit.runtime.tokens import TokenRuntime
 
 __all__ = ["capture_padded", "task_logits", "per_token_streams", "candidate_streams", "with_padding", "split_row",
-           "rows_disagree", "ProbeDecider", "probe_removal", "probe_stream", "probe_streams", "REMOVE", "SKIP",
-           "WHOLE"]
+           "rows_disagree", "ProbeDecider", "probe_removal", "probe_stream", "probe_streams", "stream_report", "REMOVE",
+           "SKIP", "WHOLE"]
 
 WHOLE, REMOVE, SKIP = 0, 1, 2
 
@@ -36,6 +36,12 @@ def task_logits(hints: dict | None, output) -> torch.Tensor | None:
         first = getattr(output, "logits", None)
         logits = first if isinstance(first, torch.Tensor) else None
     return logits
+
+
+def stream_report(trimmed: list[str], skip: list[str], skipped: list[str], per_token: set[str]) -> dict:
+    """The stream facts every token pass reports: trimmed, in skip mode, left whole, per-token outputs."""
+    return {"trimmed_streams": list(trimmed), "skip_mode_streams": list(skip), "skipped_streams": list(skipped),
+            "per_token_streams": sorted(per_token)}
 
 
 def candidate_streams(model_map: ModelMap, pattern, per_token: set[str], start_layer: int) -> list[str]:
