@@ -535,13 +535,9 @@ def _layer_sources(start: fx.Node, outputs: dict[fx.Node, str], limit: int = 400
     return found
 
 
-def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -> ModelMap:
-    g = _Graph(cap)
-    roles = input_modalities(cap.inputs, hints)
-    batch = next((t.shape[0] for k, t in cap.inputs.items() if roles.get(k) in ("vision", "text") and t.dim()), 1)
-    unclassified: list[str] = []
-    notes: list[str] = []
-
+def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_RawSite], list[FFN]]:
+    """Attention sites at the ops of the registered attention kinds, in graph order, and the FFNs of
+    fused encoder layers."""
     raw: list[_RawSite] = []
     fast_ffns: list[FFN] = []
     for n in g.nodes:
@@ -562,11 +558,12 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         if rs is not None:
             rs.site.call = len(raw)
             raw.append(rs)
+    return raw, fast_ffns
 
-    attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
-    ffns = _find_ffns(g, attn_projs) + fast_ffns
 
-    # layers
+def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
+                 unclassified: list[str]) -> tuple[list[str], dict[str, FFN | None]]:
+    """The layer path of each site, and each layer's FFN."""
     layer_of_site: list[str] = []
     layer_ffn: dict[str, FFN | None] = {}
     for r in raw:
@@ -581,8 +578,11 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
     for f in ffns:
         if id(f) not in used_ffns:
             unclassified.append(f"FFN '{f.path}' ({f.width}->{f.hidden}->{f.width}) belongs to no attention layer")
+    return layer_of_site, layer_ffn
 
-    # one entry per layer path, in order of first call
+
+def _layers(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_ffn: dict[str, FFN | None]):
+    """``(layer paths in order of first call, {path: Layer}, {path: main input node}, {output node: path})``."""
     calls_by_path: dict[str, list[ModuleCall]] = {}
     for c in cap.calls:
         calls_by_path.setdefault(c.path, []).append(c)
@@ -603,7 +603,6 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         sites = [r.site for r, lp in zip(raw, layer_of_site) if lp == p]
         call = first_call(p)
         hidden_in = _hidden(call.inputs) if call else (raw[layer_of_site.index(p)].q_in)
-        hidden_out = _hidden(call.outputs) if call else None
         width = hidden_in.meta["trimkit.shape"][-1] if hidden_in is not None and hidden_in.meta.get(
             "trimkit.shape") else 0
         layers[p] = Layer(p, sites, layer_ffn.get(p), index=call.index if call else 0, width=int(width))
@@ -611,8 +610,12 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         for c in calls_by_path.get(p, []):
             for o in c.outputs:
                 outputs[o] = p
+    return layer_order, layers, main_in, outputs
 
-    # streams: follow main inputs back to the previous layer of the same container
+
+def _chain_layers(layer_order: list[str], layers: dict[str, Layer], main_in: dict, outputs: dict):
+    """Streams as lists of layer paths: follow main inputs back to the previous layer of the same
+    container. Returns ``(streams, {layer path: stream number})``."""
     stream_of: dict[str, int] = {}
     streams: list[list[str]] = []
     for p in layer_order:
@@ -628,7 +631,12 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
                 continue
         stream_of[p] = len(streams)
         streams.append([p])
+    return streams, stream_of
 
+
+def _streams(streams: list[list[str]], layers: dict[str, Layer], main_in: dict, roles: dict,
+             notes: list[str]) -> list[Stream]:
+    """Named streams with the modality of the model inputs their first layer descends from."""
     out_streams: list[Stream] = []
     names_used: set[str] = set()
     for members in streams:
@@ -645,9 +653,11 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         if not origins:
             notes.append(f"stream '{sname}': its input descends from no vision or text input; called fused")
         out_streams.append(Stream(sname, modality, [layers[m] for m in members], origins))
-    stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
+    return out_streams
 
-    # query / key streams of each site
+
+def _site_streams(raw: list[_RawSite], layer_of_site: list[str], stream_name: dict[str, str], outputs: dict):
+    """Sets each site's query / key stream and whether it is self- or cross-attention."""
     for r, lp in zip(raw, layer_of_site):
         s = r.site
         s.query_stream = stream_name[lp]
@@ -664,6 +674,23 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         else:
             origins = sorted(r.k_in.meta["trimkit.origins"])
             s.kind, s.key_stream = "cross", "input:" + ",".join(origins or ["?"])
+
+
+def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -> ModelMap:
+    g = _Graph(cap)
+    roles = input_modalities(cap.inputs, hints)
+    batch = next((t.shape[0] for k, t in cap.inputs.items() if roles.get(k) in ("vision", "text") and t.dim()), 1)
+    unclassified: list[str] = []
+    notes: list[str] = []
+    raw, fast_ffns = _raw_sites(g, batch, unclassified)
+    attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
+    ffns = _find_ffns(g, attn_projs) + fast_ffns
+    layer_of_site, layer_ffn = _site_layers(raw, ffns, fast_ffns, unclassified)
+    layer_order, layers, main_in, outputs = _layers(cap, raw, layer_of_site, layer_ffn)
+    streams, stream_of = _chain_layers(layer_order, layers, main_in, outputs)
+    out_streams = _streams(streams, layers, main_in, roles, notes)
+    stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
+    _site_streams(raw, layer_of_site, stream_name, outputs)
     return ModelMap(name or type(cap.model).__name__, type(cap.model).__name__, out_streams,
                     roles, unclassified, notes)
 

@@ -26,8 +26,8 @@ except (ImportError, AttributeError):
 ROOT = Path(__file__).resolve().parents[2]
 TOYS = str(ROOT / "tests/models/toy_vlms.py")
 BACKBONES = [("blip-vqa-tiny", None), ("vilt-vqa-tiny", None), ("bridgetower-itm-tiny", None),
-             ("clip-tiny", "sdpa"), ("clip-tiny", "eager"), (TOYS + ":two_stream", None),
-             (TOYS + ":single_stream", None)]
+             ("clip-tiny", "sdpa"), ("clip-tiny", "eager"), ("llava-tiny", "sdpa"), ("llava-tiny", "eager"),
+             (TOYS + ":two_stream", None), (TOYS + ":single_stream", None)]
 
 
 def _ids(case) -> str:
@@ -185,6 +185,27 @@ def test_key_mask_matches_the_runtime_mode(case, train):
                 assert (k_old.grad is None) == (k_new.grad is None)
                 if k_old.grad is not None:
                     assert torch.equal(k_old.grad, k_new.grad)
+
+
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_key_mask_on_batch_times_heads_scores(with_keep):
+    """Attention written with ``bmm`` on ``[B*H, L, hd]``: the mask is repeated per head."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2 * 3, 5, 4, generator=g) for _ in range(3))
+    keep = _keep(2, 5, 9)
+    results = []
+    for make in (lambda m, kp: (_KeyMask(m, keep=kp),) * 2, lambda m, kp: (AttentionMode(KeyMask(m, keep=kp)),)):
+        kp = keep.clone().requires_grad_(True) if with_keep else None
+        qq = q.clone().requires_grad_(True)
+        mode, *action = make(ops.additive_key_mask(keep), kp)
+        with mode:
+            out = torch.bmm(torch.softmax(torch.bmm(qq, k.transpose(1, 2)), dim=-1), v)
+        out.sum().backward()
+        hits = (action[0] if action else mode.actions[0]).hits
+        results.append((out, qq.grad, None if kp is None else kp.grad, hits))
+    (o1, g1, k1, h1), (o2, g2, k2, h2) = results
+    assert torch.equal(o1, o2) and torch.equal(g1, g2) and h1 == h2 == 1
+    assert (k1 is None and k2 is None) or torch.equal(k1, k2)
 
 
 # ----------------------------------------------------------------------------------------------

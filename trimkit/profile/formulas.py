@@ -43,6 +43,7 @@ __all__ = [
     "encoder_layer_cost",
     "conv_cost",
     "elementwise_cost",
+    "ELEMENTWISE_NAMED",
     "DATA_MOVEMENT",
 ]
 
@@ -264,6 +265,8 @@ _POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adap
 _INTERPOLATE = {"upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
                 "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
                 "grid_sampler", "grid_sampler_2d", "grid_sampler_3d"}
+ELEMENTWISE_NAMED = frozenset(_SOFTMAX | set(_NORMS) | _BATCH_NORMS | _SCANS | _POOLS | _INTERPOLATE)
+"""Ops whose elementwise cost has a rule of its own here (softmax, norms, scans, pools, resampling)."""
 # Ops that move, select or create data without arithmetic: zero elementwise FLOPs.
 DATA_MOVEMENT = frozenset({
     "where", "masked_fill", "clone", "copy", "_to_copy", "fill", "zero", "lift_fresh",

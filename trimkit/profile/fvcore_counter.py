@@ -25,15 +25,10 @@ from trimkit.errors import TrimkitError
 from trimkit.profile.counter import OTHER, BlockCost, FlopReport
 from trimkit.profile.formulas import (
     DATA_MOVEMENT,
+    ELEMENTWISE_NAMED,
     FORMULAS,
     QUALIFIED_FORMULAS,
     Spec,
-    _BATCH_NORMS,
-    _INTERPOLATE,
-    _NORMS,
-    _POOLS,
-    _SCANS,
-    _SOFTMAX,
     elementwise_cost,
 )
 from trimkit.profile.inputs import Inputs, batch_size_of
@@ -142,7 +137,7 @@ def _with_bias(fv_handle, name: str, bias_index: int, problems: Counter):
 
 
 def _elementwise_names() -> set[str]:
-    names = set(_SOFTMAX) | set(_NORMS) | _BATCH_NORMS | _SCANS | _POOLS | _INTERPOLATE
+    names = set(ELEMENTWISE_NAMED)
     names |= set(DATA_MOVEMENT)
     for attr in dir(torch.ops.aten):
         packet = getattr(torch.ops.aten, attr, None)
