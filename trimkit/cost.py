@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from trimkit.runtime import runtimes, set_threshold, state, trimming_off
 from trimkit.errors import TrimkitError
 from trimkit.locate import ModelMap
+from trimkit.runtime import runtimes, set_threshold, state, trimming_off
 
 __all__ = ["CostModel", "cost_model", "expected_ratio", "calibrate"]
 

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from trimkit.runtime import runtimes, set_tau, state, train_logits, trimming_off
 from trimkit.errors import ConfigError, DataError, TrimkitError
+from trimkit.runtime import runtimes, set_tau, state, train_logits, trimming_off
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "prepare", "calibrate_threshold", "target_at", "tau_at",
            "cost_loss", "distill_loss", "logit_penalty", "latest_checkpoint"]

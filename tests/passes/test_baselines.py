@@ -6,16 +6,15 @@ import torch
 
 from trimkit.attention import AttentionMode, CaptureProbs
 from trimkit.backbones import load_backbone
-from trimkit.runtime import set_threshold, trim_stats, trimming_off
 from trimkit.errors import ConfigError
 from trimkit.io import load_folder, save_folder
-from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_
-from trimkit.passes import tome
+from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_, tome
 from trimkit.passes.baselines import baseline_runtime, keep_counts, schedule_points
 from trimkit.passes.random_tokens import RandomTokensConfig
 from trimkit.passes.tome import ToMeMergeConfig, bipartite_merge
 from trimkit.passes.topk import TopKClsAttentionConfig
 from trimkit.profile import count_flops
+from trimkit.runtime import set_threshold, trim_stats, trimming_off
 
 TOYS = ["tests/models/toy_vlms.py:two_stream", "tests/models/toy_vlms.py:single_stream"]
 HF = ["blip-vqa-tiny", "blip-itm-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", "clip-tiny"]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from trimkit.runtime import runtimes
 from trimkit.data import collate
 from trimkit.errors import ConfigError, DataError, TrimkitError
 from trimkit.profile import count_flops
+from trimkit.runtime import runtimes
 from trimkit.tasks import model_batch, resolve_data, task_dataset
 from trimkit.train import TrainConfig, latest_checkpoint, prepare, train
 
