@@ -19,9 +19,14 @@ Besides :meth:`TokenDecider.decide`, a decider may override the hooks of :class:
 ``key_bias`` to add to the logits of attention whose keys are a stream's tokens, and the
 ``carried_keys_masked`` flag.
 
+:class:`ScoreDecider` covers the common case of per-token keep-logits (threshold at inference,
+Gumbel-sigmoid in training); ``examples/norm_tokens.py`` is a whole pass written on it.
+
 A **head decider** is asked once per attention site and forward with a :class:`SiteStep` (the
 pooled query input) and returns a :class:`HeadDecision`: relaxed ``[B, units]`` masks in training,
-the kept units of each row at inference.
+the kept units of each row at inference (the runtime turns those into the index form,
+:class:`trimkit.attention.HeadDecision`, that slices one attention call). It also holds each site's
+saved ``active`` and ``layout`` switches.
 """
 from __future__ import annotations
 
