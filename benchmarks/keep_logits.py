@@ -14,7 +14,7 @@ import torch
 from trimkit.bench.base import train_base
 from trimkit.bench.run import BenchConfig, RunSpec, _smarttrim_configs, _train_config
 from trimkit.data import collate
-from trimkit.runtime import TokenTrimmer
+from trimkit.passes.smarttrim import TokenTrimmer
 from trimkit.train import train
 
 

@@ -21,9 +21,9 @@ from dataclasses import replace
 import torch
 
 from trimkit.bench.run import BenchConfig, RunSpec, _fresh, _smarttrim_configs, _train_config, base_model
-from trimkit.control import runtimes, set_threshold
 from trimkit.cost import expected_ratio
 from trimkit.data import collate
+from trimkit.runtime import runtimes, set_threshold
 from trimkit.tasks import model_batch, task_dataset
 from trimkit.train import train
 

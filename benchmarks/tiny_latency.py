@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "models"))
 
 from trimkit.backbones import load_backbone  # noqa: E402
-from trimkit.control import set_threshold, trimming_off  # noqa: E402
 from trimkit.passes import apply_  # noqa: E402
 from trimkit.passes.smarttrim import SmartTrimTokensConfig  # noqa: E402
 from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig  # noqa: E402
 from trimkit.profile import count_flops, measure_latency  # noqa: E402
+from trimkit.runtime import set_threshold, state, trimming_off  # noqa: E402
 
 MODELS = ["blip-vqa-tiny", "blip-itm-tiny", "bridgetower-itm-tiny", "vilt-vqa-tiny", "clip-tiny", "siglip-tiny",
           str(ROOT / "tests/models/toy_vlms.py") + ":two_stream", str(ROOT / "tests/models/toy_vlms.py") + ":single_stream"]
@@ -39,10 +39,11 @@ MODELS = ["blip-vqa-tiny", "blip-itm-tiny", "bridgetower-itm-tiny", "vilt-vqa-ti
 def randomise(model: torch.nn.Module, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if ("trimkit_token_trimmers" in name or "trimkit_head_trimmers" in name) and name.endswith(".weight"):
+        trimmer = state.TOKEN_TRIMMERS in name or state.HEAD_TRIMMERS in name
+        if trimmer and name.endswith(".weight"):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * 2 / p.shape[-1] ** 0.5)
-        elif ("trimkit_token_trimmers" in name or "trimkit_head_trimmers" in name) and name.endswith(".bias"):
+        elif trimmer and name.endswith(".bias"):
             with torch.no_grad():
                 p.zero_()
 

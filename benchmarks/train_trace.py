@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from trimkit.bench.run import BenchConfig, RunSpec, _fresh, _items, _smarttrim_configs, _train_config, base_model
-from trimkit.control import trim_stats
 from trimkit.data import collate
+from trimkit.runtime import trim_stats
 from trimkit.tasks import model_batch
 from trimkit.train import train
 

@@ -21,10 +21,10 @@ import json
 import torch
 
 from trimkit.bench.base import train_base
-from trimkit.control import trimming_off
 from trimkit.data import collate
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import compare_latency, count_flops
+from trimkit.runtime import trimming_off
 from trimkit.tasks import model_batch
 from trimkit.train import TrainConfig, _Untrimmed, train
 

@@ -117,7 +117,7 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     from rich.console import Console
 
     from trimkit.backbones import load_backbone
-    from trimkit.control import set_threshold
+    from trimkit.runtime import set_threshold
     from trimkit.io import _is_hf, hf_base_writer, is_trimkit_folder, save_folder, state_dict_base_writer
     from trimkit.passes import apply_, parse_recipe
 
@@ -170,7 +170,7 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
 
     from rich.table import Table
 
-    from trimkit.control import set_threshold
+    from trimkit.runtime import set_threshold
     from trimkit.passes import applied_passes
     from trimkit.passes.registry import config_to_dict
     from trimkit.train import evaluate, train

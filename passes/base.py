@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from trimkit.errors import ConfigError
+from trimkit.runtime import state
 
 __all__ = ["PassConfig", "PassResult", "PassContext", "AppliedPass", "config_fields", "check_fields",
            "trainable_parameters", "TRIMMER_ROLE"]
 
-TRIMMER_ROLE = "trimmer"
+TRIMMER_ROLE = state.TRIMMER_ROLE
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     seen: set[int] = set()
     params: list[torch.nn.Parameter] = []
     for module in model.modules():
-        if getattr(module, "trimkit_role", None) != TRIMMER_ROLE:
+        if state.role(module) != TRIMMER_ROLE:
             continue
         for p in module.parameters():
             if id(p) not in seen:

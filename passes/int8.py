@@ -26,6 +26,7 @@ from torch import nn
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.passes.base import TRIMMER_ROLE, PassConfig, PassResult
 from trimkit.passes.registry import register_pass
+from trimkit.runtime import state
 
 __all__ = ["Int8DynamicConfig", "Int8DynamicLinear", "quantizable_linears", "DEFAULT_SKIP"]
 
@@ -159,7 +160,7 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def _excluded(module: nn.Module) -> bool:
-    return bool(getattr(module, "trimkit_no_quant", False)) or getattr(module, "trimkit_role", None) == TRIMMER_ROLE
+    return state.no_quant(module) or state.role(module) == TRIMMER_ROLE
 
 
 def quantizable_linears(model: nn.Module, config: Int8DynamicConfig) -> tuple[list[str], list[str]]:

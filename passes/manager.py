@@ -17,24 +17,23 @@ from torch import nn
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.passes.base import AppliedPass, PassConfig, PassContext, PassResult
 from trimkit.passes.registry import config_to_dict, handler_for, parse_recipe
+from trimkit.runtime import state
 
 __all__ = ["PassManager", "ApplyReport", "apply_", "remove_", "apply_recipe", "applied_passes",
            "check_order"]
 
-APPLIED_ATTR = "_trimkit_applied"
-MAP_ATTR = "_trimkit_map"
 
 
 def applied_passes(model: nn.Module) -> list[AppliedPass]:
     """The passes applied to `model` by this library, in order (empty if none)."""
-    return list(getattr(model, APPLIED_ATTR, []))
+    return list(state.get(model, state.APPLIED, []))
 
 
 def _records(model: nn.Module) -> list[AppliedPass]:
-    records = getattr(model, APPLIED_ATTR, None)
+    records = state.get(model, state.APPLIED)
     if records is None:
         records = []
-        object.__setattr__(model, APPLIED_ATTR, records)
+        state.put(model, state.APPLIED, records)
     return records
 
 
@@ -103,12 +102,12 @@ class PassManager:
             except Exception as err:
                 raise self._failure(err, config, i, records, start) from err
             if result.model is not model:
-                object.__delattr__(model, APPLIED_ATTR)
+                state.drop(model, state.APPLIED)
                 model = result.model
-                object.__setattr__(model, APPLIED_ATTR, records)
+                state.put(model, state.APPLIED, records)
             records.append(AppliedPass(config, result))
             results.append(result)
-        object.__setattr__(model, MAP_ATTR, model_map)
+        state.put(model, state.MAP, model_map)
         return results
 
     @staticmethod
@@ -197,6 +196,5 @@ def remove_(model: nn.Module) -> list[PassConfig]:
         record = records.pop()
         record.result.undo()
         removed.append(record.config)
-    if hasattr(model, MAP_ATTR):
-        object.__delattr__(model, MAP_ATTR)
+    state.drop(model, state.MAP)
     return removed[::-1]

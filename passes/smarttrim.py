@@ -1,6 +1,6 @@
 """SmartTrim token trimming as a pass: ``smarttrim.tokens``.
 
-Inserts one :class:`~trimkit.runtime.TokenTrimmer` before every trimmed layer of every trimmed
+Inserts one :class:`TokenTrimmer` (run by a :class:`SmartTrimDecider`) before every trimmed layer of every trimmed
 stream (by default: all layers but the first of each stream whose tokens are not the task's
 per-token outputs). Guidance for a stream comes from the stream it cross-attends to, or the stream
 that cross-attends to it, or — for a fused single stream — the text input's embedding; dual
@@ -8,24 +8,23 @@ encoders fall back to same-modality guidance and the report says so.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from trimkit.errors import ConfigError
-from trimkit.graph import capture
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
-from trimkit.runtime import TokenRuntime, TokenTrimmer
+from trimkit.runtime import (REMOVE, SKIP, ScoreDecider, TokenRuntime, TokenStep, candidate_streams, capture_padded,
+                             per_token_streams, probe_streams, state, stream_report, task_logits)
 
-__all__ = ["SmartTrimTokensConfig", "token_runtime"]
-
-_ATTR = "trimkit_token_trimmers"
+__all__ = ["SmartTrimTokensConfig", "TokenTrimmer", "SmartTrimDecider", "token_runtime"]
 
 
 @dataclass(frozen=True)
@@ -69,107 +68,56 @@ class SmartTrimTokensConfig(PassConfig):
             raise ConfigError(f"smarttrim.tokens: streams is not a valid regex: {exc}") from exc
 
 
-def _per_token_streams(model_map: ModelMap, cap, logits: torch.Tensor | None) -> set[str]:
-    """Streams whose length shows up in the task logits (their tokens are outputs: never trimmed)."""
-    out = set()
-    if logits is None or logits.dim() < 3:
-        return out
-    for s in model_map.streams:
-        call = next((c for c in cap.calls if c.path == s.layers[-1].path), None)
-        if call is None or not call.outputs:
-            continue
-        shape = call.outputs[0].meta["trimkit.shape"]
-        if shape and len(shape) == 3 and logits.shape[1] == shape[1]:
-            out.add(s.name)
-    return out
+class TokenTrimmer(nn.Module):
+    """Scores tokens from their own state, their modality's global state and the other modality's.
 
+    ``logit_i = w · gelu(A x_i + B g_self + C g_other) + b``; the bias starts high so a fresh
+    trimmer keeps (almost) every token.
+    """
 
-def _with_padding(inputs: dict) -> dict:
-    """``inputs`` with the last position of row 0 padded in every all-ones 2-D ``*mask*`` input."""
-    out = dict(inputs)
-    for name, v in inputs.items():
-        if ("mask" in name and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] > 2
-                and not v.is_floating_point() and bool((v == 1).all())):
-            v = v.clone()
-            v[0, -1] = 0
-            out[name] = v
-    return out
+    trimkit_role = state.TRIMMER_ROLE
 
-
-def _split_row(inputs: dict, i: int) -> dict:
-    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
-
-
-def _rows_disagree(model: nn.Module, inputs: dict, batched, tol: float = 1e-4) -> str:
-    """Name of the first output that differs between the batch and its rows run one by one ('' if none)."""
-    flat_b = [t for t in tree_flatten(batched)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    n = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
-    if n < 2:
-        return ""
-    rows = [[t for t in tree_flatten(model(**_split_row(inputs, i)))[0]
-             if isinstance(t, torch.Tensor) and t.is_floating_point()] for i in range(n)]
-    for j, tb in enumerate(flat_b):
-        parts = [r[j] for r in rows if j < len(r)]
-        if len(parts) != n or tb.dim() == 0 or tb.shape[0] != n or any(p.shape[1:] != tb.shape[1:] for p in parts):
-            continue
-        err = (torch.cat(parts) - tb).abs().max().item()
-        if err > tol * max(1.0, tb.abs().max().item()):
-            return f"output {j}: max difference {err:.3g}"
-    return ""
-
-
-class _ProbeTrimmer(nn.Module):
-    """Random-looking decisions that depend on the tokens only (so a row decides the same alone
-    and in a batch), with a keep rate that differs by row, so a padded batch mixes lengths."""
-
-    def __init__(self, seed: int):
+    def __init__(self, width: int, other_width: int | None, hidden: int | None = None, init_keep: float = 0.98):
         super().__init__()
-        self.seed = seed
+        hidden = hidden or max(8, width // 8)
+        self.local = nn.Linear(width, hidden)
+        self.glob = nn.Linear(width, hidden, bias=False)
+        self.cross = nn.Linear(other_width, hidden, bias=False) if other_width else None
+        self.score = nn.Linear(hidden, 1)
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.constant_(self.score.bias, math.log(init_keep / (1 - init_keep)))
 
-    def forward(self, x: torch.Tensor, g_self: torch.Tensor, g_other) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed)
-        w = torch.randn(x.shape[-1], 2, generator=gen).to(x.dtype)
-        scale = x.shape[-1] ** 0.5
-        token = torch.nn.functional.cosine_similarity(x, w[:, 0].expand_as(x), dim=-1) * scale
-        offset = torch.nn.functional.cosine_similarity(g_self, w[:, 1].expand_as(g_self), dim=-1) * scale
-        return 3 * token + 2 * torch.tanh(offset).unsqueeze(1)
+    def forward(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
+        h = self.local(x) + self.glob(g_self).unsqueeze(1)
+        if self.cross is not None and g_other is not None:
+            h = h + self.cross(g_other).unsqueeze(1)
+        return self.score(F.gelu(h)).squeeze(-1)
+
+    def fast_logits(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` for inference with fewer dispatches: functional linears, the two global terms
+        summed before broadcasting, GELU in its erf form (on tiny tensors the library GELU's
+        per-call cost is larger than the work)."""
+        g = F.linear(g_self, self.glob.weight)
+        if self.cross is not None and g_other is not None:
+            g = g + F.linear(g_other, self.cross.weight)
+        if x.shape[0] == 1:  # one fused multiply-add
+            h = torch.addmm(self.local.bias + g, x[0], self.local.weight.T).unsqueeze(0)
+        else:
+            h = F.linear(x, self.local.weight, self.local.bias) + g.unsqueeze(1)
+        h = h * 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
+        return F.linear(h, self.score.weight, self.score.bias).squeeze(-1)
 
 
-def _probe(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, special: dict, text_embed,
-           inputs: dict, skip: list[str]) -> str:
-    """Why removing tokens with random decisions at ``layers`` (paths) breaks the model ('' when it does not).
-    The probe leaves the global random state as it found it (some models draw in their forward)."""
-    with torch.random.fork_rng(devices=[]):
-        return _probe_forward(model, model_map, cap, layers, other, special, text_embed, inputs, skip)
+class SmartTrimDecider(ScoreDecider):
+    """Token decisions from one :class:`TokenTrimmer` per trimmed layer (``trimmers``: layer path -> trimmer)."""
 
+    def __init__(self, trimmers: dict[str, TokenTrimmer]):
+        self.trimmers = trimmers
 
-def _probe_forward(model: nn.Module, model_map: ModelMap, cap, layers, other: dict, special: dict, text_embed,
-                   inputs: dict, skip: list[str]) -> str:
-    trimmers = {p: _ProbeTrimmer(i) for i, p in enumerate(layers)}
-    probe = TokenRuntime(model, model_map, cap, trimmers, other, threshold=0.5, special=special,
-                         text_embed=text_embed, skip=skip)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            batched = model(**inputs)
-            mismatch = _rows_disagree(model, inputs, batched)
-            probe.threshold = 1.0
-            model(**inputs)
-            padded = _with_padding(inputs)  # a padded text row takes other paths in some models
-            if padded is not inputs and any(padded[k] is not inputs[k] for k in inputs):
-                for threshold in (0.5, 1.0):
-                    probe.threshold = threshold
-                    model(**padded)
-        if mismatch:
-            return (f"with tokens removed, a padded batch and row-by-row runs disagree ({mismatch}); "
-                    "something reads its tokens by position")
-        return ""
-    except Exception as exc:  # the probe decides; any failure means "not trimmable this way"
-        return f"removing its tokens breaks the forward ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-    finally:
-        probe.remove()
-        model.train(was_training)
+    def logits(self, step: TokenStep, g_self: torch.Tensor, g_other: torch.Tensor | None, fast: bool) -> torch.Tensor:
+        trimmer = self.trimmers[step.layer]
+        quick = getattr(trimmer, "fast_logits", None) if fast else None
+        return (quick or trimmer)(step.hidden, g_self, g_other)
 
 
 def _text_embedding(model: nn.Module, cap, roles: dict[str, str]):
@@ -224,101 +172,59 @@ def _other_width(model_map: ModelMap, model: nn.Module, other: str | None, text_
     return model_map.stream(other).layers[-1].width or None
 
 
+def _build(model: nn.Module, model_map: ModelMap, names: list[str], other: dict, text_embed,
+           config: SmartTrimTokensConfig) -> dict[str, TokenTrimmer]:
+    by_path: dict[str, TokenTrimmer] = {}
+    for name in names:
+        ow = _other_width(model_map, model, other[name], text_embed)
+        for layer in model_map.stream(name).layers[config.start_layer:]:
+            by_path[layer.path] = TokenTrimmer(layer.width, ow, hidden=config.hidden or None)
+    return by_path
+
+
 @register_pass(SmartTrimTokensConfig)
 def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTokensConfig,
                      context: PassContext) -> PassResult:
     if context.inputs is None:
         raise ConfigError("smarttrim.tokens needs example inputs to find each layer's sequence-aligned arguments")
-    if hasattr(model, _ATTR):
+    if state.get(model, state.TOKEN_TRIMMERS) is not None:
         raise ConfigError("smarttrim.tokens is already applied to this model")
-    # a padded row makes models that skip their attention mask on unpadded batches show it
-    cap = capture(model, _with_padding(context.inputs))
-    logits = None
-    task = context.hints.get("task") if context.hints else None
-    try:
-        logits = task.logits(cap.output) if task is not None else None
-    except Exception:
-        logits = None
-    if logits is None:
-        first = getattr(cap.output, "logits", None)
-        logits = first if isinstance(first, torch.Tensor) else None
-    per_token = _per_token_streams(model_map, cap, logits)
-    pattern = re.compile(config.streams)
-    trimmed = [s.name for s in model_map.streams if pattern.search(s.name) and s.name not in per_token
-               and len(s.layers) > config.start_layer]
-    skipped = [s.name for s in model_map.streams if s.name not in trimmed]
+    cap = capture_padded(model, context.inputs)
+    per_token = per_token_streams(model_map, cap, task_logits(context.hints, cap.output))
+    trimmed = candidate_streams(model_map, re.compile(config.streams), per_token, config.start_layer)
     text_embed = _text_embedding(model, cap, model_map.inputs)
     other, notes = _guidance(model_map, trimmed, config.guidance, text_embed)
-    def build(names: list[str]):
-        by_path: dict[str, TokenTrimmer] = {}
-        for name in names:
-            s = model_map.stream(name)
-            ow = _other_width(model_map, model, other[name], text_embed)
-            for layer in s.layers[config.start_layer:]:
-                by_path[layer.path] = TokenTrimmer(layer.width, ow, hidden=config.hidden or None)
-        return by_path
-
     special = {name: list((context.hints or {}).get("special_tokens", {}).get(model_map.stream(name).modality, [0]))
                for name in trimmed}
     # Probe each stream with random decisions: a stream whose consumers read every layer's output
     # at full length (bridges) is trimmed in skip mode (pruned tokens carried through unchanged);
     # a stream whose consumers index tokens by position either way is left whole. The probe is
     # structural, so it runs the same way when a saved folder is rebuilt.
-    kept_streams, skip = [], []
-    for name in trimmed:
-        verdict = ""
-        layers = [layer.path for layer in model_map.stream(name).layers[config.start_layer:]]
-        for mode in ("remove", "skip"):
-            verdict = _probe(model, model_map, cap, layers, other, special, text_embed, context.inputs,
-                             skip=[name] if mode == "skip" else [])
-            if not verdict:
-                kept_streams.append(name)
-                if mode == "skip":
-                    skip.append(name)
-                    notes.append(f"stream '{name}': every layer's output is read at full length, so pruned "
-                                 "tokens skip the layers and are carried through (skip mode)")
-                break
-        if verdict:
-            notes.append(f"stream '{name}' left whole: {verdict}")
-    # Streams that work alone can still break each other (a cross-modal layer reading two trimmed
-    # streams): probe them together and leave out, last first, the streams the joint run needs whole.
-    def joint(names: list[str]) -> str:
-        layers = [layer.path for n in names for layer in model_map.stream(n).layers[config.start_layer:]]
-        return _probe(model, model_map, cap, layers, other, special, text_embed, context.inputs,
-                      skip=[n for n in skip if n in names]) if names else ""
-
-    verdict = joint(kept_streams)
-    while verdict:
-        for name in reversed(kept_streams):
-            rest = [n for n in kept_streams if n != name]
-            if not joint(rest):
-                break
-        else:
-            name = kept_streams[-1]
-        notes.append(f"stream '{name}' left whole: trimmed together with the others, {verdict}")
-        kept_streams.remove(name)
-        verdict = joint(kept_streams)
-    skip = [n for n in skip if n in kept_streams]
-    skipped += [n for n in trimmed if n not in kept_streams]
-    trimmed = kept_streams
-    by_path = build(trimmed)
+    layers = {n: [la.path for la in model_map.stream(n).layers[config.start_layer:]] for n in trimmed}
+    modes, probe_notes = probe_streams(model, model_map, cap, layers, other, special, text_embed, context.inputs)
+    notes += probe_notes
+    kept = [n for n in trimmed if modes[n] in (REMOVE, SKIP)]
+    skip = [n for n in kept if modes[n] == SKIP]
+    skipped = [s.name for s in model_map.streams if s.name not in trimmed] + [n for n in trimmed if n not in kept]
+    by_path = _build(model, model_map, kept, other, text_embed, config)
     trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
-    model.add_module(_ATTR, trimmers)
-    runtime = TokenRuntime(model, model_map, cap, by_path, other, threshold=config.threshold, special=special,
-                           tau=config.tau, text_embed=text_embed, skip=skip)
-    model._trimkit_token_runtime = runtime
+    model.add_module(state.TOKEN_TRIMMERS, trimmers)
+    runtime = TokenRuntime(model, model_map, cap, SmartTrimDecider(by_path), by_path, other,
+                           threshold=config.threshold, special=special, tau=config.tau, text_embed=text_embed,
+                           skip=skip)
+    state.put(model, state.TOKEN_RUNTIME, runtime)
 
     def undo():
         runtime.remove()
-        delattr(model, _ATTR)
-        del model._trimkit_token_runtime
+        state.drop(model, state.TOKEN_TRIMMERS)
+        state.drop(model, state.TOKEN_RUNTIME)
 
-    report = {"trimmed_streams": trimmed, "skip_mode_streams": skip, "skipped_streams": skipped, "per_token_streams": sorted(per_token),
-              "trimmers": len(by_path), "guidance": {k: v for k, v in other.items()}, "notes": notes,
-              "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
+    report = {**stream_report(kept, skip, skipped, per_token), "trimmers": len(by_path), "guidance": dict(other),
+              "notes": notes, "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
     return PassResult(model, report, undo, trainable=bool(by_path))
 
 
 def token_runtime(model: nn.Module) -> TokenRuntime | None:
-    return getattr(model, "_trimkit_token_runtime", None)
+    """The runtime ``smarttrim.tokens`` installed on ``model`` (None when not applied)."""
+    return state.get(model, state.TOKEN_RUNTIME)

@@ -1,6 +1,6 @@
 """SmartTrim attention-head trimming as a pass: ``smarttrim.heads``.
 
-Adds one :class:`~trimkit.heads.HeadTrimmer` per attention site (filtered by ``sites``) that scores
+Adds one :class:`HeadTrimmer` per attention site (filtered by ``sites``) that scores
 the site's heads from the global vector of its query input, per input. In training the decisions
 are straight-through Gumbel masks on the heads' outputs; at inference the pruned heads are not
 computed. Sites that cannot be sliced safely (found by a check with random decisions at apply time:
@@ -9,22 +9,25 @@ report says why.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trimkit.errors import ConfigError
-from trimkit.heads import LAYOUT_NAMES, HeadRuntime, HeadTrimmer, check_sites, plan_site
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
+from trimkit.runtime import (LAYOUT_NAMES, HeadDecision, HeadRuntime, SiteStep, check_sites, keep_rows, plan_site,
+                             relaxed_heads, state)
 
-__all__ = ["SmartTrimHeadsConfig", "head_runtime"]
+__all__ = ["SmartTrimHeadsConfig", "HeadTrimmer", "SmartTrimHeadDecider", "head_runtime"]
 
-_ATTR = "trimkit_head_trimmers"
-_RT_ATTR = "_trimkit_head_runtime"
+_SQRT_HALF = math.sqrt(0.5)
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,66 @@ class SmartTrimHeadsConfig(PassConfig):
             raise ConfigError(f"smarttrim.heads: sites is not a valid regex: {exc}") from exc
 
 
+class HeadTrimmer(nn.Module):
+    """``logits = W2 gelu(W1 g + b1) + b2`` over the heads of one site; starts close to keep-all."""
+
+    def __init__(self, width: int, heads: int, hidden: int | None = None, init_keep: float = 0.98):
+        super().__init__()
+        hidden = hidden or max(8, width // 8)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, heads)
+        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.constant_(self.fc2.bias, math.log(init_keep / (1 - init_keep)))
+        self.register_buffer("active", torch.ones(()))
+        self.register_buffer("layout", torch.zeros((), dtype=torch.long))
+
+    @property
+    def trimkit_role(self) -> str:
+        """"trimmer" while the site is trimmed: an inactive trimmer is not a trainable parameter."""
+        return state.TRIMMER_ROLE if bool(self.active) else "inactive"
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(g)))
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """``forward`` for inference, cheaper on tiny inputs: no module calls of the two plain linears, and
+        GELU as ``(x + x erf(x / sqrt 2)) / 2`` (the half folded into the second product) (CPU ``F.gelu`` costs ~20 us a call in oneDNN)."""
+        fc1, fc2 = self.fc1, self.fc2
+        if torch.is_grad_enabled() or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self, fc1, fc2)):
+            return self(g)
+        h = F.linear(g, fc1.weight, fc1.bias)
+        t = torch.addcmul(h, h, (h * _SQRT_HALF).erf_())  # 2 gelu(h)
+        return torch.addmm(fc2.bias, t, fc2.weight.t(), alpha=0.5) if fc2.bias is not None and t.dim() == 2 \
+            else F.linear(t * 0.5, fc2.weight, fc2.bias)
+
+
+class SmartTrimHeadDecider:
+    """Head decisions from one :class:`HeadTrimmer` per site (``trimmers``: site path -> trimmer), whose
+    buffers hold the site's saved switches."""
+
+    def __init__(self, trimmers: dict[str, HeadTrimmer]):
+        self.trimmers = trimmers
+
+    def decide(self, step: SiteStep) -> HeadDecision:
+        trimmer = self.trimmers[step.site]
+        if step.training:
+            logits = trimmer(step.pooled)
+            return HeadDecision(mask=relaxed_heads(logits, step.tau, step.min_units), logits=logits)
+        logits = trimmer.logits(step.pooled)
+        return HeadDecision(rows=keep_rows(logits.tolist(), step.threshold, step.min_units), dtype=logits.dtype)
+
+    def active(self, site: str) -> torch.Tensor:
+        return self.trimmers[site].active
+
+    def layout(self, site: str) -> torch.Tensor:
+        return self.trimmers[site].layout
+
+
 @register_pass(SmartTrimHeadsConfig)
 def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHeadsConfig,
                     context: PassContext) -> PassResult:
-    if hasattr(model, _ATTR):
+    if state.get(model, state.HEAD_TRIMMERS) is not None:
         raise ConfigError("smarttrim.heads is already applied to this model")
     pattern = re.compile(config.sites)
     plans, skipped, seen = {}, {}, set()
@@ -89,16 +148,12 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
     by_path = {p: HeadTrimmer(plan.width, plan.units, hidden=config.hidden or None) for p, plan in plans.items()}
     trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
-    model.add_module(_ATTR, trimmers)
-    runtime = HeadRuntime(model, plans, by_path, threshold=config.threshold, tau=config.tau,
+    model.add_module(state.HEAD_TRIMMERS, trimmers)
+    runtime = HeadRuntime(model, plans, SmartTrimHeadDecider(by_path), threshold=config.threshold, tau=config.tau,
                           min_heads=config.min_heads, batched=config.batched)
-    model.__dict__[_RT_ATTR] = runtime
-    marked = []  # projections are sliced per input: int8.dynamic must leave them in float
-    for plan in plans.values():
-        for m in plan.linears:
-            if not getattr(m, "trimkit_no_quant", False):
-                m.trimkit_no_quant = True
-                marked.append(m)
+    state.put(model, state.HEAD_RUNTIME, runtime)
+    # projections are sliced per input: int8.dynamic must leave them in float
+    marked = [m for plan in plans.values() for m in plan.linears if state.mark_no_quant(m)]
     notes = []
     if not context.restoring:
         if context.inputs is None:
@@ -109,9 +164,9 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
     def undo():
         runtime.remove()
         for m in marked:
-            m.__dict__.pop("trimkit_no_quant", None)
-        delattr(model, _ATTR)
-        model.__dict__.pop(_RT_ATTR, None)
+            state.unmark_no_quant(m)
+        state.drop(model, state.HEAD_TRIMMERS)
+        state.drop(model, state.HEAD_RUNTIME)
 
     active = runtime.active_sites()
     report = {"trimmed_sites": active, "skipped_sites": skipped,
@@ -122,4 +177,5 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
 
 
 def head_runtime(model: nn.Module) -> HeadRuntime | None:
-    return model.__dict__.get(_RT_ATTR)
+    """The runtime ``smarttrim.heads`` installed on ``model`` (None when not applied)."""
+    return state.get(model, state.HEAD_RUNTIME)

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from trimkit.backbones import load_backbone
-from trimkit.control import set_threshold, trimming_off
 from trimkit.cost import calibrate, expected_ratio
 from trimkit.errors import TrimkitError
 from trimkit.passes import apply_
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import count_flops
+from trimkit.runtime import set_threshold, trimming_off
 
 REFS = ["blip-vqa-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", "tests/models/toy_vlms.py:two_stream",
         "tests/models/toy_vlms.py:single_stream"]

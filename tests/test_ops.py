@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from trimkit.ops import (
-    additive_key_mask, combine_masks, gather_along, gather_tokens, gumbel_sigmoid,
-    head_keep_index, keep_mask_from_probs, keep_softmax, padding_key_mask, scatter_tokens, slice_out_cols,
-    slice_qkv_rows,
+    additive_key_mask, additive_mask, combine_masks, gather_along, gather_tokens, gumbel_sigmoid,
+    head_feature_index, head_keep_index, keep_softmax, padding_key_mask,
+    project_heads_in, project_heads_out, repair_head_shape, scatter_tokens, slice_head_cols, slice_head_rows,
+    slice_out_cols, slice_qkv_rows,
 )
 
 torch.set_num_threads(1)
@@ -56,25 +57,11 @@ def test_gather_keeps_special_tokens(case, threshold):
     keep, seed = case
     probs = torch.rand(keep.shape, generator=torch.Generator().manual_seed(seed))
     probs[:, 0] = 0.0
-    mask = keep_mask_from_probs(probs, threshold, always_keep=[0])
+    mask = probs > threshold
+    mask[:, 0] = True  # a special token
     x = torch.arange(keep.numel(), dtype=torch.float32).view(keep.shape)
     y, index, valid = gather_tokens(x, mask)
     assert torch.equal(y[:, 0], x[:, 0]) and bool((index[:, 0] == 0).all() and valid[:, 0].all())
-    assert torch.equal(mask[:, 1:], probs[:, 1:] > threshold)
-
-
-@SETTINGS
-@given(keep_masks(), st.booleans())
-def test_threshold_zero_keeps_all_one_keeps_only_always(case, as_index):
-    special, seed = case
-    logits = torch.randn(special.shape, generator=torch.Generator().manual_seed(seed)) * 200
-    probs = torch.sigmoid(logits)  # includes exact 0.0 and 1.0 from underflow
-    assert bool(keep_mask_from_probs(probs, 0.0).all())
-    always = special[0]
-    arg = torch.nonzero(always).flatten().tolist() if as_index else always
-    assert torch.equal(keep_mask_from_probs(probs, 1.0, always_keep=arg),
-                       always.expand_as(probs))
-    assert torch.equal(keep_mask_from_probs(probs, 1.0, always_keep=special), special)
 
 
 @SETTINGS
@@ -260,7 +247,102 @@ def test_bad_shapes_name_the_numbers():
         slice_qkv_rows(torch.zeros(12, 5), None, torch.tensor([0, 4]), 3, 4)
     with pytest.raises(ValueError, match="head_dim 4"):
         slice_out_cols(torch.zeros(5, 10), torch.tensor([0]), 4)
-    with pytest.raises(ValueError, match="length 3"):
-        keep_mask_from_probs(torch.rand(3), 0.5, always_keep=[3])
     with pytest.raises(ValueError, match="tau must be > 0, got 0"):
         gumbel_sigmoid(torch.zeros(2), tau=0)
+
+
+@SETTINGS
+@given(keep_masks(), st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_additive_mask_true_means_may_attend(case, dtype):
+    allowed, seed = case
+    mask = additive_mask(allowed, dtype)
+    assert mask.shape == allowed.shape and mask.dtype == dtype
+    assert bool((mask[allowed] == 0).all()) and bool((mask[~allowed] == float("-inf")).all())
+    scores = torch.randn(allowed.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    probs = (scores + mask.double()).softmax(-1)
+    rows = allowed.any(-1)
+    want = keep_softmax(scores, allowed.double())
+    assert torch.allclose(probs[rows], want[rows])
+
+
+def test_additive_mask_needs_a_bool_tensor():
+    with pytest.raises(ValueError, match="bool"):
+        additive_mask(torch.zeros(2, 3))
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
+def test_head_feature_index_is_the_kept_rows(units, unit, blocks, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(units, generator=g) < 0.6
+    idx = head_keep_index(keep)
+    got = head_feature_index(idx, unit, units, blocks)
+    layout = torch.arange(blocks * units * unit).view(blocks, units, unit)
+    assert got.tolist() == layout[:, idx].reshape(-1).tolist()
+    batched = head_feature_index(idx.expand(2, -1), unit, units, blocks)
+    assert batched.shape == (2, blocks * idx.numel() * unit) and torch.equal(batched[1], got)
+
+
+@SETTINGS
+@given(st.integers(2, 4), st.integers(1, 3), st.sampled_from([1, 3]), st.integers(0, 2**16))
+def test_projecting_kept_heads_equals_zeroed_heads(units, unit, blocks, seed):
+    """Uniform and per-row (padded) kept heads give what the full projection gives with the other
+    heads' features zeroed, in and out."""
+    g = torch.Generator().manual_seed(seed)
+    b, length, din, dout = 3, 4, 5, 6
+    x = torch.randn(b, length, din, generator=g, dtype=torch.float64)
+    w_in = torch.randn(blocks * units * unit, din, generator=g, dtype=torch.float64)
+    b_in = torch.randn(blocks * units * unit, generator=g, dtype=torch.float64)
+    w_out = torch.randn(dout, units * unit, generator=g, dtype=torch.float64)
+    b_out = torch.randn(dout, generator=g, dtype=torch.float64)
+    keep = torch.rand(b, units, generator=g) < 0.5
+    keep[:, 0] = True
+    full = (x @ w_in.T + b_in).view(b, length, blocks, units, unit)
+    hk = int(keep.sum(1).max())
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :hk]
+    valid = torch.arange(hk) < keep.sum(1)[:, None]
+    idx = torch.where(valid, order, torch.zeros_like(order))
+    got = project_heads_in(x, w_in, b_in, blocks=blocks, unit=unit, units=units, idx=idx, valid=valid)
+    assert got.shape == (b, length, blocks * hk * unit)
+    got = got.view(b, length, blocks, hk, unit)
+    for r in range(b):
+        n = int(keep[r].sum())
+        assert torch.allclose(got[r, :, :, :n], full[r][:, :, keep[r]])
+        assert bool((got[r, :, :, n:] == 0).all())
+    width = valid.repeat_interleave(unit, 1)[:, None]
+    ctx = torch.randn(b, length, hk * unit, generator=g, dtype=torch.float64) * width
+    out = project_heads_out(ctx, w_out, b_out, unit=unit, units=units, idx=idx, valid=valid)
+    spread = torch.zeros(b, length, units, unit, dtype=torch.float64)
+    for r in range(b):
+        n = int(keep[r].sum())
+        spread[r][:, keep[r]] = ctx[r].view(length, hk, unit)[:, :n]
+    assert torch.allclose(out, spread.flatten(2) @ w_out.T + b_out)
+    masked = project_heads_out(spread.flatten(2), w_out, b_out, unit=unit, units=units, mask=keep.double())
+    assert torch.allclose(masked, out)
+    first = idx[0, :int(keep[0].sum())]
+    uniform = project_heads_in(x, w_in, b_in, blocks=blocks, unit=unit, units=units, idx=first[None],
+                               uniform=first)
+    assert torch.allclose(uniform.view(b, length, blocks, -1, unit), full[:, :, :, first])
+
+
+def test_repair_head_shape():
+    assert repair_head_shape((2, 5, 4, 8), 2 * 5 * 2 * 8, 4, 8, 2) == (2, 5, 2, 8)
+    assert repair_head_shape((2, 5, -1, 8), 2 * 5 * 2 * 8, 4, 8, 2) is None  # fits already
+    assert repair_head_shape((2, 5, 32), 2 * 5 * 16, 4, 8, 2) == (2, 5, 16)
+    assert repair_head_shape((2, 5, 7), 2 * 5 * 16, 4, 8, 2) is None
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
+def test_slicing_head_weights_takes_the_feature_index(units, unit, blocks, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(units, generator=g) < 0.6
+    idx = head_keep_index(keep)
+    w = torch.randn(blocks * units * unit, 5, generator=g)
+    b = torch.randn(blocks * units * unit, generator=g)
+    rows = head_feature_index(idx, unit, units, blocks)
+    ws, bs = slice_head_rows(w, b, idx, unit, blocks)
+    assert ws.shape == (blocks * idx.numel() * unit, 5) and torch.equal(ws, w[rows]) and torch.equal(bs, b[rows])
+    assert slice_head_rows(w, None, idx, unit, blocks)[1] is None
+    wo = torch.randn(6, units * unit, generator=g)
+    assert torch.equal(slice_head_cols(wo, idx, unit), wo[:, head_feature_index(idx, unit, units)])

@@ -2,7 +2,7 @@
 
 The trainer's cost loss needs the FLOPs ratio as a function of the trimmers' decisions. This
 module computes it from the ModelMap and what each trimming runtime kept in the last forward
-(:func:`trimkit.control.runtimes`, ``cost_inputs()``), per row, then averages over the batch.
+(:func:`trimkit.runtime.runtimes`, ``cost_inputs()``), per row, then averages over the batch.
 
 Per layer of a stream, with ``n`` tokens computed, ``n_k`` keys per attention site, ``D`` the
 layer width, ``D_k`` the key stream's width, ``H·d`` the attention width and ``h`` the fraction
@@ -31,14 +31,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from trimkit.control import runtimes, trimming_off
 from trimkit.errors import TrimkitError
 from trimkit.locate import ModelMap
+from trimkit.runtime import runtimes, set_threshold, state, trimming_off
 
 __all__ = ["CostModel", "cost_model", "expected_ratio", "calibrate"]
-
-_ATTR = "_trimkit_cost"
-_MAP_ATTR = "_trimkit_map"
 
 
 def _first_batch(args, kwargs) -> int | None:
@@ -201,13 +198,13 @@ class CostModel:
 
 def cost_model(model: nn.Module) -> CostModel:
     """The model's CostModel, built on first use from the map that `apply_` recorded."""
-    cm = model.__dict__.get(_ATTR)
+    cm = state.get(model, state.COST)
     if cm is None:
-        model_map = getattr(model, _MAP_ATTR, None)
+        model_map = state.get(model, state.MAP)
         if model_map is None:
             raise TrimkitError("the model has no ModelMap: apply a trimming pass with trimkit.passes.apply_ first")
         cm = CostModel(model, model_map)
-        model.__dict__[_ATTR] = cm
+        state.put(model, state.COST, cm)
     return cm
 
 
@@ -227,7 +224,6 @@ def calibrate(model: nn.Module, inputs: dict) -> CostModel:
     Runs three counted forwards in eval mode: full capacity, keep-everything (threshold 0) for
     the trimmer overhead, with ``inputs``.
     """
-    from trimkit.control import set_threshold
     from trimkit.profile import count_flops
 
     cm = cost_model(model)

@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from trimkit.errors import ConfigError, TrimkitError
+from trimkit.runtime import state
 
 __all__ = ["FORMAT", "MANIFEST", "save_folder", "load_folder", "read_manifest", "is_trimkit_folder",
            "hf_base_writer", "state_dict_base_writer"]
@@ -174,12 +175,11 @@ def save_folder(out_dir: str | os.PathLike, *, base_ref: str, model: nn.Module,
     extra: JSON-serialisable facts kept under ``"extra"``.
     overwrite: replace an existing trimkit folder (other non-empty folders are never replaced).
     """
-    from trimkit.passes.manager import MAP_ATTR, applied_passes
     from trimkit.passes.registry import config_to_dict
 
     out = Path(out_dir).expanduser()
-    configs = list(recipe_configs) if recipe_configs is not None else [r.config for r in applied_passes(model)]
-    model_map = model_map if model_map is not None else getattr(model, MAP_ATTR, None)
+    configs = list(recipe_configs) if recipe_configs is not None else [r.config for r in state.get(model, state.APPLIED, [])]
+    model_map = model_map if model_map is not None else state.get(model, state.MAP)
     if model_map is None:
         raise ConfigError("save_folder needs the model map (give model_map=, or apply passes with apply_ first)")
     manifest = {

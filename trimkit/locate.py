@@ -1,8 +1,9 @@
 """Find streams, layers, attention sites and FFNs in a recorded graph (no per-model tables).
 
-* An **attention site** is where a softmax consumes a query·key product (eager forms: matmul, bmm,
-  einsum), or a fused kernel ran (SDPA, ``nn.MultiheadAttention``'s native op, the
-  ``TransformerEncoderLayer`` fast path). Its q/k/v projections are the Linear(s) reached walking
+* An **attention site** is where an op of a registered attention kind (:mod:`trimkit.attention`) ran:
+  a softmax consuming a query·key product (eager forms: matmul, bmm, einsum), or a fused kernel (SDPA,
+  ``nn.MultiheadAttention``'s native op, the ``TransformerEncoderLayer`` fast path); the kind's
+  ``pattern`` says how the site is read. Its q/k/v projections are the Linear(s) reached walking
   back from the product's operands; its output projection is the first Linear downstream.
 * An **FFN** is Linear → elementwise activation (gated or not) → Linear, with an expansion and the
   second Linear mapping back to the first one's input width.
@@ -22,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from trimkit.attention import AttentionKind, kind_of_op
 from trimkit.graph import LEAF_MODULES, Capture, ModuleCall, capture
 
 __all__ = ["ModelMap", "Stream", "Layer", "AttentionSite", "FFN", "locate", "locate_capture",
@@ -29,18 +31,6 @@ __all__ = ["ModelMap", "Stream", "Layer", "AttentionSite", "FFN", "locate", "loc
 
 aten = torch.ops.aten
 
-_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
-_SDPA = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-    aten._scaled_dot_product_attention_math.default,
-    aten.scaled_dot_product_attention.default,
-}
-_NATIVE_MHA = {aten._native_multi_head_attention.default}
-_ENCODER_LAYER = {aten._transformer_encoder_layer_fwd.default}
-_PRODUCTS = {aten.bmm.default, aten.mm.default, aten.matmul.default, aten.baddbmm.default}
 _PARAM_LINEAR = {aten.addmm.default, aten.mm.default, aten.linear.default, aten.matmul.default,
                  aten.bmm.default}
 _LINEAR_MODULES: tuple[type, ...] = tuple(t for t in LEAF_MODULES if t.__name__ in ("Linear", "Conv1D"))
@@ -63,7 +53,7 @@ class AttentionSite:
     v: str | None = None
     o: str | None = None
     fused_qkv: bool = False
-    op: str = ""  # "softmax" | "sdpa" | "native_mha" | "encoder_layer"
+    op: str = ""  # the attention kind's name (trimkit.attention): "softmax" | "sdpa" | "native_mha" | ...
     call: int = 0  # order of execution among sites
     query_input: int = -1  # graph index of the node feeding the query side
     key_input: int = -1
@@ -312,8 +302,10 @@ def _opname(n: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _nearest_product(g: _Graph, start: fx.Node, upstream: bool, limit: int = 40) -> fx.Node | None:
-    """Nearest non-parameter matmul from ``start``, walking inputs (upstream) or users (downstream)."""
+def _nearest_product(g: _Graph, start: fx.Node, upstream: bool, products: frozenset,
+                     limit: int = 40) -> fx.Node | None:
+    """Nearest non-parameter matmul (an op of ``products``) from ``start``, walking inputs (upstream) or
+    users (downstream)."""
     seen, queue = {start}, deque([start])
     while queue and len(seen) < limit:
         n = queue.popleft()
@@ -321,7 +313,7 @@ def _nearest_product(g: _Graph, start: fx.Node, upstream: bool, limit: int = 40)
             if a in seen:
                 continue
             seen.add(a)
-            if a.op == "call_function" and a.target in _PRODUCTS and a not in g.linear:
+            if a.op == "call_function" and a.target in products and a not in g.linear:
                 return a
             if a.op == "call_function":
                 queue.append(a)
@@ -368,9 +360,9 @@ def _owner(g: _Graph, path: str) -> str:
     return _parent(path)
 
 
-def _eager_site(g: _Graph, sm: fx.Node, batch: int, unclassified: list[str]) -> _RawSite | None:
-    qk = _nearest_product(g, sm, upstream=True)  # query·key
-    av = _nearest_product(g, sm, upstream=False)  # attention·value
+def _eager_site(g: _Graph, sm: fx.Node, batch: int, unclassified: list[str], kind: AttentionKind) -> _RawSite | None:
+    qk = _nearest_product(g, sm, upstream=True, products=kind.products)  # query·key
+    av = _nearest_product(g, sm, upstream=False, products=kind.products)  # attention·value
     where = sm.meta["trimkit.module"]
     if qk is None or av is None:
         unclassified.append(f"softmax in '{where}': no query-key / value product around it (not attention)")
@@ -388,7 +380,7 @@ def _eager_site(g: _Graph, sm: fx.Node, batch: int, unclassified: list[str]) -> 
         heads = 1
     head_dim = _operand(qk, 0).meta["trimkit.shape"][-1]
     o_node = g.forward_to_linear(av)
-    return _make_site(g, "softmax", where, heads, head_dim, q_node, k_node, v_node, o_node)
+    return _make_site(g, kind.name, where, heads, head_dim, q_node, k_node, v_node, o_node)
 
 
 def _make_site(g, op, where, heads, head_dim, q_node, k_node, v_node, o_node, q_in=None, k_in=None):
@@ -410,13 +402,13 @@ def _make_site(g, op, where, heads, head_dim, q_node, k_node, v_node, o_node, q_
     return _RawSite(site, q_in, k_in, where)
 
 
-def _sdpa_site(g: _Graph, n: fx.Node) -> _RawSite:
+def _sdpa_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     q_op, k_op, v_op = [a for a in n.args[:3]]
     shape = q_op.meta["trimkit.shape"]
     heads, head_dim = (shape[-3] if len(shape) >= 3 else 1), shape[-1]
     out = next((u for u in n.users if u.target is _getitem and u.args[1] == 0), n)
     o_node = g.forward_to_linear(out)
-    return _make_site(g, "sdpa", n.meta["trimkit.module"], heads, head_dim, _proj(g, q_op), _proj(g, k_op),
+    return _make_site(g, op, n.meta["trimkit.module"], heads, head_dim, _proj(g, q_op), _proj(g, k_op),
                       _proj(g, v_op), o_node)
 
 
@@ -427,25 +419,25 @@ def _param_name(n) -> str | None:
     return None
 
 
-def _native_site(g: _Graph, n: fx.Node) -> _RawSite:
+def _native_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     query, key = n.args[0], n.args[1]
     embed, heads = n.args[3], n.args[4]
     qkv, proj = _param_name(n.args[5]), _param_name(n.args[7])
     where = n.meta["trimkit.module"]
     site = AttentionSite(path=where, kind="self", heads=int(heads), head_dim=int(embed) // int(heads),
-                         q=qkv, k=qkv, v=qkv, o=proj, fused_qkv=True, op="native_mha",
+                         q=qkv, k=qkv, v=qkv, o=proj, fused_qkv=True, op=op,
                          query_input=query.meta["trimkit.index"], key_input=key.meta["trimkit.index"])
     return _RawSite(site, query, key, where)
 
 
-def _encoder_layer_site(g: _Graph, n: fx.Node) -> tuple[_RawSite, FFN]:
+def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> tuple[_RawSite, FFN]:
     src, embed, heads = n.args[0], n.args[1], n.args[2]
     qkv, proj = _param_name(n.args[3]), _param_name(n.args[5])
     where = n.meta["trimkit.module"]
     w1, w2 = n.args[14], n.args[16]
     attn_path = _owner(g, qkv) if qkv else where
     site = AttentionSite(path=attn_path, kind="self", heads=int(heads), head_dim=int(embed) // int(heads),
-                         q=qkv, k=qkv, v=qkv, o=proj, fused_qkv=True, op="encoder_layer",
+                         q=qkv, k=qkv, v=qkv, o=proj, fused_qkv=True, op=op,
                          query_input=src.meta["trimkit.index"], key_input=src.meta["trimkit.index"])
     f1, f2 = _param_name(w1), _param_name(w2)
     hidden = w1.meta["trimkit.shape"][0]
@@ -543,37 +535,35 @@ def _layer_sources(start: fx.Node, outputs: dict[fx.Node, str], limit: int = 400
     return found
 
 
-def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -> ModelMap:
-    g = _Graph(cap)
-    roles = input_modalities(cap.inputs, hints)
-    batch = next((t.shape[0] for k, t in cap.inputs.items() if roles.get(k) in ("vision", "text") and t.dim()), 1)
-    unclassified: list[str] = []
-    notes: list[str] = []
-
+def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_RawSite], list[FFN]]:
+    """Attention sites at the ops of the registered attention kinds, in graph order, and the FFNs of
+    fused encoder layers."""
     raw: list[_RawSite] = []
     fast_ffns: list[FFN] = []
     for n in g.nodes:
         if n.op != "call_function":
             continue
-        if n.target in _SOFTMAX:
-            rs = _eager_site(g, n, batch, unclassified)
-        elif n.target in _SDPA:
-            rs = _sdpa_site(g, n)
-        elif n.target in _NATIVE_MHA:
-            rs = _native_site(g, n)
-        elif n.target in _ENCODER_LAYER:
-            rs, f = _encoder_layer_site(g, n)
-            fast_ffns.append(f)
-        else:
+        kind = kind_of_op(n.target)
+        if kind is None:
             continue
+        if kind.pattern == "eager":
+            rs = _eager_site(g, n, batch, unclassified, kind)
+        elif kind.pattern == "qkv":
+            rs = _sdpa_site(g, n, kind.name)
+        elif kind.pattern == "mha_kernel":
+            rs = _native_site(g, n, kind.name)
+        else:
+            rs, f = _encoder_layer_site(g, n, kind.name)
+            fast_ffns.append(f)
         if rs is not None:
             rs.site.call = len(raw)
             raw.append(rs)
+    return raw, fast_ffns
 
-    attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
-    ffns = _find_ffns(g, attn_projs) + fast_ffns
 
-    # layers
+def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
+                 unclassified: list[str]) -> tuple[list[str], dict[str, FFN | None]]:
+    """The layer path of each site, and each layer's FFN."""
     layer_of_site: list[str] = []
     layer_ffn: dict[str, FFN | None] = {}
     for r in raw:
@@ -588,8 +578,11 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
     for f in ffns:
         if id(f) not in used_ffns:
             unclassified.append(f"FFN '{f.path}' ({f.width}->{f.hidden}->{f.width}) belongs to no attention layer")
+    return layer_of_site, layer_ffn
 
-    # one entry per layer path, in order of first call
+
+def _layers(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_ffn: dict[str, FFN | None]):
+    """``(layer paths in order of first call, {path: Layer}, {path: main input node}, {output node: path})``."""
     calls_by_path: dict[str, list[ModuleCall]] = {}
     for c in cap.calls:
         calls_by_path.setdefault(c.path, []).append(c)
@@ -610,7 +603,6 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         sites = [r.site for r, lp in zip(raw, layer_of_site) if lp == p]
         call = first_call(p)
         hidden_in = _hidden(call.inputs) if call else (raw[layer_of_site.index(p)].q_in)
-        hidden_out = _hidden(call.outputs) if call else None
         width = hidden_in.meta["trimkit.shape"][-1] if hidden_in is not None and hidden_in.meta.get(
             "trimkit.shape") else 0
         layers[p] = Layer(p, sites, layer_ffn.get(p), index=call.index if call else 0, width=int(width))
@@ -618,8 +610,12 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         for c in calls_by_path.get(p, []):
             for o in c.outputs:
                 outputs[o] = p
+    return layer_order, layers, main_in, outputs
 
-    # streams: follow main inputs back to the previous layer of the same container
+
+def _chain_layers(layer_order: list[str], layers: dict[str, Layer], main_in: dict, outputs: dict):
+    """Streams as lists of layer paths: follow main inputs back to the previous layer of the same
+    container. Returns ``(streams, {layer path: stream number})``."""
     stream_of: dict[str, int] = {}
     streams: list[list[str]] = []
     for p in layer_order:
@@ -635,7 +631,12 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
                 continue
         stream_of[p] = len(streams)
         streams.append([p])
+    return streams, stream_of
 
+
+def _streams(streams: list[list[str]], layers: dict[str, Layer], main_in: dict, roles: dict,
+             notes: list[str]) -> list[Stream]:
+    """Named streams with the modality of the model inputs their first layer descends from."""
     out_streams: list[Stream] = []
     names_used: set[str] = set()
     for members in streams:
@@ -652,9 +653,11 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         if not origins:
             notes.append(f"stream '{sname}': its input descends from no vision or text input; called fused")
         out_streams.append(Stream(sname, modality, [layers[m] for m in members], origins))
-    stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
+    return out_streams
 
-    # query / key streams of each site
+
+def _site_streams(raw: list[_RawSite], layer_of_site: list[str], stream_name: dict[str, str], outputs: dict):
+    """Sets each site's query / key stream and whether it is self- or cross-attention."""
     for r, lp in zip(raw, layer_of_site):
         s = r.site
         s.query_stream = stream_name[lp]
@@ -671,6 +674,23 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
         else:
             origins = sorted(r.k_in.meta["trimkit.origins"])
             s.kind, s.key_stream = "cross", "input:" + ",".join(origins or ["?"])
+
+
+def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -> ModelMap:
+    g = _Graph(cap)
+    roles = input_modalities(cap.inputs, hints)
+    batch = next((t.shape[0] for k, t in cap.inputs.items() if roles.get(k) in ("vision", "text") and t.dim()), 1)
+    unclassified: list[str] = []
+    notes: list[str] = []
+    raw, fast_ffns = _raw_sites(g, batch, unclassified)
+    attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
+    ffns = _find_ffns(g, attn_projs) + fast_ffns
+    layer_of_site, layer_ffn = _site_layers(raw, ffns, fast_ffns, unclassified)
+    layer_order, layers, main_in, outputs = _layers(cap, raw, layer_of_site, layer_ffn)
+    streams, stream_of = _chain_layers(layer_order, layers, main_in, outputs)
+    out_streams = _streams(streams, layers, main_in, roles, notes)
+    stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
+    _site_streams(raw, layer_of_site, stream_name, outputs)
     return ModelMap(name or type(cap.model).__name__, type(cap.model).__name__, out_streams,
                     roles, unclassified, notes)
 

@@ -5,30 +5,38 @@ Shapes: ``B`` batch, ``L`` sequence length, ``Lmax`` kept length (row maximum), 
 
 Training uses masks (:func:`gumbel_sigmoid`, :func:`keep_softmax`, :func:`additive_key_mask`);
 inference removes tokens (:func:`gather_tokens`, :func:`gather_along`, :func:`padding_key_mask`) and heads
-(:func:`slice_qkv_rows`, :func:`slice_out_cols`).
+(:func:`slice_head_rows`, :func:`slice_head_cols` and their checked forms :func:`slice_qkv_rows`,
+:func:`slice_out_cols`; :func:`project_heads_in`, :func:`project_heads_out`, :func:`repair_head_shape`). :func:`additive_mask` turns a boolean attention mask (True: may attend)
+into an additive one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "gumbel_sigmoid",
-    "keep_mask_from_probs",
     "gather_tokens",
     "gather_along",
     "scatter_tokens",
     "keep_softmax",
+    "additive_mask",
     "additive_key_mask",
     "combine_masks",
     "padding_key_mask",
     "head_keep_index",
+    "slice_head_rows",
+    "slice_head_cols",
     "slice_qkv_rows",
     "slice_out_cols",
+    "head_feature_index",
+    "project_heads_in",
+    "project_heads_out",
+    "repair_head_shape",
 ]
 
 
@@ -49,40 +57,6 @@ def gumbel_sigmoid(logits: Tensor, tau: float = 1.0, hard: bool = True,
         return soft
     # soft - soft.detach() is exactly 0, so the value is exactly the 0/1 mask
     return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
-
-
-def _positions_mask(always_keep, shape: torch.Size, device) -> Tensor:
-    """``always_keep`` as a bool tensor broadcastable to ``shape`` (``[..., L]``)."""
-    length = shape[-1]
-    if isinstance(always_keep, Tensor) and always_keep.dtype == torch.bool:
-        mask = always_keep.to(device)
-        if mask.shape[-1] != length or mask.dim() > len(shape):
-            raise ValueError(f"always_keep mask shape {tuple(mask.shape)} does not fit probs "
-                             f"shape {tuple(shape)}")
-        return mask
-    idx = torch.as_tensor(always_keep, dtype=torch.long, device=device).reshape(-1)
-    if idx.numel() and (idx.min() < -length or idx.max() >= length):
-        raise ValueError(f"always_keep index out of range for length {length}: {idx.tolist()}")
-    mask = torch.zeros(length, dtype=torch.bool, device=device)
-    mask[idx] = True
-    return mask
-
-
-def keep_mask_from_probs(probs: Tensor, threshold: float,
-                         always_keep: Tensor | Sequence[int] | None = None) -> Tensor:
-    """Bool keep mask, same shape as ``probs`` ``[L]`` or ``[B, L]``: ``probs > threshold``.
-
-    ``threshold <= 0`` keeps everything (even probabilities that underflowed to 0). Positions in
-    ``always_keep`` (bool ``[L]`` / ``[B, L]`` or indices along ``L``) are always kept.
-    """
-    if probs.dim() not in (1, 2):
-        raise ValueError(f"probs must be [L] or [B, L], got shape {tuple(probs.shape)}")
-    if threshold <= 0:
-        return torch.ones(probs.shape, dtype=torch.bool, device=probs.device)
-    keep = probs > threshold
-    if always_keep is not None:
-        keep = keep | _positions_mask(always_keep, probs.shape, probs.device)
-    return keep
 
 
 def gather_along(t: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -145,6 +119,14 @@ def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int) -> Tens
     out = y.new_zeros(batch, length + 1, *trailing)
     idx = target.view(batch, kept, *([1] * len(trailing))).expand_as(y)
     return out.scatter(1, idx, y)[:, :length]
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean attention mask (True: may attend) -> additive mask of the same shape: 0 where allowed,
+    ``-inf`` where not."""
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"allowed must be a bool tensor, got {allowed.dtype}")
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def additive_key_mask(keep: Tensor, dtype: torch.dtype | None = None, eps: float = 0.0) -> Tensor:
@@ -229,20 +211,34 @@ def head_keep_index(keep_heads: Tensor) -> Tensor:
     return torch.nonzero(keep_heads).flatten()
 
 
-def _head_rows(heads_idx: Tensor, head_dim: int, num_heads: int) -> Tensor:
-    """Row indices ``h*hd : (h+1)*hd`` of each kept head, flattened."""
+def _check_heads(heads_idx: Tensor, num_heads: int) -> None:
     if heads_idx.dim() != 1:
         raise ValueError(f"heads_idx must be 1-D, got shape {tuple(heads_idx.shape)}")
     if heads_idx.numel() and (int(heads_idx.min()) < 0 or int(heads_idx.max()) >= num_heads):
         raise ValueError(f"heads_idx {heads_idx.tolist()} out of range for {num_heads} heads")
-    offsets = torch.arange(head_dim, device=heads_idx.device)
-    return (heads_idx.long()[:, None] * head_dim + offsets).flatten()
+
+
+def slice_head_rows(weight: Tensor, bias: Tensor | None, idx: Tensor, unit: int,
+                    blocks: int = 1) -> tuple[Tensor, Tensor | None]:
+    """Rows of the kept units ``idx [Hk]`` of a projection ``weight [blocks * units * unit, in]`` laid out
+    as ``[blocks, units, unit]`` (``blocks``: 1 separate, 2 fused k/v, 3 fused q/k/v), and of its bias.
+    The result keeps the layout: ``[blocks * Hk * unit, in]``."""
+    din = weight.shape[1]
+    w = weight.view(blocks, -1, unit, din)[:, idx].reshape(-1, din)
+    b = None if bias is None else bias.view(blocks, -1, unit)[:, idx].reshape(-1)
+    return w, b
+
+
+def slice_head_cols(weight: Tensor, idx: Tensor, unit: int) -> Tensor:
+    """Input columns of the kept units ``idx [Hk]`` of an output projection ``weight [out, units * unit]``."""
+    dout = weight.shape[0]
+    return weight.view(dout, -1, unit)[:, idx].reshape(dout, -1)
 
 
 def slice_qkv_rows(weight: Tensor, bias: Tensor | None, heads_idx: Tensor, head_dim: int,
                    num_heads: int, fused: bool | None = None,
                    layout: str = "qkv_blocks") -> tuple[Tensor, Tensor | None]:
-    """Rows of a q/k/v projection ``weight [out, in]`` (and ``bias [out]``) for the kept heads.
+    """Rows of a q/k/v projection ``weight [out, in]`` (and ``bias [out]``) for the kept heads, checked.
 
     Separate projection (``out = H*hd``): rows ``h*hd:(h+1)*hd``. Fused (``out = 3*H*hd``; guessed
     from ``out`` when ``fused`` is None): ``layout="qkv_blocks"`` is ``[q | k | v]`` each ``[H*hd]``,
@@ -259,21 +255,110 @@ def slice_qkv_rows(weight: Tensor, bias: Tensor | None, heads_idx: Tensor, head_
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {out}")
     if layout not in ("qkv_blocks", "per_head"):
         raise ValueError(f"layout must be 'qkv_blocks' or 'per_head', got {layout!r}")
-    if not fused:
-        rows = _head_rows(heads_idx, head_dim, num_heads)
-    elif layout == "qkv_blocks":
-        rows = _head_rows(heads_idx, head_dim, num_heads)
-        rows = torch.cat([rows + block * inner for block in range(3)])
-    else:
-        rows = _head_rows(heads_idx, 3 * head_dim, num_heads)
-    rows = rows.to(weight.device)
-    return weight[rows], (None if bias is None else bias[rows])
+    _check_heads(heads_idx, num_heads)
+    idx = heads_idx.long().to(weight.device)
+    if fused and layout == "per_head":
+        return slice_head_rows(weight, bias, idx, 3 * head_dim)
+    return slice_head_rows(weight, bias, idx, head_dim, 3 if fused else 1)
 
 
 def slice_out_cols(weight: Tensor, heads_idx: Tensor, head_dim: int) -> Tensor:
-    """Input columns of an output projection ``weight [out, H*hd]`` for the kept heads."""
+    """Input columns of an output projection ``weight [out, H*hd]`` for the kept heads, checked."""
     if weight.dim() != 2 or weight.shape[1] % head_dim:
         raise ValueError(f"weight shape {tuple(weight.shape)}: columns not a multiple of "
                          f"head_dim {head_dim}")
-    cols = _head_rows(heads_idx, head_dim, weight.shape[1] // head_dim).to(weight.device)
-    return weight[:, cols]
+    _check_heads(heads_idx, weight.shape[1] // head_dim)
+    return slice_head_cols(weight, heads_idx.long().to(weight.device), head_dim)
+
+
+def head_feature_index(idx: Tensor, unit: int, units: int, blocks: int = 1) -> Tensor:
+    """Feature indices ``[..., blocks * Hk * unit]`` of the kept units ``idx [..., Hk]`` in a projection laid
+    out as ``[blocks, units, unit]`` (``blocks = 3`` for a fused q/k/v projection)."""
+    base = (idx[..., None] * unit + torch.arange(unit, device=idx.device)).flatten(-2)
+    return torch.cat([base + k * units * unit for k in range(blocks)], dim=-1)
+
+
+def _feature_valid(valid: Tensor, unit: int, blocks: int) -> Tensor:
+    return valid.repeat_interleave(unit, dim=-1).repeat(*([1] * (valid.dim() - 1)), blocks)
+
+
+def project_heads_in(x: Tensor, weight: Tensor, bias: Tensor | None, *, blocks: int, unit: int, units: int,
+                     idx: Tensor | None = None, valid: Tensor | None = None,
+                     uniform: Tensor | None = None) -> Tensor:
+    """A q/k/v projection of batch-first ``x [B, ..., Din]`` computing only the kept units.
+
+    ``weight [blocks * units * unit, Din]``. ``idx [B, Hk]`` (None: every unit) with ``valid [B, Hk]`` for
+    per-row choices padded to the row maximum (padded units give 0), or ``uniform [Hk]`` when every row
+    keeps the same units. Returns ``[B, ..., blocks * Hk * unit]``.
+    """
+    if idx is None:
+        return F.linear(x, weight, bias)
+    if uniform is not None:
+        rows = head_feature_index(uniform, unit, units, blocks)
+        return F.linear(x, weight[rows], None if bias is None else bias[rows])
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"projection input has batch {x.shape[0]}, decisions have {b} rows")
+    rows = head_feature_index(idx, unit, units, blocks)  # [B, R]
+    keep = _feature_valid(valid, unit, blocks).to(weight.dtype)
+    w = weight[rows] * keep[..., None]  # [B, R, Din]
+    y = torch.bmm(x.reshape(b, -1, x.shape[-1]), w.transpose(1, 2))
+    if bias is not None:
+        y = y + (bias[rows] * keep)[:, None, :]
+    return y.reshape(*x.shape[:-1], rows.shape[1])
+
+
+def project_heads_out(x: Tensor, weight: Tensor, bias: Tensor | None, *, unit: int, units: int,
+                      idx: Tensor | None = None, valid: Tensor | None = None, uniform: Tensor | None = None,
+                      mask: Tensor | None = None) -> Tensor:
+    """The output projection ``weight [Dout, units * unit]`` of batch-first ``x``.
+
+    With ``mask [B, units]`` every unit is computed and its features are scaled by the mask; with ``idx``
+    / ``valid`` / ``uniform`` (as in :func:`project_heads_in`) ``x`` holds the kept units' features only.
+    """
+    if mask is not None:
+        scale = mask.repeat_interleave(unit, dim=-1).to(x.dtype)
+        if x.shape[0] != scale.shape[0]:
+            raise ValueError(f"output projection input has batch {x.shape[0]}, masks have {scale.shape[0]} rows")
+        x = x * scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[1])
+        return F.linear(x, weight, bias)
+    if idx is None:
+        return F.linear(x, weight, bias)
+    if uniform is not None:
+        return F.linear(x, weight[:, head_feature_index(uniform, unit, units, 1)], bias)
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        raise ValueError(f"output projection input has batch {x.shape[0]}, decisions have {b} rows")
+    cols = head_feature_index(idx, unit, units, 1)
+    w = weight.t()[cols] * valid.repeat_interleave(unit, dim=-1).to(weight.dtype)[..., None]
+    y = torch.bmm(x.reshape(b, -1, x.shape[-1]), w)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fits(shape: tuple, numel: int) -> bool:
+    known = [s for s in shape if s != -1]
+    prod = math.prod(known)
+    if len(known) == len(shape):
+        return prod == numel
+    return len(shape) - len(known) == 1 and prod > 0 and numel % prod == 0
+
+
+def repair_head_shape(shape: tuple, numel: int, heads: int, head_dim: int, kept: int) -> tuple | None:
+    """A reshape target that no longer fits ``numel`` elements because heads were removed: ``shape`` with
+    the full head count (next to ``head_dim``) or the full width ``heads * head_dim`` replaced by the kept
+    ones. None when ``shape`` fits already or no replacement fits."""
+    if _fits(shape, numel):
+        return None
+    for i in range(len(shape) - 2, -1, -1):
+        if shape[i] == heads and shape[i + 1] == head_dim:
+            new = shape[:i] + (kept,) + shape[i + 1:]
+            if _fits(new, numel):
+                return new
+    for i in range(len(shape) - 1, -1, -1):
+        if shape[i] == heads * head_dim:
+            new = shape[:i] + (kept * head_dim,) + shape[i + 1:]
+            if _fits(new, numel):
+                return new
+    return None

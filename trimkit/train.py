@@ -3,7 +3,7 @@
 The loss of one batch is ``L = L_task + alpha * L_distill + beta * L_cost``:
 
 * ``L_task``: the backbone's task adapter (``TaskAdapter.loss``) on the trimmed forward;
-* ``L_distill``: the same model with every trimmer off (:func:`trimkit.control.trimming_off`, no
+* ``L_distill``: the same model with every trimmer off (:func:`trimkit.runtime.trimming_off`, no
   copy of the weights, no gradient) is the teacher: ``T^2 * KL(teacher || student)`` on the task
   logits at temperature ``T``, plus ``hidden_weight`` times the mean squared error between the
   final hidden states of each stream, over the tokens the student keeps. A separate ``teacher``
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from trimkit.control import runtimes, set_tau, train_logits, trimming_off
 from trimkit.errors import ConfigError, DataError, TrimkitError
+from trimkit.runtime import runtimes, set_tau, state, train_logits, trimming_off
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "prepare", "calibrate_threshold", "target_at", "tau_at",
            "cost_loss", "distill_loss", "logit_penalty", "latest_checkpoint"]
@@ -458,7 +458,7 @@ class _Hidden:
     """Records the first tensor output of each stream's last layer (for the hidden-state MSE)."""
 
     def __init__(self, model: nn.Module):
-        model_map = getattr(model, "_trimkit_map", None)
+        model_map = state.get(model, state.MAP)
         self.paths = [s.layers[-1].path for s in getattr(model_map, "streams", []) if s.layers]
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [model.get_submodule(p).register_forward_hook(self._make(p)) for p in self.paths]
@@ -634,7 +634,7 @@ def calibrate_threshold(model: nn.Module, batches: list[dict], target: float, *,
     trimmers often give the tokens they like keep-logits far above 9 (probabilities that a search in
     probability space, halving ``[0, 1]``, never gets past), and those would stay kept at any
     threshold it can reach."""
-    from trimkit.control import set_threshold
+    from trimkit.runtime import set_threshold
 
     was = model.training
     model.eval()

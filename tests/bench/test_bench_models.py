@@ -267,7 +267,7 @@ def test_token_trimming_runs_on_padded_text_batches(tmp_path, family):
     """smarttrim.tokens is applied from unpadded example inputs; batches with padded text must
     still run when the trimmers remove every token they may (BridgeTower's text tower feeds its
     bridges at full length only in that case)."""
-    from trimkit.control import set_threshold
+    from trimkit.runtime import set_threshold
     from trimkit.passes import apply_
     from trimkit.passes.smarttrim import SmartTrimTokensConfig
 

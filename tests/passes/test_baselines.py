@@ -4,15 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimkit.attention import AttentionMode, CaptureProbs
 from trimkit.backbones import load_backbone
-from trimkit.control import set_threshold, trim_stats, trimming_off
 from trimkit.errors import ConfigError
 from trimkit.io import load_folder, save_folder
-from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_
-from trimkit.passes import baselines as bl
-from trimkit.passes.baselines import (RandomTokensConfig, TopKClsAttentionConfig, ToMeMergeConfig, baseline_runtime,
-                                      bipartite_merge, keep_counts, schedule_points)
+from trimkit.passes import apply_, config_from_dict, config_to_dict, remove_, tome
+from trimkit.passes.baselines import baseline_runtime, keep_counts, schedule_points
+from trimkit.passes.random_tokens import RandomTokensConfig
+from trimkit.passes.tome import ToMeMergeConfig, bipartite_merge
+from trimkit.passes.topk import TopKClsAttentionConfig
 from trimkit.profile import count_flops
+from trimkit.runtime import set_threshold, trim_stats, trimming_off
 
 TOYS = ["tests/models/toy_vlms.py:two_stream", "tests/models/toy_vlms.py:single_stream"]
 HF = ["blip-vqa-tiny", "blip-itm-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", "clip-tiny"]
@@ -37,7 +39,7 @@ def _apply(bb, inputs, config):
 
 
 def _specials(rt, stream, length):
-    return rt._special_positions(stream, length)
+    return rt.decider.special_positions(stream, length)
 
 
 def _kept_positions(st):
@@ -144,7 +146,7 @@ def test_off_is_exact_schedule_is_followed_and_remove_restores(ref, method):
     for stream in report["trimmed_streams"]:
         st = rt.state.streams[stream]
         specials = _specials(rt, stream, st.length)
-        layers = sum(1 for p in rt.trimmers if rt.stream_of[p] == stream)
+        layers = sum(1 for p in rt.layers if rt.stream_of[p] == stream)
         expected = [len(specials) + k for k in keep_counts(st.length - len(specials), 0.5, layers)]
         assert stats[stream]["kept"] == [float(k) for k in expected], (stream, stats[stream])
         assert expected[-1] < st.length
@@ -344,11 +346,11 @@ def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
         rows = torch.as_tensor(rows).expand(2)
         expected = probs[torch.arange(2), :, rows].mean(1)
     seen = []
-    with bl._ClsAttention(6, cls, 2, seen.append):
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with bl._ClsAttention(6, cls, 2, seen.append):
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
         ((q @ k.transpose(-1, -2)) * 0.5 + mask).softmax(dim=-1)
-    with bl._ClsAttention(6, cls, 2, seen.append):  # [B*H, L, L] scores
+    with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):  # [B*H, L, L] scores
         ((q @ k.transpose(-1, -2)) * 0.5 + mask).reshape(6, 6, 6).softmax(-1)
     assert len(seen) == 3
     for got in seen:
@@ -358,7 +360,7 @@ def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
     with torch.no_grad():
         plain, _ = mha(x, x, x, need_weights=False)
         weights = mha(x, x, x, need_weights=True, average_attn_weights=False)[1]
-        with bl._ClsAttention(6, cls, 2, seen.append):
+        with AttentionMode(CaptureProbs(6, cls, 2, seen.append)):
             out, none = mha(x, x, x, need_weights=False)
     assert none is None and torch.allclose(out, plain, atol=1e-6)
     expected = weights.mean(dim=(1, 2)) if rows is None else weights[torch.arange(2), :, rows].mean(1)
@@ -381,7 +383,7 @@ def test_tome_sizes_sum_to_the_original_length(ref):
     report = _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4))
     _out(bb, inputs)
     rt = baseline_runtime(bb.model)
-    sizes = rt.sizes()
+    sizes = rt.decider.sizes()
     assert set(sizes) == set(report["trimmed_streams"])
     for stream, size in sizes.items():
         st = rt.state.streams[stream]
@@ -397,13 +399,13 @@ def test_tome_merging_differs_from_plain_removal(monkeypatch):
     _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4, proportional=False))
     merged = _out(bb, inputs)
     index = baseline_runtime(bb.model).state.streams["vision"].index.clone()
-    real = bl.bipartite_merge
+    real = tome.bipartite_merge
 
     def removal_only(x, size, prunable, merge, group=None):
         _, new_size, keep = real(x, size, prunable, merge, group)
         return x, new_size, keep
 
-    monkeypatch.setattr(bl, "bipartite_merge", removal_only)
+    monkeypatch.setattr(tome, "bipartite_merge", removal_only)
     removed = _out(bb, inputs)
     assert torch.equal(baseline_runtime(bb.model).state.streams["vision"].index, index)  # same survivors
     assert (merged - removed).abs().max().item() > 1e-4
@@ -414,12 +416,12 @@ def test_tome_proportional_attention_adds_log_size_to_keys():
     _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4))
     with_bias = _out(bb, inputs)
     rt = baseline_runtime(bb.model)
-    st, size = rt.state.streams["vision"], rt.sizes()["vision"]
-    mask = rt._key_mask("vision", st)
+    st, size = rt.state.streams["vision"], rt.decider.sizes()["vision"]
+    mask = rt.key_mask("vision", st)
     assert torch.allclose(mask[:, 0, 0], size.log())
     # the bias reaches the attention: turning it off changes the outputs
-    rt.proportional = False
-    assert rt._key_mask("vision", st) is None
+    rt.decider.proportional = False
+    assert rt.key_mask("vision", st) is None
     assert (_out(bb, inputs) - with_bias).abs().max().item() > 1e-5
 
 
@@ -431,7 +433,7 @@ def test_tome_keeps_padding_apart_from_real_tokens():
     _apply(bb, inputs, ToMeMergeConfig(keep_ratio=0.4, streams="text"))
     _out(bb, inputs)
     rt = baseline_runtime(bb.model)
-    st, size = rt.state.streams["text_encoder.encoder.layer"], rt.sizes()["text_encoder.encoder.layer"]
+    st, size = rt.state.streams["text_encoder.encoder.layer"], rt.decider.sizes()["text_encoder.encoder.layer"]
     real = mask.gather(1, st.index).bool()
     # the mass of real tokens stays on real tokens unless a row ran out of them
     for row in range(mask.shape[0]):
@@ -453,7 +455,7 @@ def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
     logits.float().pow(2).mean().backward()
     rt = baseline_runtime(model)
     for stream, stats in trim_stats(model)["tokens"].items():
-        if stream in rt.schedule.trimmed():
+        if stream in rt.decider.schedule.trimmed():
             assert stats["kept"][-1] < stats["length"], (stream, stats)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert sum(g is not None and g.abs().sum() > 0 for g in grads) > len(grads) // 2

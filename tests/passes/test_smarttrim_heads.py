@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from trimkit import heads
+from trimkit.attention import HeadSlice
 from trimkit.backbones import load_backbone
-from trimkit.control import trimming_off
 from trimkit.errors import ConfigError
 from trimkit.io import load_folder, save_folder
-from trimkit.passes import apply_, remove_
+from trimkit.passes import apply_, remove_, smarttrim_heads
 from trimkit.passes.smarttrim import SmartTrimTokensConfig, token_runtime
 from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig, head_runtime
 from trimkit.profile import count_flops
+from trimkit.runtime import trimming_off
 
 ROOT = Path(__file__).resolve().parents[2]
 HF = ["blip-vqa-tiny", "blip-itm-tiny", "bridgetower-itm-tiny", "vilt-vqa-tiny", "clip-tiny", "siglip-tiny",
@@ -215,8 +215,8 @@ def test_linear_layouts_are_chosen_and_run_without_a_torch_function_mode(ref, mo
     fast = {p for p, layout in report["layouts"].items() if layout.startswith("linear")}
     assert fast and fast == {p for p in sites if not (moded and re.search(moded, p))}, report["layouts"]
     entered = []
-    enter = heads._HeadMode.__enter__
-    monkeypatch.setattr(heads._HeadMode, "__enter__", lambda self: (entered.append(self.plan.path), enter(self))[1])
+    for_site = HeadSlice.for_site
+    monkeypatch.setattr(HeadSlice, "for_site", lambda plan, d: (entered.append(plan.path), for_site(plan, d))[1])
     _randomise(bb.model)
     rt = head_runtime(bb.model)
     removed = _out(bb, inputs)
@@ -237,13 +237,13 @@ def test_sliced_weights_are_cached_per_decision_and_follow_weight_updates():
     path = next(iter(rt.plans))
     even = tuple(range(0, rt.plans[path].units, 2))
     first = _out(bb, inputs)
-    entry = rt._cache[path][even]
-    assert torch.equal(_out(bb, inputs), first) and rt._cache[path][even] is entry  # reused, not rebuilt
+    entry = rt.forwards._cache[path][even]
+    assert torch.equal(_out(bb, inputs), first) and rt.forwards._cache[path][even] is entry  # reused, not rebuilt
     query = rt.plans[path].in_mods[0][0]
     with torch.no_grad():
         query.weight.mul_(2.0)
     changed = _out(bb, inputs)
-    assert not torch.equal(changed, first) and rt._cache[path][even] is not entry
+    assert not torch.equal(changed, first) and rt.forwards._cache[path][even] is not entry
     rt.cache_budget = 0.0
     assert torch.equal(_out(bb, inputs), changed)
 
@@ -378,7 +378,7 @@ def test_int8_after_heads_leaves_the_sliced_projections_in_float():
 
 def test_trimmer_inference_logits_match_its_forward():
     torch.manual_seed(0)
-    trimmer = heads.HeadTrimmer(32, 4)
+    trimmer = smarttrim_heads.HeadTrimmer(32, 4)
     nn.init.normal_(trimmer.fc2.weight, std=1.0)
     g = torch.randn(5, 32) * 3
     with torch.no_grad():

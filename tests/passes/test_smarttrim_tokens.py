@@ -111,7 +111,7 @@ def test_dual_encoder_reports_same_modality_guidance():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("other", [None, 24])
 def test_trimmer_fast_logits_match_forward(batch, other):
-    from trimkit.runtime import TokenTrimmer
+    from trimkit.passes.smarttrim import TokenTrimmer
 
     torch.manual_seed(batch)
     t = TokenTrimmer(32, other)
@@ -209,7 +209,7 @@ def test_attention_the_training_mask_cannot_reach_is_reported_once(monkeypatch):
     bb.model.train()
     with pytest.warns(RuntimeWarning, match="did not mask its dropped keys.*no attention_mask argument"):
         bb.model(**inputs)
-    assert "text.1.attn" in token_runtime(bb.model)._exact_only
+    assert "text.1.attn" in token_runtime(bb.model).keys.exact_only
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bb.model(**inputs)

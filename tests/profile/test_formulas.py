@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from trimkit.attention import kinds
 from trimkit.profile.formulas import (
     FORMULAS,
     SOFTMAX_FLOPS,
@@ -141,3 +142,11 @@ def test_three_operand_einsum_matches_dispatch_count():
     a, b, c = torch.randn(1, 2, 3), torch.randn(1, 3, 4), torch.randn(1, 4, 5)
     expected = einsum_cost("bij,bjk,bkl->bil", [(1, 2, 3), (1, 3, 4), (1, 4, 5)]).flops
     assert count_flops(E(), (a, b, c)).flops == expected == 2 * 2 * 3 * 4 + 2 * 2 * 4 * 5
+
+
+def test_attention_formulas_come_from_the_attention_kinds():
+    owned = {name: f for kind in kinds() for name, f in kind.formulas.items()}
+    assert {"scaled_dot_product_attention", "_native_multi_head_attention",
+            "_transformer_encoder_layer_fwd"} <= owned.keys()
+    for name, formula in owned.items():
+        assert FORMULAS[name] is formula

@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from trimkit.profile import count_flops, flop_disagreement
+from trimkit.profile.fvcore_counter import family_of
 
 TOLERANCE = 0.01
 
@@ -131,3 +132,16 @@ def test_fvcore_agrees_on_every_tiny_backbone(name):
     assert report["torch"]["flops"] > 0
     assert abs(report["rel_diff"]) <= TOLERANCE, report["by_op"][:3]
     assert report["notes"] == []
+
+
+@pytest.mark.parametrize("op, family", [
+    ("aten._scaled_dot_product_flash_attention_for_cpu.default", "attention"),
+    ("aten::scaled_dot_product_attention", "attention"),
+    ("aten._scaled_dot_product_efficient_attention.default", "attention"),
+    ("aten._native_multi_head_attention.default", "multi_head_attention"),
+    ("aten::_transformer_encoder_layer_fwd.elementwise", "encoder_layer"),
+    ("aten.bmm.default", "matmul"),
+    ("aten::_convolution", "conv"),
+])
+def test_families_of_attention_ops_come_from_their_kinds(op, family):
+    assert family_of(op) == family

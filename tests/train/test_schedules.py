@@ -67,11 +67,11 @@ class _Runtime:
 def _ratio_model(monkeypatch, ratio_of_logit):
     """A module with one runtime whose executed ratio is `ratio_of_logit(log-odds of its threshold)`."""
     import trimkit.train as train_mod
-    from trimkit import control
+    from trimkit.runtime import state
 
     model = torch.nn.Linear(1, 1)
     rt = _Runtime()
-    model.__dict__[control._ATTR] = [rt]
+    model.__dict__[state.RUNTIMES] = [rt]
 
     def ratio(m, batches):
         th = rt.threshold

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from trimkit.control import runtimes
 from trimkit.data import collate
 from trimkit.errors import ConfigError, DataError, TrimkitError
 from trimkit.profile import count_flops
+from trimkit.runtime import runtimes
 from trimkit.tasks import model_batch, resolve_data, task_dataset
 from trimkit.train import TrainConfig, latest_checkpoint, prepare, train
 
@@ -18,7 +18,7 @@ FAST = dict(batch_size=8, measure_every=0, calibrate=0)
 
 def _executed_ratio(result, data_spec: str, count: int = 16) -> float:
     """Mean executed FLOPs per sample, trimmed / untrimmed, counted with the profiler one sample at a time."""
-    from trimkit.control import trimming_off
+    from trimkit.runtime import trimming_off
 
     spec = resolve_data(data_spec, result.backbone, split="val")
     dataset = task_dataset(spec, result.binding)
@@ -269,7 +269,7 @@ def test_logit_penalty_is_the_mean_squared_excess_over_the_margin():
 def test_logit_penalty_pulls_the_keep_logits_in(tokens_recipe, tmp_path):
     """Keep-logits start near log-odds 3.9 (a fresh trimmer keeps 98 %); with a margin of 1 the
     penalty must bring their magnitude down, and both token and head trimmers must report them."""
-    from trimkit.control import train_logits
+    from trimkit.runtime import train_logits
 
     both = tmp_path / "both.toml"
     both.write_text('[[pass]]\nname = "smarttrim.tokens"\ntarget_ratio = 0.5\n\n'

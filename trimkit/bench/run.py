@@ -325,7 +325,7 @@ def _items(bench, split: str, count: int) -> list[dict]:
 
 def executed_ratio(model: torch.nn.Module, binding, items: list[dict], device: str) -> float:
     """Mean executed FLOPs of `model` over `items` (one at a time) / the same with trimming off."""
-    from trimkit.control import trimming_off
+    from trimkit.runtime import trimming_off
     from trimkit.data import collate
     from trimkit.profile import count_flops
     from trimkit.tasks import model_batch
@@ -362,7 +362,7 @@ def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size
     ``2 * steps * batch_size`` items in an order seeded by `seed`. Returns the loss of each step."""
     import torch.nn.functional as F
 
-    from trimkit.control import trimming_off
+    from trimkit.runtime import trimming_off
     from trimkit.data import collate
     from trimkit.tasks import model_batch
     from trimkit.train import distill_loss
@@ -396,7 +396,9 @@ def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size
 
 
 def _baseline_config(name: str, flops_ratio: float, seed: int):
-    from trimkit.passes.baselines import RandomTokensConfig, ToMeMergeConfig, TopKClsAttentionConfig
+    from trimkit.passes.random_tokens import RandomTokensConfig
+    from trimkit.passes.tome import ToMeMergeConfig
+    from trimkit.passes.topk import TopKClsAttentionConfig
 
     if name == "random.tokens":
         return RandomTokensConfig(flops_ratio=flops_ratio, seed=seed)

@@ -13,15 +13,22 @@ Conventions (also written in the profile README section of the package docstring
   Only floating-point results count.
 
 Every formula takes ``args``: the op's arguments bound by schema name, tensors
-replaced by :class:`Spec`, and returns a :class:`Cost`.
+replaced by :class:`Spec`, and returns a :class:`Cost`. The formulas of the fused
+attention ops belong to their attention kinds (:mod:`trimkit.attention.flops`);
+eager attention is counted by its matrix products and its softmax.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from trimkit.attention import attention_formulas
+from trimkit.attention.flops import (
+    NORM_FLOPS, SOFTMAX_FLOPS, Cost, Spec, attention_cost, encoder_layer_cost, mha_cost,
+)
 
 __all__ = [
     "Spec",
@@ -36,34 +43,9 @@ __all__ = [
     "encoder_layer_cost",
     "conv_cost",
     "elementwise_cost",
+    "ELEMENTWISE_NAMED",
     "DATA_MOVEMENT",
 ]
-
-SOFTMAX_FLOPS = 5  # max, subtract, exp, sum, divide
-NORM_FLOPS = 5  # mean, subtract, variance, normalise, affine (4 without affine)
-
-
-class Spec(NamedTuple):
-    """What a formula needs to know about a tensor."""
-
-    shape: tuple[int, ...]
-    floating: bool = True
-    rows: tuple[tuple[int, ...], ...] | None = None  # component shapes of a nested tensor
-
-    @property
-    def numel(self) -> int:
-        if self.rows is not None:
-            return sum(math.prod(r) for r in self.rows)
-        return math.prod(self.shape)
-
-
-class Cost(NamedTuple):
-    flops: float = 0.0
-    elementwise: float = 0.0
-
-    def __add__(self, other):  # type: ignore[override]
-        return Cost(self.flops + other.flops, self.elementwise + other.elementwise)
-
 
 ZERO = Cost()
 
@@ -265,104 +247,6 @@ def _slow_conv(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
     return conv_cost(x.shape, w.shape, _conv_out_shape(a, out), False, a.get("bias") is not None)
 
 
-# --------------------------------------------------------------------------- attention
-
-
-def attention_cost(q: Sequence[int], k: Sequence[int], v: Sequence[int], masked: bool) -> Cost:
-    """Scaled dot-product attention on [..., Lq, E] x [..., Lk, E] x [..., Lk, Ev].
-
-    N = prod(q[:-2]) (batch x query heads; grouped key/value heads do not reduce it).
-    FLOPs = 2*N*Lq*Lk*E (scores) + 2*N*Lq*Lk*Ev (weighted values), whatever the mask.
-    Elementwise = N*Lq*Lk*(1 scale + SOFTMAX_FLOPS + 1 if a mask is added).
-    """
-    n = math.prod(q[:-2])
-    lq, e = q[-2], q[-1]
-    lk, ev = k[-2], v[-1]
-    scores = n * lq * lk
-    flops = 2.0 * scores * e + 2.0 * scores * ev
-    return Cost(flops, float(scores * (1 + SOFTMAX_FLOPS + (1 if masked else 0))))
-
-
-def _sdpa(mask_key: str) -> Callable[..., Cost]:
-    def formula(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
-        q, k, v = a["query"], a["key"], a["value"]
-        masked = a.get(mask_key) is not None or bool(a.get("is_causal", False))
-        if q.rows is not None:  # nested (variable-length) inputs: sum over components
-            return _sum_costs(
-                attention_cost(qr, kr, vr, masked) for qr, kr, vr in zip(q.rows, k.rows, v.rows)
-            )
-        return attention_cost(q.shape, k.shape, v.shape, masked)
-
-    return formula
-
-
-def _sum_costs(costs) -> Cost:
-    total = ZERO
-    for c in costs:
-        total = total + c
-    return total
-
-
-def mha_cost(batch: int, lq: int, lk: int, embed: int, heads: int, masked: bool,
-             bias: bool = True) -> Cost:
-    """nn.MultiheadAttention (fast path): in-projection, Q.K^T, A.V, out-projection.
-
-    FLOPs = 2*B*E*E*(Lq + 2*Lk)   (q, k, v projections)
-          + 2*B*Lq*Lk*E * 2        (scores and weighted values over all heads)
-          + 2*B*Lq*E*E             (output projection)
-    """
-    proj = 2.0 * batch * embed * embed * (lq + 2 * lk) + 2.0 * batch * lq * embed * embed
-    head_dim = embed // heads
-    att = attention_cost((batch, heads, lq, head_dim), (batch, heads, lk, head_dim),
-                         (batch, heads, lk, head_dim), masked)
-    bias_ew = float(batch * embed * (lq + 2 * lk) + batch * lq * embed) if bias else 0.0
-    return Cost(proj + att.flops, att.elementwise + bias_ew)
-
-
-def _rows_of(t: Spec) -> list[tuple[int, int]]:
-    """(batch, length) pairs: one per component of a nested tensor, else one for the whole."""
-    if t.rows is not None:
-        return [(1, r[-2] if len(r) >= 2 else 1) for r in t.rows]
-    if len(t.shape) == 2:
-        return [(1, t.shape[0])]
-    return [(math.prod(t.shape[:-2]), t.shape[-2])]
-
-
-def _native_mha(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
-    q, k = a["query"], a["key"]
-    embed, heads = int(a["embed_dim"]), int(a["num_head"])
-    masked = a.get("mask") is not None
-    bias = a.get("qkv_bias") is not None
-    return _sum_costs(
-        mha_cost(bq, lq, lk, embed, heads, masked, bias)
-        for (bq, lq), (_, lk) in zip(_rows_of(q), _rows_of(k))
-    )
-
-
-def encoder_layer_cost(batch: int, length: int, embed: int, heads: int, ffn: int,
-                       masked: bool) -> Cost:
-    """nn.TransformerEncoderLayer fast path: self-attention (see mha_cost) + 2 FFN linears.
-
-    FFN FLOPs = 2*B*L*E*F * 2; elementwise adds 2 layer norms, the activation,
-    two residual adds and the FFN biases.
-    """
-    att = mha_cost(batch, length, length, embed, heads, masked)
-    tokens = batch * length
-    ffn_flops = 2.0 * tokens * embed * ffn * 2
-    ew = tokens * (2 * NORM_FLOPS * embed + ffn + 2 * embed + ffn + embed)
-    return att + Cost(ffn_flops, float(ew))
-
-
-def _encoder_layer(a: Mapping[str, Any], out: Sequence[Any] = ()) -> Cost:
-    src = a["src"]
-    embed, heads = int(a["embed_dim"]), int(a["num_heads"])
-    ffn = a["ffn_weight_1"].shape[0]
-    masked = a.get("mask") is not None
-    return _sum_costs(
-        encoder_layer_cost(b, n, embed, heads, ffn, masked) for b, n in _rows_of(src)
-    )
-
-
 # --------------------------------------------------------------------------- elementwise
 
 _SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}
@@ -381,6 +265,8 @@ _POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adap
 _INTERPOLATE = {"upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
                 "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
                 "grid_sampler", "grid_sampler_2d", "grid_sampler_3d"}
+ELEMENTWISE_NAMED = frozenset(_SOFTMAX | set(_NORMS) | _BATCH_NORMS | _SCANS | _POOLS | _INTERPOLATE)
+"""Ops whose elementwise cost has a rule of its own here (softmax, norms, scans, pools, resampling)."""
 # Ops that move, select or create data without arithmetic: zero elementwise FLOPs.
 DATA_MOVEMENT = frozenset({
     "where", "masked_fill", "clone", "copy", "_to_copy", "fill", "zero", "lift_fresh",
@@ -459,17 +345,6 @@ def _first_tensor(args: Mapping[str, Any]) -> Spec | None:
 
 # --------------------------------------------------------------------------- the table
 
-_SDPA_NAMES = {
-    "scaled_dot_product_attention": "attn_mask",
-    "_scaled_dot_product_flash_attention_for_cpu": "attn_mask",
-    "_scaled_dot_product_attention_math": "attn_mask",
-    "_scaled_dot_product_attention_math_for_mps": "attn_mask",
-    "_scaled_dot_product_efficient_attention": "attn_bias",
-    "_scaled_dot_product_flash_attention": "attn_mask",
-    "_scaled_dot_product_cudnn_attention": "attn_bias",
-    "_scaled_dot_product_fused_attention_overrideable": "attn_bias",
-}
-
 FORMULAS: dict[str, Callable[..., Cost]] = {
     "mm": _mm,
     "_int_mm": _mm,
@@ -496,11 +371,10 @@ FORMULAS: dict[str, Callable[..., Cost]] = {
     "_convolution_mode": _convolution,
     "_slow_conv2d_forward": _slow_conv,
     "thnn_conv2d": _slow_conv,
-    "_native_multi_head_attention": _native_mha,
-    "_transformer_encoder_layer_fwd": _encoder_layer,
-    **{name: _sdpa(mask) for name, mask in _SDPA_NAMES.items()},
+    **attention_formulas(),
 }
-"""Op name (aten, no namespace) -> ``formula(args, out_specs) -> Cost``."""
+"""Op name (aten, no namespace) -> ``formula(args, out_specs) -> Cost``; the attention ops' formulas
+come from the attention kinds (:func:`trimkit.attention.attention_formulas`)."""
 
 QUALIFIED_FORMULAS: dict[str, Callable[..., Cost]] = {
     f"quantized::{name}": _packed_linear

@@ -20,19 +20,15 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
+from trimkit.attention import kind_of_op_name
 from trimkit.errors import TrimkitError
 from trimkit.profile.counter import OTHER, BlockCost, FlopReport
 from trimkit.profile.formulas import (
     DATA_MOVEMENT,
+    ELEMENTWISE_NAMED,
     FORMULAS,
     QUALIFIED_FORMULAS,
     Spec,
-    _BATCH_NORMS,
-    _INTERPOLATE,
-    _NORMS,
-    _POOLS,
-    _SCANS,
-    _SOFTMAX,
     elementwise_cost,
 )
 from trimkit.profile.inputs import Inputs, batch_size_of
@@ -52,14 +48,11 @@ def family_of(op: str) -> str:
     """Group op names of both counters (dispatch and jit level) so they can be compared."""
     name = op.split(".")[1] if op.startswith("aten.") else op.removeprefix("aten::")
     name = name.removesuffix(_EW)
-    if "scaled_dot_product" in name:
-        return "attention"
+    kind = kind_of_op_name(name)
+    if kind is not None and kind.family:  # attention kernels, by their attention kind
+        return kind.family
     if "conv" in name:
         return "conv"
-    if name == "_native_multi_head_attention":
-        return "multi_head_attention"
-    if name == "_transformer_encoder_layer_fwd":
-        return "encoder_layer"
     if name in {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "einsum", "mv",
                 "addmv", "dot", "_addmm_activation"}:
         return "matmul"
@@ -144,7 +137,7 @@ def _with_bias(fv_handle, name: str, bias_index: int, problems: Counter):
 
 
 def _elementwise_names() -> set[str]:
-    names = set(_SOFTMAX) | set(_NORMS) | _BATCH_NORMS | _SCANS | _POOLS | _INTERPOLATE
+    names = set(ELEMENTWISE_NAMED)
     names |= set(DATA_MOVEMENT)
     for attr in dir(torch.ops.aten):
         packet = getattr(torch.ops.aten, attr, None)

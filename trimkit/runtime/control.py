@@ -31,26 +31,28 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from trimkit.errors import ConfigError
+from trimkit.runtime import state
+
 __all__ = ["register_runtime", "unregister_runtime", "runtimes", "trimming_off", "set_threshold", "set_tau",
            "trim_stats", "train_logits"]
 
-_ATTR = "_trimkit_runtimes"
-
 
 def register_runtime(model: nn.Module, runtime: Any) -> None:
-    lst = model.__dict__.setdefault(_ATTR, [])
+    lst = model.__dict__.setdefault(state.RUNTIMES, [])
     if runtime not in lst:
         lst.append(runtime)
 
 
 def unregister_runtime(model: nn.Module, runtime: Any) -> None:
-    lst = model.__dict__.get(_ATTR, [])
+    lst = model.__dict__.get(state.RUNTIMES, [])
     if runtime in lst:
         lst.remove(runtime)
 
 
 def runtimes(model: nn.Module) -> list:
-    return list(model.__dict__.get(_ATTR, []))
+    """The trimming runtimes installed on ``model``, in installation order."""
+    return list(model.__dict__.get(state.RUNTIMES, []))
 
 
 @contextmanager
@@ -72,18 +74,24 @@ def train_logits(model: nn.Module) -> list:
 
 
 def set_threshold(model: nn.Module, threshold: float) -> None:
+    """Set every runtime's inference threshold (a keep probability in [0, 1]; 0 keeps everything)."""
+    value = float(threshold)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     for rt in runtimes(model):
         if hasattr(rt, "threshold"):
-            rt.threshold = float(threshold)
+            rt.threshold = value
 
 
 def set_tau(model: nn.Module, tau: float) -> None:
+    """Set every runtime's Gumbel temperature (training)."""
     for rt in runtimes(model):
         if hasattr(rt, "tau"):
             rt.tau = float(tau)
 
 
 def trim_stats(model: nn.Module) -> dict:
+    """Every runtime's ``stats()`` of the last forward, merged."""
     out: dict = {}
     for rt in runtimes(model):
         out.update(rt.stats())
