@@ -36,7 +36,7 @@ def default_configs() -> list:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:g}" if math.isfinite(value) else "-"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value)) if value else "-"
     if isinstance(value, dict):

@@ -159,9 +159,6 @@ def _as_configs(configs: PassConfig | Iterable[PassConfig] | str | Path) -> list
         return [configs]
     if isinstance(configs, (str, Path)):
         return parse_recipe(configs)
-    if not isinstance(configs, Iterable) or isinstance(configs, (bytes, dict)):
-        raise ConfigError(f"passes are a PassConfig, a list of them, or a recipe's text or path; "
-                          f"got {type(configs).__name__}")
     return list(configs)
 
 
@@ -173,6 +170,9 @@ def apply_(model: nn.Module, configs: PassConfig | Iterable[PassConfig] | str | 
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"apply_ needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(configs, (PassConfig, str, Path, Iterable)) or isinstance(configs, (bytes, dict)):
+        raise ConfigError(f"passes are a PassConfig, a list of them, or a recipe's text or path; "
+                          f"got {type(configs).__name__}")
     configs = _as_configs(configs)
     if model_map is None:
         if inputs is None:

@@ -91,6 +91,8 @@ def test_nothing_to_trim_is_one_line(tmp_path):
                        "    return torch.nn.Linear(4, 2), (torch.randn(2, 4),)\n")
     code, lines = _invoke("apply", "--model", f"{factory}:mlp", "--out", str(tmp_path / "o"))
     assert code == 1 and lines == [f"Error: nothing to trim: no attention site found in {factory}:mlp"]
+    code, lines = _invoke("inspect", "--model", f"{factory}:mlp")
+    assert code == 0 and lines[-1].endswith("nothing to trim: no attention site found")
     code, lines = _invoke("apply", "--model", f"{factory}:pair", "--out", str(tmp_path / "o"))
     assert code == 1 and lines == [
         f"Error: factory '{factory}:pair' must return a Backbone or (model, example_inputs), got (model, tuple): "

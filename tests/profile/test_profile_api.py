@@ -129,7 +129,8 @@ def test_profile_model_contract_and_per_sample_distribution(quarter_second_clock
     assert report["latency_ms"] == {"batch_1": 250.0, "batch_3": 250.0}
     assert report["params"] == sum(p.numel() for p in model.parameters())
     assert report["trimmer_params"] == 0
-    assert report["peak_memory_mb"] > 0
+    peaks = [count_flops(model, sample).peak_memory_bytes for sample in varied(5)]
+    assert report["peak_memory_mb"] == max(peaks) / 2**20
     for block in report["blocks"]:
         assert {"path", "kind", "flops"} <= set(block)
     assert sum(b["flops"] for b in report["blocks"]) == pytest.approx(report["flops"]["mean"])
@@ -408,3 +409,14 @@ def test_trimmer_shortcuts_are_charged_to_the_trimmer_rows():
     assert report.flops == sum(plain.flops.values())
     for path in ("trimkit_token_trimmers", "trimkit_head_trimmers"):
         assert plain.flops[path] == 0 and rows[path] > 0  # charged to the calling layer before, own row now
+
+
+def test_peak_memory_is_the_largest_set_of_live_activations():
+    """Linear(4, 8) -> ReLU -> Linear(8, 3): the first output and the ReLU output (8 floats each) are
+    alive together, 64 bytes per row; the last output (3 floats) comes after the first is freed."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert count_flops(model, (torch.randn(1, 4),)).peak_memory_bytes == 64
+    assert count_flops(model, (torch.randn(5, 4),)).peak_memory_bytes == 5 * 64
+    report = profile_model(model, [{"input": torch.randn(1, 4)}], samples=1, batch_size=2, progress=False, repeats=1,
+                           warmup=0)
+    assert report["peak_memory_mb"] == 64 / 2**20
