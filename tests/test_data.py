@@ -181,6 +181,7 @@ def test_vqa_answers_are_correct_and_questions_unambiguous(vqa):
         assert ds.answers[rec.label] == _vqa_answer(rec.text, rec.objects), rec.text
 
 
+@pytest.mark.slow
 def test_vqa_answer_distribution_is_not_degenerate(vqa):
     _, records = vqa
     shares = Counter(r.label for r in records)

@@ -240,19 +240,13 @@ def save_folder(out_dir: str | os.PathLike, *, base_ref: str, model: nn.Module,
     except (TypeError, ValueError) as err:
         raise ConfigError(f"save_folder: the manifest is not plain JSON ({err}); check `extra`") from None
     prepare_out_dir(out, overwrite=overwrite, label="output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_out_dir(out) as tmp:
         manifest["base"]["kind"] = _write_base(tmp / BASE_DIR, base_ref, base_model_dir_writer)
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "trimkit_format": str(FORMAT)})
         if example_inputs is not None:
             save_file(tensors, str(tmp / INPUTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         _no_pickles(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
