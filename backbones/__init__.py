@@ -9,13 +9,14 @@ torch.Size([2, 2])
 from trimkit.backbones.base import TASK_KINDS, Backbone, TaskAdapter
 from trimkit.backbones.families import TINY_CONFIGS
 from trimkit.backbones.inputs import ImageSpec, InputMaker, RepeatBatch, TextSpec
-from trimkit.backbones.registry import backbone_for_model, list_backbones, load_backbone, tiny_config
+from trimkit.backbones.registry import backbone_for_model, list_backbones, load_backbone, load_saved, tiny_config
 
 __all__ = [
     "Backbone",
     "TaskAdapter",
     "TASK_KINDS",
     "load_backbone",
+    "load_saved",
     "list_backbones",
     "backbone_for_model",
     "tiny_config",

@@ -84,5 +84,14 @@ def backbone_from_factory(ref: str) -> Backbone:
         model, example = result
         return Backbone(name=ref, model=model.eval(), task=TaskAdapter("features", key=None),
                         make_inputs=RepeatBatch(dict(example)), source="factory")
-    raise ConfigError(f"factory {ref!r} must return a Backbone or (model, example_inputs: dict), "
-                      f"got {type(result).__name__}")
+    raise ConfigError(f"factory {ref!r} must return a Backbone or (model, example_inputs), got {_shape_of(result)}")
+
+
+def _shape_of(result: Any) -> str:
+    """What a factory returned, with a hint where example inputs are not a dict of named tensors."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return (f"(model, {type(result[1]).__name__}): the example inputs must be a dict of keyword "
+                "arguments, e.g. {'pixel_values': ..., 'input_ids': ...}, so that model(**inputs) runs")
+    if isinstance(result, tuple):
+        return f"a tuple of {len(result)} ({', '.join(type(r).__name__ for r in result)})"
+    return type(result).__name__

@@ -10,6 +10,7 @@ that lists the registry names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,9 +26,11 @@ import transformers
 from trimkit.backbones.base import Backbone, TaskAdapter
 from trimkit.backbones.factory import backbone_from_factory, is_factory_ref
 from trimkit.backbones.families import FAMILIES, family_by_architecture, family_by_name, generic_inputs, tiny_kwargs
+from trimkit.backbones.inputs import RepeatBatch
+from trimkit.backbones.saved import BASE_DIR, MANIFEST, WEIGHTS, load_folder, read_manifest
 from trimkit.errors import ConfigError, UnknownModelError
 
-__all__ = ["list_backbones", "load_backbone", "tiny_config", "backbone_for_model"]
+__all__ = ["list_backbones", "load_backbone", "load_saved", "tiny_config", "backbone_for_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PROBE_SECONDS = 3.0
@@ -68,11 +71,13 @@ def _model_class(config: Any) -> type:
     return transformers.AutoModel
 
 
-def backbone_for_model(model: torch.nn.Module, *, name: str | None = None, source: str = "factory") -> Backbone:
+def backbone_for_model(model: torch.nn.Module, *, name: str | None = None, source: str = "factory",
+                       example_inputs: dict | None = None) -> Backbone:
     """Wrap a Hugging Face model: its family's task adapter and inputs, read from ``model.config``.
 
     Models of another class get a ``features`` adapter (first tensor output) and inputs read from
-    the config's vocabulary and image size. The model is put in eval mode.
+    the config's vocabulary and image size. `example_inputs` (a batch) replace the inputs made from
+    the config. The model is put in eval mode.
     """
     config = model.config
     family = family_by_architecture(type(model).__name__)
@@ -82,10 +87,13 @@ def backbone_for_model(model: torch.nn.Module, *, name: str | None = None, sourc
         make_inputs, task = family.inputs(config), family.task(config)
     else:
         make_inputs, task = generic_inputs(config), TaskAdapter("features", key=None)
-        if make_inputs is None:
-            raise _unknown(name or type(model).__name__,
-                           f"cannot make example inputs for {type(model).__name__} (no vocabulary or image size)")
-    hints = {"family": None if family is None else family.name, **make_inputs.hints()}
+    if example_inputs is not None:
+        make_inputs = RepeatBatch(dict(example_inputs))
+    if make_inputs is None:
+        raise _unknown(name or type(model).__name__,
+                       f"cannot make example inputs for {type(model).__name__} (no vocabulary or image size)")
+    hints = {"family": None if family is None else family.name,
+             **(make_inputs.hints() if hasattr(make_inputs, "hints") else {})}
     if task.num_labels is not None:
         hints["num_labels"] = task.num_labels
     return Backbone(name=name or (family.name if family else type(model).__name__), model=model.eval(),
@@ -121,15 +129,15 @@ def _from_pretrained(where: str, config: Any, attn_implementation: str | None, *
         raise ConfigError(f"cannot load {where!r}: {_first_line(err)}") from None
 
 
-def _load_folder(ref: str, path: Path, attn_implementation: str | None) -> Backbone:
-    if (path / "trimkit.json").is_file():
-        try:
-            from trimkit.io import load_folder
-        except ImportError:
-            raise _unknown(ref, "a trimkit folder, but trimkit.io is not available") from None
-        return load_folder(str(path))
+def _load_folder(ref: str, path: Path, attn_implementation: str | None,
+                 example_inputs: dict | None = None) -> Backbone:
+    if (path / MANIFEST).is_file():
+        return load_saved(str(path))
     if not (path / "config.json").is_file():
-        raise _unknown(ref, "the folder has no config.json")
+        if (path / BASE_DIR).is_dir() or (path / WEIGHTS).is_file():
+            read_manifest(path)  # a trimkit folder without its manifest: says so
+        raise _unknown(ref, f"the folder has neither {MANIFEST} (a trimkit folder) nor config.json "
+                            "(a save_pretrained folder)")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError, json.JSONDecodeError) as err:
@@ -138,7 +146,23 @@ def _load_folder(ref: str, path: Path, attn_implementation: str | None) -> Backb
         model = _from_pretrained(str(path), config, attn_implementation)
     except OSError as err:
         raise _unknown(ref, f"the folder cannot be loaded ({_first_line(err)})") from None
-    return backbone_for_model(model, name=ref, source="folder")
+    return backbone_for_model(model, name=ref, source="folder", example_inputs=example_inputs)
+
+
+def _saved_base(ref: str, example_inputs: dict | None) -> Backbone:
+    """The base of a saved folder: its ``base/`` folder or its factory, fed its stored inputs if any."""
+    path = Path(ref)
+    if path.is_dir() and not is_factory_ref(ref):
+        return _load_folder(ref, path, None, example_inputs)
+    backbone = load_backbone(ref)
+    if example_inputs is None:
+        return backbone
+    return dataclasses.replace(backbone, make_inputs=RepeatBatch(dict(example_inputs)))
+
+
+def load_saved(path: str | os.PathLike) -> Backbone:
+    """Rebuild a folder written by ``trimkit apply`` / ``trimkit train`` (see :mod:`trimkit.backbones.saved`)."""
+    return load_folder(path, _saved_base)
 
 
 def _env_flag(name: str) -> bool:

@@ -32,8 +32,8 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"Error: {_one_line(exc) if str(exc).strip() else 'interrupted'}", err=True)
             sys.exit(130)
         except Exception as exc:  # the one place where any error becomes a message
             if os.environ.get("TRIMKIT_DEBUG"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import click
@@ -22,6 +23,9 @@ name = "smarttrim.heads"
 """
 
 
+SPEEDUP = "speedup = before / after (> 1 is faster)"
+
+
 def default_configs() -> list:
     from trimkit.passes import parse_recipe, registered_passes
 
@@ -32,7 +36,7 @@ def default_configs() -> list:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:g}" if math.isfinite(value) else "-"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value)) if value else "-"
     if isinstance(value, dict):
@@ -68,18 +72,58 @@ def pass_tree(title: str, report_dict: dict):
 def _summary_table(report: dict):
     from rich.table import Table
 
-    table = Table(title="before / after (per sample)")
-    for col in ("", "before", "after", "before / after"):
+    table = Table(title="before / after (per sample)", caption=SPEEDUP)
+    for col in ("", "before", "after", "speedup"):
         table.add_column(col, justify="left" if not col else "right")
     b, a = report["before"], report["after"]
     table.add_row("FLOPs (mean)", f"{b['flops']['mean']:.4g}", f"{a['flops']['mean']:.4g}",
-                  f"{report['speedup']['flops']:.3f}x")
+                  _times(report["speedup"].get("flops")))
     table.add_row("parameters", f"{b['params']:,}", f"{a['params']:,}", "")
     for key in b.get("latency_ms", {}):
-        sp = report["speedup"].get(f"latency_{key}")
-        table.add_row(f"latency {key.replace('_', ' ')} (ms)", f"{b['latency_ms'][key]:.3f}",
-                      f"{a['latency_ms'][key]:.3f}", "-" if sp is None else f"{sp:.3f}x")
+        table.add_row(f"latency {key.replace('_', ' ')} (ms)", _number(b["latency_ms"].get(key), ".3f"),
+                      _number(a.get("latency_ms", {}).get(key), ".3f"), _times(report["speedup"].get(f"latency_{key}")))
     return table
+
+
+def _number(value, spec: str) -> str:
+    """`value` formatted, or "-" where there is no finite number."""
+    return f"{value:{spec}}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _times(ratio) -> str:
+    return "-" if _number(ratio, ".3f") == "-" else f"{ratio:.3f}x"
+
+
+def _inverse(ratio):
+    """before / after from an after / before ratio (None where there is no positive finite one)."""
+    return 1.0 / ratio if isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0 else None
+
+
+def require_attention(model_map, name: str) -> None:
+    """`ConfigError` "nothing to trim" when the located model has no attention site."""
+    if not any(layer.attention for stream in model_map.streams for layer in stream.layers):
+        raise ConfigError(f"nothing to trim: no attention site found in {name}")
+
+
+def _check_args(model_ref: str, out_dir: str, data_spec: str | None, target_ratio: float | None,
+                overwrite: bool) -> Path:
+    """Everything that can be checked before loading the model; the output folder."""
+    from trimkit.data import parse_data_spec
+    from trimkit.io import is_trimkit_folder, prepare_out_dir
+
+    if is_trimkit_folder(model_ref):
+        raise ConfigError(f"{model_ref!r} already holds applied passes; load it with --model in profile/eval, "
+                          "or apply to its base model")
+    if target_ratio is not None and not 0.0 < target_ratio <= 1.0:
+        raise ConfigError(f"--target-ratio must be in (0, 1], got {target_ratio}")
+    if data_spec is not None:
+        parse_data_spec(data_spec)
+    return prepare_out_dir(out_dir, overwrite=overwrite)
+
+
+def _interrupted(out: Path, existed: bool) -> KeyboardInterrupt:
+    kept = f"{str(out)!r} was left as it was" if existed else f"nothing was written to {str(out)!r}"
+    return KeyboardInterrupt(f"interrupted; {kept}")
 
 
 @command("apply")
@@ -101,7 +145,8 @@ def _summary_table(report: dict):
 @click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
               help="Inputs counted one by one for the FLOPs summary.")
 @click.option("--no-profile", is_flag=True, help="Skip the before/after profile.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing trimkit folder at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing trimkit folder at --out, once the new one is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | None, target_ratio: float | None,
           steps: int, threshold: float | None, batch_size: int, samples: int, no_profile: bool, overwrite: bool,
@@ -116,29 +161,38 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     """
     from rich.console import Console
 
+    from trimkit.passes import parse_recipe
+
+    configs = parse_recipe(recipe) if recipe else default_configs()
+    out = _check_args(model_ref, out_dir, data_spec, target_ratio, overwrite)
+    console = Console(stderr=as_json, quiet=as_json)
+    existed = out.exists()
+    try:
+        if data_spec is not None:
+            _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
+                             batch_size, as_json)
+        else:
+            _apply_only(console, model_ref, configs, out, threshold, batch_size, samples, no_profile, overwrite,
+                        as_json)
+    except KeyboardInterrupt:
+        raise _interrupted(out, existed) from None
+
+
+def _apply_only(console, model_ref, configs, out: Path, threshold, batch_size, samples, no_profile, overwrite,
+                as_json):
+    """Apply the passes, print what went where, profile before/after and save."""
     from trimkit.backbones import load_backbone
     from trimkit.runtime import set_threshold
-    from trimkit.io import _is_hf, hf_base_writer, is_trimkit_folder, save_folder, state_dict_base_writer
-    from trimkit.passes import apply_, parse_recipe
+    from trimkit.io import base_writer, save_folder, stores_example_inputs
+    from trimkit.locate import locate
+    from trimkit.passes import apply_
 
-    if is_trimkit_folder(model_ref):
-        raise ConfigError(f"{model_ref!r} already holds applied passes; load it with --model in profile/eval, "
-                          "or apply to its base model")
-    if target_ratio is not None and not 0.0 < target_ratio <= 1.0:
-        raise ConfigError(f"--target-ratio must be in (0, 1], got {target_ratio}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not (overwrite and is_trimkit_folder(out)):
-        what = "a trimkit folder (add --overwrite)" if is_trimkit_folder(out) else "a non-empty folder"
-        raise ConfigError(f"--out {str(out)!r} is {what}; nothing was written")
-    console = Console(stderr=as_json, quiet=as_json)
-    configs = parse_recipe(recipe) if recipe else default_configs()
-    if data_spec is not None:
-        _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
-                         batch_size, overwrite, as_json)
-        return
     backbone = load_backbone(model_ref)
     base = copy.deepcopy(backbone.model)  # the model before any pass: written as the folder's base
-    report = apply_(backbone.model, configs, inputs=backbone.example_inputs(2), hints=backbone.hints)
+    example = backbone.example_inputs(2)
+    model_map = locate(backbone.model, example, hints=backbone.hints)
+    require_attention(model_map, backbone.name)
+    report = apply_(backbone.model, configs, model_map=model_map, inputs=example, hints=backbone.hints)
     model = report.model
     if threshold is not None:
         set_threshold(model, threshold)
@@ -156,21 +210,39 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
                                     "latency_ms": profile[side]["latency_ms"]} for side in ("before", "after")}
         result["profile"]["speedup"] = profile["speedup"]
         console.print(_summary_table(result["profile"]))
-    writer = hf_base_writer(base) if _is_hf(base) else state_dict_base_writer(base)
-    save_folder(out, base_ref=model_ref, model=model, overwrite=overwrite, base_model_dir_writer=writer)
+    save_folder(out, base_ref=model_ref, model=model, overwrite=overwrite, base_model_dir_writer=base_writer(base),
+                example_inputs=example if stores_example_inputs(backbone) else None)
     console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
     if as_json:
         click.echo(json.dumps(result, default=str))
 
 
-def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
-                     batch_size, overwrite, as_json):
-    """The one-stop path: fit to the data, apply, train, evaluate before/after, save."""
-    import shutil
-
+def _eval_table(report: dict):
+    """The before/after table of a trained model: metric, FLOPs, latency; speedups are before / after."""
     from rich.table import Table
 
+    table = Table(title=f"before / after on {report['data']} ({report['items']} items)", caption=SPEEDUP)
+    for col in ("", "before (untrimmed)", "after", "speedup"):
+        table.add_column(col, justify="left" if not col else "right")
+    name = report["metric"]["name"]
+    table.add_row(name, _number(report["metric_untrimmed"]["value"], ".4f"), _number(report["metric"]["value"], ".4f"),
+                  "")
+    table.add_row("FLOPs / sample (mean)", _number(report["flops_untrimmed"]["mean"], ".4g"),
+                  _number(report["flops"]["mean"], ".4g"), _times(_inverse(report["flops_ratio"])))
+    for key, value in report["latency_ratio"].items():
+        ms = report.get("latency_ms", {}).get(key, {})
+        if value is not None:
+            table.add_row(f"latency {key.replace('_', ' ')} (ms)", _number(ms.get("untrimmed"), ".3f"),
+                          _number(ms.get("trimmed"), ".3f"), _times(_inverse(value)))
+    return table
+
+
+def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
+                     batch_size, as_json):
+    """The one-stop path: fit to the data, apply, train (into a staging folder swapped in when
+    complete), evaluate before/after."""
     from trimkit.runtime import set_threshold
+    from trimkit.io import staged_out_dir
     from trimkit.passes import applied_passes
     from trimkit.passes.registry import config_to_dict
     from trimkit.train import evaluate, train
@@ -178,10 +250,9 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
     if not any(getattr(c, "tags", ()) and "trim" in c.tags for c in configs):
         raise ConfigError("--data trains trimming passes, but the recipe has none (add smarttrim.tokens / "
                           "smarttrim.heads)")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps, out_dir=out,
-                   progress=not as_json)
+    with staged_out_dir(out) as staging:
+        result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
+                       out_dir=staging, progress=not as_json)
     model = result.model
     if threshold is not None:
         set_threshold(model, threshold)
@@ -189,18 +260,11 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
               for r in applied_passes(model)]
     console.print(pass_tree(f"{model_ref}: {len(passes)} pass(es), trained {steps} steps", {"passes": passes}))
     report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size)
-    table = Table(title=f"before / after on {report['data']} ({report['items']} items)")
-    for col in ("", "before (untrimmed)", "after", "before / after"):
-        table.add_column(col, justify="left" if not col else "right")
-    name = report["metric"]["name"]
-    table.add_row(name, f"{report['metric_untrimmed']['value']:.4f}", f"{report['metric']['value']:.4f}", "")
-    table.add_row("FLOPs / sample (mean)", f"{report['flops_untrimmed']['mean']:.4g}", f"{report['flops']['mean']:.4g}",
-                  f"{1 / report['flops_ratio']:.3f}x")
-    for key, value in report["latency_ratio"].items():
-        if value:
-            table.add_row(f"latency {key.replace('_', ' ')}", "", "", f"{1 / value:.3f}x")
-    console.print(table)
+    console.print(_eval_table(report))
     console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
     if as_json:
+        training = dict(result.to_dict(), out_dir=str(out))
+        if training.get("checkpoint"):
+            training["checkpoint"] = str(out / Path(training["checkpoint"]).relative_to(staging))
         click.echo(json.dumps({"model": model_ref, "out": str(out), "passes": passes,
-                               "training": result.to_dict(), "eval": report}, default=str))
+                               "training": training, "eval": report}, default=str))

@@ -33,6 +33,8 @@ def _tree(model_map, model):
             if layer.ffn:
                 f = layer.ffn
                 lt.add(f"[magenta]ffn[/] {f.path}  {f.width}->{f.hidden}->{f.width} ({f.activation})")
+    if not any(layer.attention for s in model_map.streams for layer in s.layers):
+        root.add("[yellow]nothing to trim:[/] no attention site found")
     for u in model_map.unclassified:
         root.add(f"[yellow]unclassified[/] {u}")
     for n in model_map.notes:

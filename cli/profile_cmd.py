@@ -5,6 +5,7 @@ import copy
 import importlib
 import inspect
 import json
+import math
 from typing import Any
 
 import click
@@ -117,11 +118,11 @@ def _print(report: dict, by_block: bool, title: str) -> None:
         for (label, before), (_, after) in zip(_rows(report["before"]), _rows(report["after"])):
             table.add_row(label, before, after)
         console.print(table)
-        speed = Table(title="speedup (before / after)")
+        speed = Table(title="speedup", caption="before / after (> 1 is faster)")
         speed.add_column("")
         speed.add_column("x", justify="right")
         for key, value in report["speedup"].items():
-            speed.add_row(key, "-" if value is None else f"{value:.3f}")
+            speed.add_row(key, f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "-")
         console.print(speed)
         parts = [("before", report["before"]), ("after", report["after"])] if by_block else []
     else:

@@ -167,6 +167,11 @@ def apply_(model: nn.Module, configs: PassConfig | Iterable[PassConfig] | str | 
 
     model_map: the model's `ModelMap`; when None it is located from one forward on `inputs`.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"apply_ needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(configs, (PassConfig, str, Path, Iterable)) or isinstance(configs, (bytes, dict)):
+        raise ConfigError(f"passes are a PassConfig, a list of them, or a recipe's text or path; "
+                          f"got {type(configs).__name__}")
     configs = _as_configs(configs)
     if model_map is None:
         if inputs is None:
@@ -187,6 +192,8 @@ def apply_recipe(model: nn.Module, recipe: str | Path, model_map: Any, *, inputs
 
 def remove_(model: nn.Module) -> list[PassConfig]:
     """Undo every applied pass, newest first; the configs removed. Refuses if one cannot be undone."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"remove_ needs a torch.nn.Module, got {type(model).__name__}")
     records = _records(model)
     stuck = [type(r.config).name for r in records if r.result.undo is None]
     if stuck:

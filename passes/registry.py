@@ -216,18 +216,28 @@ def config_from_dict(d: dict) -> PassConfig:
 # ----------------------------------------------------------------------------------------------
 # TOML recipes
 # ----------------------------------------------------------------------------------------------
+def _looks_like_path(text: str) -> bool:
+    """A one-line string with no TOML syntax in it (``r.toml``, ``dir/recipe``, a pass name)."""
+    return "\n" not in text and not any(c in text for c in "[]=\"'")
+
+
 def _read_recipe_text(source: str | Path) -> tuple[str, str]:
     """(text, label) of a recipe given as TOML text or as a path."""
     if isinstance(source, Path):
         path = source
     elif not isinstance(source, str):
         raise ConfigError(f"a recipe is TOML text or a path, got {type(source).__name__}")
-    elif "\n" not in source and source.strip() and Path(source).expanduser().is_file():
+    elif source.strip() and "\n" not in source and Path(source).expanduser().is_file():
         path = Path(source).expanduser()
-    elif not source.strip() or "\n" in source or "[[" in source or "=" in source:
+    elif not source.strip() or not _looks_like_path(source):
         return source, "recipe"
-    else:
+    elif source.strip() in _entries():
+        raise ConfigError(f"{source.strip()!r} is a pass name, not a recipe: give its config "
+                          f"(pass_config({source.strip()!r})()) or a recipe with [[pass]] name = {source.strip()!r}")
+    elif source.strip().endswith(".toml") or "/" in source or "\\" in source:
         path = Path(source).expanduser()
+    else:
+        raise ConfigError(f"recipe {source!r} is neither a file nor TOML text ([[pass]] tables)")
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} not found")
     try:

@@ -173,6 +173,7 @@ def truefalse():
     return ds, [ds.record(i) for i in range(len(ds))]
 
 
+@pytest.mark.slow
 def test_vqa_answers_are_correct_and_questions_unambiguous(vqa):
     ds, records = vqa
     assert ds.answers == list(VQA_ANSWERS) and ds.num_labels == len(VQA_ANSWERS)
@@ -180,6 +181,7 @@ def test_vqa_answers_are_correct_and_questions_unambiguous(vqa):
         assert ds.answers[rec.label] == _vqa_answer(rec.text, rec.objects), rec.text
 
 
+@pytest.mark.slow
 def test_vqa_answer_distribution_is_not_degenerate(vqa):
     _, records = vqa
     shares = Counter(r.label for r in records)
@@ -189,6 +191,7 @@ def test_vqa_answer_distribution_is_not_degenerate(vqa):
     assert {"whatcolour", "whatshape", "whatsize", "how", "is"} <= set(kinds)
 
 
+@pytest.mark.slow
 def test_truefalse_labels_balanced_and_true(truefalse):
     ds, records = truefalse
     assert ds.num_labels == 2 and ds.answers == ["false", "true"]
@@ -258,6 +261,7 @@ def test_items_shapes_and_normalisation(task):
     assert pixels.mean().abs() < 0.3 and 0.7 < pixels.std() < 1.3
 
 
+@pytest.mark.slow
 def test_vocabulary_small_and_complete():
     for task in TASKS:
         ds = load_dataset(f"synthetic:{task}?n=400&seed=9&objects=1-8")
@@ -326,6 +330,7 @@ def test_jitter_0_centres_objects_in_their_cells_and_keeps_the_scenes():
     assert "jitter" not in format_data_spec(moved.spec)  # older specs keep their canonical text
 
 
+@pytest.mark.slow
 def test_open_questions_are_correct_and_cover_counts_and_relations():
     ds = load_dataset("synthetic:vqa?n=600&objects=2-4&questions=open&grid=8&image=128")
     kinds = Counter()
@@ -362,6 +367,7 @@ def test_grid_option_places_objects_on_finer_cells():
         parse_data_spec("synthetic:vqa?questions=maybe")
 
 
+@pytest.mark.slow
 def test_generation_is_fast():
     ds = load_dataset("synthetic:vqa?n=1000&seed=5")
     start = time.process_time()

@@ -27,9 +27,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from trimkit.backbones.families import family_by_architecture
+from trimkit.data import format_data_spec, itm_pairs, load_dataset, metric, parse_data_spec
 from trimkit.errors import DataError
 
-__all__ = ["Binding", "adapt", "refreshed", "binding_for", "model_batch", "resolve_data", "task_dataset", "metric_of"]
+__all__ = ["Binding", "adapt", "refreshed", "binding_for", "model_batch", "resolve_data", "task_dataset", "metric_of",
+           "bound_task", "check_task"]
 
 _DATA_KEYS = ("pixel_values", "input_ids", "attention_mask")
 _SPECIAL_IDS = (0, 1, 2, 3)
@@ -95,8 +98,6 @@ def _native_image_size(backbone) -> int | None:
 def resolve_data(spec: str, backbone, *, split: str | None = None):
     """The `DataSpec` of `spec` with the model's native image size where the spec names none,
     and `split` where the spec names none."""
-    from trimkit.data import parse_data_spec
-
     parsed = parse_data_spec(spec)
     query = spec.partition("?")[2]
     names = {part.partition("=")[0] for part in query.split("&") if part}
@@ -110,11 +111,24 @@ def resolve_data(spec: str, backbone, *, split: str | None = None):
     return dataclasses.replace(parsed, **changes) if changes else parsed
 
 
-def task_dataset(spec, binding: Binding):
-    """The dataset of `spec` as the model sees it (ITM pairs for matching models on retrieval)."""
-    from trimkit.data import itm_pairs, load_dataset
+def bound_task(binding: Binding) -> str:
+    """The data task a binding was made for (``itm`` pairs are made from ``retrieval`` data)."""
+    return "retrieval" if binding.metric_task in ("itm", "retrieval") else binding.metric_task
 
+
+def check_task(binding: Binding, data) -> None:
+    """`DataError` naming both tasks when `data` is not of the task the model was fitted to."""
+    expected = bound_task(binding)
+    if data.task != expected:
+        raise DataError(f"the model was fitted to {expected} data, but {format_data_spec(data.spec)} is "
+                        f"{data.task} data; evaluate it on {expected} data (e.g. synthetic:{expected})")
+
+
+def task_dataset(spec, binding: Binding):
+    """The dataset of `spec` as the model sees it (ITM pairs for matching models on retrieval);
+    `DataError` when its task is not the one `binding` was made for."""
     data = load_dataset(spec)
+    check_task(binding, data)
     return itm_pairs(data) if binding.pairs else data
 
 
@@ -305,8 +319,6 @@ def refreshed(backbone):
     """`backbone` with its task adapter re-read from the (adapted) model's config."""
     if not _is_hf(backbone.model):
         return backbone
-    from trimkit.backbones.families import family_by_architecture
-
     family = family_by_architecture(type(backbone.model).__name__)
     if family is None:
         return backbone
@@ -356,8 +368,6 @@ def model_batch(binding: Binding, batch: Mapping[str, torch.Tensor],
 
 def metric_of(binding: Binding, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[str, float]:
     """The data set's metric of `logits` (answer columns picked where the answers are tokens)."""
-    from trimkit.data import metric
-
     if binding.label_ids:
         columns = torch.tensor(binding.label_ids, device=logits.device)
         logits = logits.index_select(-1, columns)

@@ -1,6 +1,4 @@
 import copy
-import sys
-import types
 
 import pytest
 import torch
@@ -161,14 +159,14 @@ def test_save_pretrained_folder_round_trip(tiny, tmp_path, name):
     torch.testing.assert_close(_forward(loaded, 2), _forward(bb, 2), atol=1e-6, rtol=0)
 
 
-def test_trimkit_folder_is_handed_to_trimkit_io(tmp_path, monkeypatch):
+def test_trimkit_folder_is_handed_to_the_saved_folder_loader(tmp_path, monkeypatch):
+    from trimkit.backbones import registry
+
     (tmp_path / "trimkit.json").write_text("{}")
     seen = []
-    fake = types.ModuleType("trimkit.io")
-    fake.load_folder = lambda path: seen.append(path) or "restored"
-    monkeypatch.setitem(sys.modules, "trimkit.io", fake)
+    monkeypatch.setattr(registry, "load_folder", lambda path, load_base: seen.append((path, load_base)) or "restored")
     assert load_backbone(str(tmp_path)) == "restored"
-    assert seen == [str(tmp_path)]
+    assert seen == [(str(tmp_path), registry._saved_base)]
 
 
 def _assert_unknown(ref):

@@ -34,6 +34,7 @@ def _outputs(model, inputs):
     return out.logits if hasattr(out, "logits") else out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ref", [TOY, "vilt-vqa-tiny"])
 def test_apply_saves_a_folder_that_load_restores(tmp_path, ref):
     recipe = tmp_path / "r.toml"
@@ -57,6 +58,7 @@ def test_apply_saves_a_folder_that_load_restores(tmp_path, ref):
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.slow
 def test_apply_default_recipe_prints_tree(tmp_path):
     res = _run("apply", "--model", TOY, "--out", str(tmp_path / "o"), "--no-profile")
     assert res.exit_code == 0, res.output
@@ -79,6 +81,7 @@ def test_bad_recipes_fail_with_one_line(tmp_path, text, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_flag(tmp_path):
     out = tmp_path / "o"
     assert _run("apply", "--model", TOY, "--out", str(out), "--no-profile").exit_code == 0

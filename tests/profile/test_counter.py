@@ -46,7 +46,10 @@ def test_vit_block_sdpa_matches_formula():
     report = count_flops(block, {"hidden_states": x})
     assert report.flops == pytest.approx(vit_block_flops(17, 32, 48), rel=REL)
     assert any("scaled_dot_product" in op for op in report.by_op)
-    assert report.elementwise_flops > 0
+    # per sample (L=17, d=32, F=48, 4 heads): two layer norms 5 each, five bias adds of width d, the
+    # intermediate bias and GELU, two residual adds, softmax 5 + scale 1 per attention score
+    L, d, F, h = 17, 32, 48, 4
+    assert report.elementwise_flops == 2 * 5 * L * d + 5 * L * d + 2 * L * F + 2 * L * d + 6 * h * L * L
 
 
 def vit_model_flops(image: int, patch: int, d: int, inter: int, layers: int) -> int:

@@ -103,7 +103,17 @@ CONTRACT = {"unit", "flops", "elementwise_flops", "params", "trimmer_params", "l
             "peak_memory_mb", "blocks", "stats"}
 
 
-def test_profile_model_contract_and_per_sample_distribution():
+@pytest.fixture
+def quarter_second_clock(monkeypatch):
+    """Every ``time.perf_counter()`` call of the timing module moves a quarter of a second on, so
+    every timed forward lasts exactly 250 ms."""
+    from trimkit.profile import timing
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks) * 0.25)
+
+
+def test_profile_model_contract_and_per_sample_distribution(quarter_second_clock):
     torch.manual_seed(0)
     model = Net()
     report = profile_model(model, varied(5), samples=5, batch_size=3, progress=False, repeats=2,
@@ -116,11 +126,11 @@ def test_profile_model_contract_and_per_sample_distribution():
     assert report["flops"]["mean"] == pytest.approx(np.mean(per_sample))
     assert report["flops"]["p50"] == pytest.approx(np.percentile(per_sample, 50))
     assert report["flops"]["p95"] == pytest.approx(np.percentile(per_sample, 95))
-    assert set(report["latency_ms"]) == {"batch_1", "batch_3"}
-    assert all(v > 0 for v in report["latency_ms"].values())
+    assert report["latency_ms"] == {"batch_1": 250.0, "batch_3": 250.0}
     assert report["params"] == sum(p.numel() for p in model.parameters())
     assert report["trimmer_params"] == 0
-    assert report["peak_memory_mb"] > 0
+    peaks = [count_flops(model, sample).peak_memory_bytes for sample in varied(5)]
+    assert report["peak_memory_mb"] == max(peaks) / 2**20
     for block in report["blocks"]:
         assert {"path", "kind", "flops"} <= set(block)
     assert sum(b["flops"] for b in report["blocks"]) == pytest.approx(report["flops"]["mean"])
@@ -221,7 +231,7 @@ def test_trimmer_stats_params_and_block():
     assert trimmer["flops"] == pytest.approx(np.mean([2 * n * D for n in lengths]))
 
 
-def test_compare_reports_speedups_with_interleaved_latency():
+def test_compare_reports_speedups_with_interleaved_latency(quarter_second_clock):
     torch.manual_seed(0)
     before, after = Net(layers=3), Net(layers=1)
     result = compare(before, after, varied(2), samples=2, batch_size=2, progress=False, repeats=3,
@@ -232,7 +242,8 @@ def test_compare_reports_speedups_with_interleaved_latency():
     assert result["speedup"]["flops"] == pytest.approx(expected)
     for side in ("before", "after"):
         assert CONTRACT <= set(result[side])
-        assert all(v > 0 for v in result[side]["latency_ms"].values())
+        assert result[side]["latency_ms"] == {"batch_1": 250.0, "batch_2": 250.0}
+    assert result["speedup"]["latency_batch_1"] == result["speedup"]["latency_batch_2"] == 1.0
     json.dumps(result)
 
 
@@ -259,9 +270,9 @@ def test_compare_latency_interleaves_and_divides():
     assert result["ratio"] < 1  # forty layers take longer than one
 
 
-def test_measure_latency_fixes_and_restores_threads():
+def test_measure_latency_fixes_and_restores_threads(quarter_second_clock):
     before = torch.get_num_threads()
-    assert measure_latency(nn.Linear(4, 4), (torch.randn(2, 4),), threads=1, repeats=2) > 0
+    assert measure_latency(nn.Linear(4, 4), (torch.randn(2, 4),), threads=1, repeats=2) == 250.0
     assert torch.get_num_threads() == before
 
 
@@ -371,3 +382,41 @@ def test_modules_are_charged_to_their_own_block_else_to_their_caller():
     assert report.block("layers.0").flops == 2 * (2 * n * D * D)  # fc and the shared helper
     assert report.block("layers.1").flops == 2 * (2 * kept * D * D)
     assert report.block("other").flops == 2 * kept * D * 2  # the head
+
+
+def test_trimmer_shortcuts_are_charged_to_the_trimmer_rows():
+    """The trimmers' inference shortcuts skip module calls; their FLOPs still land on their own rows,
+    and every row of the total is somewhere."""
+    from trimkit.backbones import load_backbone
+    from trimkit.locate import locate
+    from trimkit.passes import apply_
+    from trimkit.passes.smarttrim import SmartTrimTokensConfig
+    from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig
+    from trimkit.profile.counter import FlopRecorder
+
+    bb = load_backbone("vilt-vqa-tiny")
+    inputs = bb.example_inputs(1)
+    model_map = locate(bb.model, inputs, hints=bb.hints)
+    torch.manual_seed(0)
+    apply_(bb.model, [SmartTrimTokensConfig(threshold=0.5), SmartTrimHeadsConfig(threshold=0.5)],
+           model_map=model_map, inputs=inputs, hints=bb.hints)
+    blocks = blocks_from_map(model_map)
+    report = count_flops(bb.model, inputs, blocks)
+    rows = {b.path: b.flops for b in report.blocks}
+    assert sum(rows.values()) == report.flops
+    with torch.inference_mode(), FlopRecorder(bb.model, blocks) as plain:  # the shortcuts as they run
+        bb.model.eval()(**inputs)
+    assert report.flops == sum(plain.flops.values())
+    for path in ("trimkit_token_trimmers", "trimkit_head_trimmers"):
+        assert plain.flops[path] == 0 and rows[path] > 0  # charged to the calling layer before, own row now
+
+
+def test_peak_memory_is_the_largest_set_of_live_activations():
+    """Linear(4, 8) -> ReLU -> Linear(8, 3): the first output and the ReLU output (8 floats each) are
+    alive together, 64 bytes per row; the last output (3 floats) comes after the first is freed."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert count_flops(model, (torch.randn(1, 4),)).peak_memory_bytes == 64
+    assert count_flops(model, (torch.randn(5, 4),)).peak_memory_bytes == 5 * 64
+    report = profile_model(model, [{"input": torch.randn(1, 4)}], samples=1, batch_size=2, progress=False, repeats=1,
+                           warmup=0)
+    assert report["peak_memory_mb"] == 64 / 2**20

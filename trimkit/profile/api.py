@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from trimkit.errors import ConfigError, TrimkitError
-from trimkit.profile.blocks import count_params, resolve_blocks
+from trimkit.profile.blocks import count_params, resolve_blocks, trimmer_paths
 from trimkit.profile.counter import OTHER, BlockCost, FlopRecorder, FlopReport
 from trimkit.profile.fvcore_counter import FvcoreUnavailable, family_of, fvcore_count
 from trimkit.profile.inputs import Inputs, batch_from, batch_size_of, call_model, samples_from
@@ -38,11 +38,42 @@ Source = Inputs | Sequence[Mapping[str, Any]] | Callable[..., Inputs]
 # --------------------------------------------------------------------------- one forward
 
 
+_SHORTCUTS = ("fast_logits", "logits")  # trimmer methods that run their linears without module calls
+
+
+@contextlib.contextmanager
+def _trimmer_frames(model: torch.nn.Module, stack: Any) -> Iterator[None]:
+    """Charge trimmer shortcuts (methods that skip ``forward``) to the trimmer's block: while
+    counting, each one enters the trimmer on the recorder's module stack. Same calls, same results."""
+    patched: list[tuple[torch.nn.Module, str]] = []
+
+    def framed(module: torch.nn.Module, method: Callable) -> Callable:
+        def run(*args, **kwargs):
+            stack.push(module, args)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                stack.pop(module, args, None)
+        return run
+
+    try:
+        for path in trimmer_paths(model):
+            for module in model.get_submodule(path).modules():
+                for attr in _SHORTCUTS:
+                    if callable(getattr(type(module), attr, None)) and attr not in vars(module):
+                        object.__setattr__(module, attr, framed(module, getattr(module, attr)))
+                        patched.append((module, attr))
+        yield
+    finally:
+        for module, attr in patched:
+            object.__delattr__(module, attr)
+
+
 def _torch_count(model: torch.nn.Module, inputs: Inputs, blocks: Mapping[str, str],
                  name: str) -> FlopReport:
     recorder = FlopRecorder(model, blocks)
     try:
-        with eval_mode(model), torch.inference_mode(), recorder:
+        with eval_mode(model), torch.inference_mode(), recorder, _trimmer_frames(model, recorder.stack):
             call_model(model, inputs)
     except TrimkitError:
         raise
