@@ -311,13 +311,14 @@ def smarttrim_configs(method: str, ratio: float) -> list:
     return [tokens, heads]
 
 
-def train_config(config: BenchConfig, run: RunSpec):
-    return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
-                       freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
-                       logit_penalty=config.logit_penalty, logit_margin=config.logit_margin,
-                       undershoot=config.undershoot,
-                       alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
-                       seed=run.seed, calibrate=config.calibrate, measure_every=0)
+def train_config(config: BenchConfig, run: RunSpec) -> TrainConfig:
+    """The SmartTrim training settings of `run`: every `TrainConfig` field the bench configuration
+    also has, the run's seed, no distillation for ``smarttrim-nodistill``, no periodic measurement."""
+    shared = {f.name for f in dataclasses.fields(BenchConfig)}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.name in shared}
+    if run.method == "smarttrim-nodistill":
+        values["alpha"] = 0.0
+    return TrainConfig(**values, seed=run.seed, measure_every=0)
 
 
 def items_of(bench, split: str, count: int) -> list[dict]:

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from trimkit.control import runtimes
 from trimkit.io import hf_base_writer, save_folder
+from trimkit.passes.manager import MAP_ATTR
 
 __all__ = ["HiddenStates", "survivor_masks", "ProgressBar", "write_folder"]
 
@@ -22,7 +23,7 @@ class HiddenStates:
     """Records the first tensor output of each stream's last layer (for the hidden-state MSE)."""
 
     def __init__(self, model: nn.Module):
-        model_map = getattr(model, "_trimkit_map", None)
+        model_map = getattr(model, MAP_ATTR, None)
         self.paths = [s.layers[-1].path for s in getattr(model_map, "streams", []) if s.layers]
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [model.get_submodule(p).register_forward_hook(self._make(p)) for p in self.paths]
