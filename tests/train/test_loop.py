@@ -153,3 +153,16 @@ def test_unset_options_override_only_what_is_given():
     assert CliRunner().invoke(show, []).output.strip() == "{}"
     assert CliRunner().invoke(show, ["--alpha", "0"]).output.strip() == "{'alpha': 0.0}"
     assert "Own words." in CliRunner().invoke(show, ["--help"]).output
+
+
+@pytest.mark.parametrize("code", [
+    "import trimkit.passes; import trimkit.train; trimkit.train.train",
+    "import trimkit.evaluate; import trimkit.bench.run",
+    "import sys; from trimkit.train import TrainConfig; assert 'torch' not in sys.modules",
+])
+def test_modules_import_in_a_fresh_interpreter(code):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
