@@ -72,25 +72,11 @@ class TrainConfig:
     grad_accum: int = setting(1, low=1)
     lr_trimmer: float = setting(1e-2)
     lr_backbone: float = setting(1e-4)
-    weight_decay: float = setting(0.0, cli=False)
     freeze_backbone: bool = setting(False, "Train the trimmers only.")
-    alpha: float = setting(1.0, "Weight of the distillation loss.")
-    beta: float = setting(10.0, "Weight of the cost loss.")
-    temperature: float = setting(1.0, cli=False)
-    hidden_weight: float = setting(0.0, cli=False)
-    cost: Literal["square", "above"] = setting("square", "Cost loss: (r - t)^2, or only a ratio above the target costs.")
-    anneal: float = setting(0.3, "Fraction of the steps over which the target anneals from 1.0.")
-    schedule: Literal["linear", "cosine"] = setting("linear")
-    tau_start: float = setting(1.0, cli=False)
-    tau_end: float = setting(0.5, cli=False)
-    clip_norm: float = setting(1.0, cli=False)
-    seed: int = setting(0, low=0)
-    checkpoint_every: int = setting(0, "Steps between checkpoints (0: only at the end).", low=0, cli_default=100)
-    keep_checkpoints: int = setting(2, cli=False)
-    measure_every: int = setting(25, "Steps between executed-FLOPs measurements (0: never).", low=0)
-    calibrate: int = setting(256, cli=False)
     full_task: float = setting(0.0, "Weight of the task loss of the full-capacity pass (anchors the backbone).",
                                low=0.0)
+    alpha: float = setting(1.0, "Weight of the distillation loss.")
+    beta: float = setting(10.0, "Weight of the cost loss.")
     dual_lr: float = setting(0.0, "Step of a Lagrange multiplier that holds the FLOPs ratio to the target "
                                   "(0 = off).", low=0.0)
     logit_penalty: float = setting(0.0, "Weight of the squared excess of the trimmers' keep-logits over "
@@ -98,6 +84,20 @@ class TrainConfig:
     logit_margin: float = setting(4.0, "Keep-logit magnitude the penalty leaves free.", low=0.0)
     undershoot: float = setting(0.0, "Train to --target-ratio minus this (negative: above it); the inference "
                                      "threshold is still calibrated to the target.")
+    cost: Literal["square", "above"] = setting("square", "Cost loss: (r - t)^2, or only a ratio above the target costs.")
+    anneal: float = setting(0.3, "Fraction of the steps over which the target anneals from 1.0.")
+    schedule: Literal["linear", "cosine"] = setting("linear")
+    seed: int = setting(0, low=0)
+    checkpoint_every: int = setting(0, "Steps between checkpoints (0: only at the end).", low=0, cli_default=100)
+    measure_every: int = setting(25, "Steps between executed-FLOPs measurements (0: never).", low=0)
+    weight_decay: float = setting(0.0, cli=False)
+    temperature: float = setting(1.0, cli=False)
+    hidden_weight: float = setting(0.0, cli=False)
+    tau_start: float = setting(1.0, cli=False)
+    tau_end: float = setting(0.5, cli=False)
+    clip_norm: float = setting(1.0, cli=False)
+    keep_checkpoints: int = setting(2, cli=False)
+    calibrate: int = setting(256, cli=False)
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
