@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from trimkit.bench.base import TrainConfig, _inputs, train_model
+from trimkit.bench.base import BaseTrainConfig, batch_inputs, train_model
 from trimkit.bench.models import build_model, model_config
 from trimkit.data import collate, format_data_spec, load_dataset, parse_data_spec
 
@@ -49,7 +49,7 @@ def by_type(net, val) -> tuple[float, str]:
     with torch.no_grad():
         for lo in range(0, len(val), 100):
             idx = range(lo, min(lo + 100, len(val)))
-            pred = net(**_inputs(collate([val[i] for i in idx]))).logits.argmax(-1)
+            pred = net(**batch_inputs(collate([val[i] for i in idx]))).logits.argmax(-1)
             for i, p in zip(idx, pred.tolist()):
                 rec = val.record(i)
                 kind = question_type(rec.text)
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     size = dict(hidden=128, layers=4, heads=4, patch=patch, **({"cross_layers": 2} if family == "bridgetower" else {}))
     net = build_model(model_config(family, val, **size), seed=0)
     start = time.time()
-    recipe = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=300)
+    recipe = BaseTrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=300)
     train_model(net, torch.utils.data.ConcatDataset(parts), recipe, progress=False, log_every=250,
                 log=lambda step, loss: print(f"step {step} loss {loss:.3f} {time.time() - start:.0f} s", flush=True))
     accuracy, per_type = by_type(net, val)

@@ -12,7 +12,7 @@ threshold search over ``[0, 1]`` in twelve halvings never removes such a token.
 import torch
 
 from trimkit.bench.base import train_base
-from trimkit.bench.run import BenchConfig, RunSpec, _smarttrim_configs, _train_config
+from trimkit.bench.run import BenchConfig, RunSpec, smarttrim_configs, train_config
 from trimkit.data import collate
 from trimkit.passes.smarttrim import TokenTrimmer
 from trimkit.train import train
@@ -25,8 +25,8 @@ def main() -> None:
     cfg = BenchConfig(families=("blip",), tasks=("vqa",), steps=600, threads=1)
     run = RunSpec("blip", "vqa", "smarttrim-tokens", 1/3, 0)
     torch.manual_seed(0)
-    res = train(bb, b.data["train"], target_ratio=1 / 3, steps=600, recipe=_smarttrim_configs(run.method, run.ratio),
-                config=_train_config(cfg, run), progress=False)
+    res = train(bb, b.data["train"], target_ratio=1 / 3, steps=600, recipe=smarttrim_configs(run.method, run.ratio),
+                config=train_config(cfg, run), progress=False)
     print("last training record", res.history[-1], "threshold", res.threshold, "ratio", res.calibrated_ratio)
     rec = []
     orig = TokenTrimmer.fast_logits

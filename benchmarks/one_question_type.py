@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from trimkit.bench.base import TrainConfig, _inputs, train_model
+from trimkit.bench.base import BaseTrainConfig, batch_inputs, train_model
 from trimkit.bench.models import build_model, model_config
 from trimkit.data import collate, load_dataset
 
@@ -43,14 +43,14 @@ def main(argv: list[str]) -> None:
     net = build_model(model_config("vilt", train, patch=patch), seed=0)
     start = time.time()
     history = train_model(net, torch.utils.data.Subset(train, train_idx),
-                          TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=200), progress=False)
+                          BaseTrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup=200), progress=False)
     net.eval()
     answers: collections.Counter = collections.Counter()
     correct = 0
     with torch.no_grad():
         for lo in range(0, len(val_idx), 100):
             batch = collate([val[i] for i in val_idx[lo:lo + 100]])
-            pred = net(**_inputs(batch)).logits.argmax(-1)
+            pred = net(**batch_inputs(batch)).logits.argmax(-1)
             correct += int((pred == batch["labels"]).sum())
             answers.update(pred.tolist())
     print(f"{kind}: {steps} steps, patch {patch}: val accuracy {correct / len(val_idx):.3f} on {len(val_idx)}, "

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from trimkit.bench.run import BenchConfig, RunSpec, _fresh, _smarttrim_configs, _train_config, base_model
+from trimkit.bench.run import BenchConfig, RunSpec, fresh_copy, smarttrim_configs, train_config, base_model
+from trimkit.runtime import runtimes, set_threshold
 from trimkit.cost import expected_ratio
 from trimkit.data import collate
 from trimkit.runtime import runtimes, set_threshold
@@ -48,8 +49,8 @@ def main(argv: list[str]) -> None:
     config = replace(BenchConfig(), base_train=(("scene_weight", 1.0),), dual_lr=dual, threads=1, steps=600)
     bench = base_model(config, "blip", "vqa")
     run = RunSpec("blip", "vqa", "smarttrim", target, seed)
-    trained = train(_fresh(bench, "cpu"), bench.data["train"], target_ratio=target, steps=config.steps,
-                    recipe=_smarttrim_configs("smarttrim", target), config=_train_config(config, run), progress=False)
+    trained = train(fresh_copy(bench, "cpu"), bench.data["train"], target_ratio=target, steps=config.steps,
+                    recipe=smarttrim_configs("smarttrim", target), config=train_config(config, run), progress=False)
     model, binding = trained.model.eval(), trained.binding
     val = task_dataset(bench.data["val"], binding)
     batches = [model_batch(binding, collate([val[i] for i in range(lo, lo + 50)])) for lo in range(0, 500, 50)]

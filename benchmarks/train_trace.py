@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from trimkit.bench.run import BenchConfig, RunSpec, _fresh, _items, _smarttrim_configs, _train_config, base_model
+from trimkit.bench.run import BenchConfig, RunSpec, fresh_copy, items_of, smarttrim_configs, train_config, base_model
+from trimkit.runtime import trim_stats
 from trimkit.data import collate
 from trimkit.runtime import trim_stats
 from trimkit.tasks import model_batch
@@ -47,12 +48,12 @@ def main() -> None:
             print(step, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "step"},
                   flush=True)
 
-    result = train(_fresh(bench, "cpu"), bench.data["train"], target_ratio=args.ratio, steps=args.steps,
-                   recipe=_smarttrim_configs("smarttrim", args.ratio), config=_train_config(config, run),
+    result = train(fresh_copy(bench, "cpu"), bench.data["train"], target_ratio=args.ratio, steps=args.steps,
+                   recipe=smarttrim_configs("smarttrim", args.ratio), config=train_config(config, run),
                    progress=False, callback=log)
     print(f"threshold {result.threshold:.6g}, expected ratio at inference {result.expected_ratio:.4f}")
     model = result.backbone.model.eval()
-    inputs, _ = model_batch(result.binding, collate(_items(bench, "val", 64)), "cpu")
+    inputs, _ = model_batch(result.binding, collate(items_of(bench, "val", 64)), "cpu")
     with torch.no_grad():
         model(**inputs)
     stats = trim_stats(model)

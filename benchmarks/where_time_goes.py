@@ -26,7 +26,8 @@ from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import compare_latency, count_flops
 from trimkit.runtime import trimming_off
 from trimkit.tasks import model_batch
-from trimkit.train import TrainConfig, _Untrimmed, train
+from trimkit.evaluate import Untrimmed
+from trimkit.train import TrainConfig, train
 
 COMPUTE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
            "aten::scaled_dot_product", "aten::_softmax", "aten::linear", "aten::matmul", "aten::gelu", "aten::layer_norm",
@@ -82,7 +83,7 @@ def main() -> None:
             batch_f = count_flops(model, big).flops
         out["flops_ratio_padded_batch"] = batch_t / batch_f
     for name, inputs in (("batch_1", model_batch(binding, collate(pool[:1]))[0]), (f"batch_{len(pool)}", big)):
-        times = compare_latency(_Untrimmed(model), model, inputs, repeats=args.repeats)  # interleaved
+        times = compare_latency(Untrimmed(model), model, inputs, repeats=args.repeats)  # interleaved
         t, f = times["b_ms"], times["a_ms"]
         out[name] = {"trimmed_ms": t, "untrimmed_ms": f, "speedup": f / t, "trimmed": _breakdown(model, inputs)}
         with trimming_off(model):

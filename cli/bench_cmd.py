@@ -8,8 +8,24 @@ from dataclasses import replace
 import click
 
 from trimkit.cli import command
+from trimkit.cli.options import config_options, given
+from trimkit.train.config import TrainConfig
 
 __all__ = ["bench_command"]
+
+# SmartTrim training settings the bench passes on (see `trimkit.bench.run.train_config`); unset
+# options keep the bench configuration's values
+_TRAINING = ("lr_backbone", "freeze_backbone", "full_task", "dual_lr", "logit_penalty", "logit_margin", "undershoot")
+_TRAINING_HELP = {
+    "lr_backbone": "Backbone learning rate of SmartTrim training and baseline fine-tuning (default 1e-5).",
+    "freeze_backbone": "SmartTrim trains its trimmers only (backbone frozen).",
+    "full_task": "Weight of the full-capacity pass's task loss.",
+    "dual_lr": "Step of the Lagrange multiplier on the FLOPs-ratio gap in SmartTrim training.",
+    "logit_penalty": "Weight of the penalty on SmartTrim keep-logits beyond --logit-margin (default 0 = off).",
+    "logit_margin": "Keep-logit magnitude left free (default 4).",
+    "undershoot": "SmartTrim trains to the target ratio minus this (negative: above it); the threshold is still "
+                  "calibrated to the target.",
+}
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -70,18 +86,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--methods", help="Comma-separated methods to run (default: all planned), e.g. "
               "full,smarttrim,smarttrim-tokens,tome.merge.")
 @click.option("--ablations-all-ratios", is_flag=True, help="Run the ablations at every target, not only 2x.")
-@click.option("--lr-backbone", type=click.FloatRange(min=0.0), help="Backbone learning rate of SmartTrim training "
-              "and baseline fine-tuning (default 1e-5).")
-@click.option("--freeze-backbone", is_flag=True, help="SmartTrim trains its trimmers only (backbone frozen).")
-@click.option("--full-task", type=click.FloatRange(min=0.0), help="Weight of the full-capacity pass's task loss.")
-@click.option("--dual-lr", type=click.FloatRange(min=0.0),
-              help="Step of the Lagrange multiplier on the FLOPs-ratio gap in SmartTrim training.")
-@click.option("--logit-penalty", type=click.FloatRange(min=0.0),
-              help="Weight of the penalty on SmartTrim keep-logits beyond --logit-margin (default 0 = off).")
-@click.option("--logit-margin", type=click.FloatRange(min=0.0), help="Keep-logit magnitude left free (default 4).")
-@click.option("--undershoot", type=float,
-              help="SmartTrim trains to the target ratio minus this (negative: above it); the threshold is still "
-                   "calibrated to the target.")
+@config_options(TrainConfig, _TRAINING, unset=True, help=_TRAINING_HELP, low={"lr_backbone": 0.0})
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -94,10 +99,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
 def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
-                  base_scene_targets, no_finetune, no_ablations,
-                  methods, ablations_all_ratios, lr_backbone, freeze_backbone, full_task, dual_lr, logit_penalty,
-                  logit_margin, undershoot, device, threads, out_dir, docs_dir, readme, no_report, report_only,
-                  cache_dir):
+                  base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, threads, out_dir,
+                  docs_dir, readme, no_report, report_only, cache_dir, **training):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 
@@ -137,20 +140,7 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
             changes["methods"] = _names(methods)
         if ablations_all_ratios:
             changes["ablations_all"] = True
-        if lr_backbone is not None:
-            changes["lr_backbone"] = lr_backbone
-        if freeze_backbone:
-            changes["freeze_backbone"] = True
-        if full_task is not None:
-            changes["full_task"] = full_task
-        if dual_lr is not None:
-            changes["dual_lr"] = dual_lr
-        if logit_penalty is not None:
-            changes["logit_penalty"] = logit_penalty
-        if logit_margin is not None:
-            changes["logit_margin"] = logit_margin
-        if undershoot is not None:
-            changes["undershoot"] = undershoot
+        changes.update(given(TrainConfig, training, _TRAINING))
         config = replace(config, **changes)
         start = time.perf_counter()
         run_bench(config, out_dir, command=_command_line(click.get_current_context()), log=click.echo)

@@ -8,6 +8,8 @@ import sys
 import click
 
 from trimkit.cli import command
+from trimkit.cli.options import config_options
+from trimkit.train.config import TrainConfig
 
 __all__ = ["train_command", "eval_command"]
 
@@ -22,42 +24,13 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder: the trained model, checkpoints under OUT/checkpoints.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr-trimmer", default=1e-2, show_default=True, type=float)
-@click.option("--lr-backbone", default=1e-4, show_default=True, type=float)
-@click.option("--freeze-backbone", is_flag=True, help="Train the trimmers only.")
-@click.option("--full-task", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Weight of the task loss of the full-capacity pass (anchors the backbone).")
-@click.option("--alpha", default=1.0, show_default=True, type=float, help="Weight of the distillation loss.")
-@click.option("--beta", default=10.0, show_default=True, type=float, help="Weight of the cost loss.")
-@click.option("--dual-lr", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Step of a Lagrange multiplier that holds the FLOPs ratio to the target (0 = off).")
-@click.option("--logit-penalty", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Weight of the squared excess of the trimmers' keep-logits over --logit-margin (0 = off).")
-@click.option("--logit-margin", default=4.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Keep-logit magnitude the penalty leaves free.")
-@click.option("--undershoot", default=0.0, show_default=True, type=float,
-              help="Train to --target-ratio minus this (negative: above it); the inference threshold is still "
-                   "calibrated to the target.")
-@click.option("--cost", type=click.Choice(["square", "above"]), default="square", show_default=True,
-              help="Cost loss: (r - t)^2, or only a ratio above the target costs.")
-@click.option("--anneal", default=0.3, show_default=True, type=float,
-              help="Fraction of the steps over which the target anneals from 1.0.")
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=0),
-              help="Steps between checkpoints (0: only at the end).")
-@click.option("--measure-every", default=25, show_default=True, type=click.IntRange(min=0),
-              help="Steps between executed-FLOPs measurements (0: never).")
+@config_options(TrainConfig)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch.set_num_threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
-def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, batch_size, grad_accum, lr_trimmer,
-                  lr_backbone, freeze_backbone, full_task, alpha, beta, dual_lr, logit_penalty, logit_margin,
-                  undershoot, cost, anneal, schedule, seed, checkpoint_every, measure_every, resume, threads,
-                  no_progress, as_json):
+def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, threads, no_progress, as_json,
+                  **settings):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
     \b
@@ -68,16 +41,11 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, ba
     """
     import torch
 
-    from trimkit.train import TrainConfig, train
+    from trimkit.train import train
 
     if threads:
         torch.set_num_threads(threads)
-    config = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, lr_trimmer=lr_trimmer,
-                         lr_backbone=lr_backbone, freeze_backbone=freeze_backbone, full_task=full_task,
-                         alpha=alpha, beta=beta, dual_lr=dual_lr, logit_penalty=logit_penalty,
-                         logit_margin=logit_margin, undershoot=undershoot,
-                         cost=cost, anneal=anneal, schedule=schedule, seed=seed,
-                         checkpoint_every=checkpoint_every, measure_every=measure_every)
+    config = TrainConfig(**settings)
     try:
         result = train(model_ref, data_spec, target_ratio=target_ratio, steps=steps, recipe=recipe,
                        out_dir=out_dir, config=config, resume=resume, progress=not no_progress and not as_json)
@@ -136,7 +104,7 @@ def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threa
       trimkit eval --model vilt-trimmed --data synthetic:vqa --json
       trimkit eval --model vilt-trimmed --data "synthetic:vqa?n=500&split=test"
     """
-    from trimkit.train import evaluate
+    from trimkit.evaluate import evaluate
 
     report = evaluate(model_ref, data_spec, batch_size=batch_size, samples=samples, latency=not no_latency,
                       latency_batch=latency_batch, threads=threads)

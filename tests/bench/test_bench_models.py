@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trimkit.backbones.base import Backbone
-from trimkit.bench import FAMILIES, ModelConfig, TrainConfig, build_model, model_config, train_base
+from trimkit.bench import FAMILIES, ModelConfig, BaseTrainConfig, build_model, model_config, train_base
 from trimkit.bench.backbone import DataInputs, _fit_text
 from trimkit.bench.base import default_recipe, cache_key, cache_root, data_specs, lr_factor, train_model
 from trimkit.data import collate, load_dataset
@@ -88,7 +88,7 @@ def test_bad_configs_raise_config_error():
     with pytest.raises(ConfigError, match="unknown bench task"):
         train_base("vilt", "captioning")
     with pytest.raises(DataError, match="is for task 'truefalse'"):
-        data_specs("vqa", TrainConfig(), "synthetic:truefalse")
+        data_specs("vqa", BaseTrainConfig(), "synthetic:truefalse")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,7 +96,7 @@ def test_a_few_steps_lower_the_loss(family, data):
     torch.manual_seed(0)
     model = _tiny(family, data)
     batch, labels = _batch(data, 8)
-    train = TrainConfig(steps=12, batch_size=8, lr=2e-3, warmup=2)
+    train = BaseTrainConfig(steps=12, batch_size=8, lr=2e-3, warmup=2)
     fixed = [dict(data[i]) for i in range(8)] * 12  # one batch, repeated: the loss must drop on it
     
     def loss():
@@ -111,7 +111,7 @@ def test_a_few_steps_lower_the_loss(family, data):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    train = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    train = BaseTrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
     f = [lr_factor(s, train) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))
@@ -128,13 +128,13 @@ def test_cache_root_env(monkeypatch, tmp_path):
 
 def test_cache_key_changes_with_every_input(data):
     cfg = model_config("vilt", data, **TINY)
-    train = TrainConfig(steps=3)
+    train = BaseTrainConfig(steps=3)
     specs = data_specs("vqa", train, SPEC)
     base = cache_key("vilt", "vqa", cfg, specs, train, 0)
-    assert base == cache_key("vilt", "vqa", cfg, dict(specs), TrainConfig(steps=3), 0)
+    assert base == cache_key("vilt", "vqa", cfg, dict(specs), BaseTrainConfig(steps=3), 0)
     others = [cache_key("vilt", "vqa", cfg, specs, train, 1),
               cache_key("vilt", "vqa", model_config("vilt", data, **{**TINY, "hidden": 32}), specs, train, 0),
-              cache_key("vilt", "vqa", cfg, specs, TrainConfig(steps=3, lr=1e-4), 0),
+              cache_key("vilt", "vqa", cfg, specs, BaseTrainConfig(steps=3, lr=1e-4), 0),
               cache_key("vilt", "vqa", cfg, data_specs("vqa", train, SPEC.replace("seed=3", "seed=4")), train, 0)]
     assert len({base, *others}) == 5
 
@@ -186,11 +186,11 @@ def test_single_object_steps_train_on_one_object_scenes_first(tmp_path, monkeypa
         train=dict(steps=3, batch_size=4, val_n=8, test_n=8, warmup=1, single_object_steps=2))
     assert seen[:-1] == [1] * 8 and seen[-1] == 8 + 12  # 2 steps of one-object scenes, then the task's
     assert "objects=1-1" in bench.data["single_object"] and "seed=4" in bench.data["single_object"]
-    specs = data_specs("vqa", TrainConfig(steps=3))
-    assert cache_key("vilt", "vqa", bench.config, specs, TrainConfig(steps=3), 0) != cache_key(
-        "vilt", "vqa", bench.config, specs, TrainConfig(steps=3, single_object_steps=1), 0)
+    specs = data_specs("vqa", BaseTrainConfig(steps=3))
+    assert cache_key("vilt", "vqa", bench.config, specs, BaseTrainConfig(steps=3), 0) != cache_key(
+        "vilt", "vqa", bench.config, specs, BaseTrainConfig(steps=3, single_object_steps=1), 0)
     with pytest.raises(ConfigError, match="single_object_steps must be in 0..steps-1"):
-        TrainConfig(steps=3, single_object_steps=3)
+        BaseTrainConfig(steps=3, single_object_steps=3)
     # a shorter run than the recipe's keeps the recipe's share of one-object steps
     recipe = default_recipe("vilt", "vqa")[1]
     assert recipe.single_object_steps > 0
@@ -312,7 +312,7 @@ def test_scene_loss_trains_the_image_stream_and_leaves_no_hook(family, kind, dat
     fixed = load_dataset("synthetic:vqa?n=8&image=32&seed=3", "train")
     repeated = torch.utils.data.ConcatDataset([fixed] * 15)  # one batch of scenes, seen 15 times
     hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
-    out = train_model(model, repeated, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2, scene_weight=1.0,
+    out = train_model(model, repeated, BaseTrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2, scene_weight=1.0,
                                                         scene_targets=kind),
                       progress=False, log_every=5)
     assert len(out["scene_losses"]) == 3
@@ -322,21 +322,21 @@ def test_scene_loss_trains_the_image_stream_and_leaves_no_hook(family, kind, dat
 
 def test_scene_loss_refuses_vilt_and_data_without_scenes(data):
     with pytest.raises(ConfigError, match="ViLT"):
-        train_model(_tiny("vilt", data), data, TrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
+        train_model(_tiny("vilt", data), data, BaseTrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
                     progress=False)
     with pytest.raises(ConfigError, match="synthetic scenes"):
-        train_model(_tiny("blip", data), [data[0]] * 4, TrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
+        train_model(_tiny("blip", data), [data[0]] * 4, BaseTrainConfig(steps=1, batch_size=4, warmup=1, scene_weight=1.0),
                     progress=False)
     with pytest.raises(ConfigError, match="scene_weight must be >= 0"):
-        TrainConfig(scene_weight=-1.0)
+        BaseTrainConfig(scene_weight=-1.0)
 
 
 def test_scene_weight_zero_keeps_cache_keys():
     config = ModelConfig(family="blip", vocab_size=10, num_labels=3)
     specs = {"train": "synthetic:vqa?n=8"}
-    key = cache_key("blip", "vqa", config, specs, TrainConfig(steps=3), 0)
-    assert key == cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=0.0), 0)
-    assert key != cache_key("blip", "vqa", config, specs, TrainConfig(steps=3, scene_weight=1.0), 0)
+    key = cache_key("blip", "vqa", config, specs, BaseTrainConfig(steps=3), 0)
+    assert key == cache_key("blip", "vqa", config, specs, BaseTrainConfig(steps=3, scene_weight=0.0), 0)
+    assert key != cache_key("blip", "vqa", config, specs, BaseTrainConfig(steps=3, scene_weight=1.0), 0)
 
 
 def test_full_scene_targets_add_the_place_and_the_scene_counts():

@@ -304,3 +304,15 @@ def test_rows_name_their_code_revisions_when_runs_differ():
     assert "| speedup b1 | speedup b32 | git |" in text
     assert "| smarttrim | 2.0× | 3 | 89.50 ± 0.20 | -0.50 |" in text and "| aaaaaaa |" in text
     assert text.count("| bbbbbbb |") == 3
+
+
+def test_train_config_takes_the_bench_training_fields():
+    from trimkit.bench.run import train_config
+
+    config = replace(SMOKE, dual_lr=0.3, logit_penalty=0.1, logit_margin=2.0, undershoot=0.05, full_task=0.5,
+                     freeze_backbone=True, lr_trimmer=0.02, beta=3.0)
+    tc = train_config(config, RunSpec("vilt", "vqa", "smarttrim-nodistill", 0.5, 2))
+    assert (tc.dual_lr, tc.logit_penalty, tc.logit_margin, tc.undershoot, tc.full_task) == (0.3, 0.1, 2.0, 0.05, 0.5)
+    assert tc.freeze_backbone and (tc.lr_trimmer, tc.beta, tc.batch_size, tc.calibrate) == (0.02, 3.0, 8, 16)
+    assert (tc.alpha, tc.seed, tc.measure_every) == (0.0, 2, 0)
+    assert train_config(config, RunSpec("vilt", "vqa", "smarttrim", 0.5, 0)).alpha == config.alpha

@@ -66,7 +66,7 @@ class _Runtime:
 
 def _ratio_model(monkeypatch, ratio_of_logit):
     """A module with one runtime whose executed ratio is `ratio_of_logit(log-odds of its threshold)`."""
-    import trimkit.train as train_mod
+    import trimkit.train.calibrate as calibrate_mod
     from trimkit.runtime import state
 
     model = torch.nn.Linear(1, 1)
@@ -77,7 +77,7 @@ def _ratio_model(monkeypatch, ratio_of_logit):
         th = rt.threshold
         return ratio_of_logit(math.log(th / (1 - th)) if 0 < th < 1 else math.copysign(math.inf, th - 0.5))
 
-    monkeypatch.setattr(train_mod, "_eval_ratio", ratio)
+    monkeypatch.setattr(calibrate_mod, "hard_ratio", ratio)
     return model, rt
 
 

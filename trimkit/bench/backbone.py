@@ -1,10 +1,8 @@
-"""Bench models as trimkit backbones, and the factory references that load them.
+"""Bench models as trimkit backbones.
 
 A `Backbone` made here reads its example inputs from the model's own data set (validation split
 by default), so profiles and trimming decisions see real scenes and questions, not random ids.
-``trimkit.bench:vilt_vqa`` (and the other names in :data:`FACTORIES`) are model references
-(``--model trimkit.bench:vilt_vqa``): each trains the default base model on first use and loads
-it from the cache afterwards.
+The factory references that load them are in :mod:`trimkit.bench.factories`.
 """
 
 from __future__ import annotations
@@ -17,17 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from trimkit.backbones.base import Backbone, TaskAdapter
+from trimkit.data import WordTokenizer, collate, itm_pairs, load_dataset
 from trimkit.errors import ConfigError
 
-__all__ = ["DataInputs", "bench_backbone", "FACTORIES", "load_bench",
-           "blip_vqa", "bridgetower_vqa", "vilt_vqa", "blip_truefalse", "bridgetower_truefalse", "vilt_truefalse"]
+__all__ = ["DataInputs", "bench_backbone", "bench_dataset"]
+
+
+def bench_dataset(spec: str, task: str):
+    """The data set of a canonical bench spec (retrieval: its image-text matching pairs)."""
+    ds = load_dataset(spec)
+    return itm_pairs(ds, seed=ds.spec.seed) if task == "retrieval" else ds
 
 
 @lru_cache(maxsize=8)
 def _cached_dataset(spec: str, task: str):
-    from trimkit.bench.base import _dataset
-
-    return _dataset(spec, task)
+    return bench_dataset(spec, task)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,6 @@ class DataInputs:
 
     def __call__(self, batch_size: int, *, text_len: int | None = None, image_size: int | None = None,
                  seed: int = 0) -> dict[str, Any]:
-        from trimkit.data import WordTokenizer, collate
-
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         data = _cached_dataset(self.spec, self.task)
@@ -110,39 +110,3 @@ def bench_backbone(bench, *, split: str = "val", name: str | None = None) -> Bac
              "data": dict(bench.data), **make_inputs.hints(bench.config.max_text_len)}
     return Backbone(name=name or bench.name, model=bench.model.eval(), task=task, make_inputs=make_inputs,
                     hints=hints, source="factory")
-
-
-def load_bench(family: str, task: str, **kw: Any) -> Backbone:
-    """The default bench model of `family` on `task` as a Backbone (trained on first use, then cached)."""
-    from trimkit.bench.base import train_base
-
-    bench = train_base(family, task, **kw)
-    return bench_backbone(bench, name=f"trimkit.bench:{family}_{task}")
-
-
-def blip_vqa() -> Backbone:
-    return load_bench("blip", "vqa")
-
-
-def bridgetower_vqa() -> Backbone:
-    return load_bench("bridgetower", "vqa")
-
-
-def vilt_vqa() -> Backbone:
-    return load_bench("vilt", "vqa")
-
-
-def blip_truefalse() -> Backbone:
-    return load_bench("blip", "truefalse")
-
-
-def bridgetower_truefalse() -> Backbone:
-    return load_bench("bridgetower", "truefalse")
-
-
-def vilt_truefalse() -> Backbone:
-    return load_bench("vilt", "truefalse")
-
-
-FACTORIES: dict[str, str] = {f"{fam}-{task}": f"trimkit.bench:{fam}_{task}"
-                             for task in ("vqa", "truefalse") for fam in ("blip", "bridgetower", "vilt")}

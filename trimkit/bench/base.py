@@ -20,19 +20,24 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimkit.bench.backbone import bench_backbone, bench_dataset
 from trimkit.bench.models import FAMILIES, ModelConfig, build_model, model_config
-from trimkit.data import (COLOURS, SHAPES, SIZES, collate, format_data_spec, itm_pairs, load_dataset, metric,
+from trimkit.data import (COLOURS, SHAPES, SIZES, collate, format_data_spec, metric,
                           parse_data_spec)
 from trimkit.errors import ConfigError, DataError
+from trimkit.train import Batch, Loop, run_loop
+from trimkit.train.losses import CrossEntropy
 
-__all__ = ["CODE_VERSION", "TASKS", "TrainConfig", "BenchModel", "cache_root", "default_recipe",
-           "data_specs", "cache_key", "train_base", "evaluate"]
+__all__ = ["CODE_VERSION", "TASKS", "BaseTrainConfig", "BenchModel", "cache_root", "default_recipe",
+           "data_specs", "cache_key", "train_base", "base_metrics", "train_model", "lr_factor",
+           "batch_inputs"]
 
 CODE_VERSION = 1
 TASKS: tuple[str, ...] = ("vqa", "truefalse", "retrieval")
@@ -41,7 +46,7 @@ SCENE_TARGETS: tuple[str, ...] = ("attributes", "full")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class BaseTrainConfig:
     """Hyper-parameters of base training.
 
     steps x batch_size fresh training samples; AdamW (betas 0.9/0.98, weight decay on matrices
@@ -105,11 +110,11 @@ _RECIPES: dict[tuple[str, str], tuple[dict, dict, str]] = {
 }
 
 
-def default_recipe(family: str, task: str) -> tuple[dict, TrainConfig, str]:
-    """The model-size overrides, the `TrainConfig` and the data spec used for `family` on `task`."""
+def default_recipe(family: str, task: str) -> tuple[dict, BaseTrainConfig, str]:
+    """The model-size overrides, the `BaseTrainConfig` and the data spec used for `family` on `task`."""
     _check(family, task)
     size, train, data = _RECIPES[(family, task)]
-    return dict(size), TrainConfig(**train), data.format(task=task)
+    return dict(size), BaseTrainConfig(**train), data.format(task=task)
 
 
 def _check(family: str, task: str) -> None:
@@ -129,7 +134,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "trimkit" / "bench"
 
 
-def data_specs(task: str, train: TrainConfig, data_spec: str | None = None) -> dict[str, str]:
+def data_specs(task: str, train: BaseTrainConfig, data_spec: str | None = None) -> dict[str, str]:
     """Canonical train/val/test specs: `data_spec` (default ``synthetic:<task>``) with ``n`` set to
     ``steps * batch_size`` / ``val_n`` / ``test_n`` and the split set."""
     spec = parse_data_spec(data_spec or f"synthetic:{task}")
@@ -146,7 +151,7 @@ def data_specs(task: str, train: TrainConfig, data_spec: str | None = None) -> d
     return out
 
 
-def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str], train: TrainConfig,
+def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str], train: BaseTrainConfig,
               seed: int) -> str:
     """Hex digest of everything that decides the trained weights."""
     recipe = asdict(train)
@@ -158,11 +163,6 @@ def cache_key(family: str, task: str, config: ModelConfig, specs: dict[str, str]
     payload = {"family": family, "task": task, "model": config.to_dict(), "data": specs,
                "train": recipe, "seed": seed, "version": CODE_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _dataset(spec: str, task: str):
-    ds = load_dataset(spec)
-    return itm_pairs(ds, seed=ds.spec.seed) if task == "retrieval" else ds
 
 
 def _metric_task(task: str) -> str:
@@ -181,7 +181,7 @@ class BenchModel:
     task: str
     model: nn.Module
     config: ModelConfig
-    train: TrainConfig
+    train: BaseTrainConfig
     seed: int
     data: dict[str, str]
     num_labels: int
@@ -203,12 +203,10 @@ class BenchModel:
         """The data set of `split` (retrieval: image-text matching pairs)."""
         if split not in self.data:
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(self.data)}")
-        return _dataset(self.data[split], self.task)
+        return bench_dataset(self.data[split], self.task)
 
     def backbone(self):
         """This model as a `trimkit.backbones.base.Backbone` (see :mod:`trimkit.bench.backbone`)."""
-        from trimkit.bench.backbone import bench_backbone
-
         return bench_backbone(self)
 
 
@@ -220,7 +218,7 @@ def _batches(dataset, batch_size: int, start: int = 0) -> Iterator[dict[str, tor
         yield collate([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
 
 
-def _inputs(batch: dict) -> dict:
+def batch_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "scene")}
 
 
@@ -336,7 +334,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, train: TrainConfig) -> float:
+def lr_factor(step: int, train: BaseTrainConfig) -> float:
     """Learning-rate multiplier at `step`: linear warm-up, then cosine down to ``min_lr_ratio``."""
     if step < train.warmup:
         return (step + 1) / train.warmup
@@ -345,14 +343,14 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, task: str, batch_size: int = 128) -> dict:
+def base_metrics(model: nn.Module, dataset, task: str, batch_size: int = 128) -> dict:
     """``{metric_name: value, "loss": mean cross-entropy, "n": samples}`` of `model` on `dataset`."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         for batch in _batches(dataset, batch_size):
-            logits.append(model(**_inputs(batch)).logits.float())
+            logits.append(model(**batch_inputs(batch)).logits.float())
             labels.append(batch["labels"])
     finally:
         model.train(was_training)
@@ -370,7 +368,59 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def train_model(model: nn.Module, train_set, train: TrainConfig, *, description: str = "train",
+@dataclass
+class SceneLoss:
+    """The scene probe's loss on the batch's ``scene`` targets (a loss term of the training loop)."""
+
+    probe: _SceneProbe
+    weight: float
+    name: str = "scene"
+
+    def __call__(self, outputs, batch: Batch) -> torch.Tensor:
+        return self.probe.loss(batch.extra["scene"])
+
+
+def _forward(model: nn.Module, batch: Batch) -> SimpleNamespace:
+    return SimpleNamespace(student=model(**batch.inputs))
+
+
+def _loop_batches(batches: Iterator[dict]) -> Callable[[int], Batch]:
+    """The collated batches of `batches`, in order, as the loop's batch source."""
+    def next_batch(m: int) -> Batch:
+        batch = next(batches)
+        extra = {"scene": batch["scene"]} if "scene" in batch else {}
+        return Batch(batch_inputs(batch), batch["labels"], extra)
+    return next_batch
+
+
+class _LossLog:
+    """The mean loss of every `every` steps (the task's cross-entropy; the scene loss on its own) and
+    the progress bar."""
+
+    def __init__(self, steps: int, every: int, bar, task_id, log: Callable[[int, float], None] | None):
+        self.steps, self.every, self.bar, self.task_id, self.log = steps, every, bar, task_id, log
+        self.losses: list[float] = []
+        self.window: list[float] = []
+        self.scene: list[float] = []
+
+    def __call__(self, step: int, row: dict) -> None:
+        self.window.append(row["task"])
+        if "scene" in row:
+            self.scene.append(row["scene"])
+        if len(self.window) == self.every or step == self.steps - 1:
+            self.losses.append(sum(self.window) / len(self.window))
+            self.window = []
+            if self.log is not None:
+                self.log(step + 1, self.losses[-1])
+        window = self.window[-20:]
+        self.bar.update(self.task_id, advance=1, loss=sum(window) / len(window) if window else self.losses[-1])
+
+    def scene_means(self) -> list[float]:
+        every = self.every
+        return [sum(self.scene[i:i + every]) / len(self.scene[i:i + every]) for i in range(0, len(self.scene), every)]
+
+
+def train_model(model: nn.Module, train_set, train: BaseTrainConfig, *, description: str = "train",
                 progress: bool = True, log: Callable[[int, float], None] | None = None,
                 log_every: int = 100) -> dict:
     """Train `model` in place on `train_set` read in order; returns ``{"losses": [...], "seconds": s}``
@@ -383,43 +433,25 @@ def train_model(model: nn.Module, train_set, train: TrainConfig, *, description:
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train))
     model.train()
-    losses, window, scene_losses = [], [], []
     batches = _scene_batches(train_set, train.batch_size, model.config.patch, train.scene_targets) if probe else \
         _batches(train_set, train.batch_size)
+    terms = [CrossEntropy(label_smoothing=train.label_smoothing)] + ([SceneLoss(probe, train.scene_weight)]
+                                                                     if probe is not None else [])
+    loop = Loop(model, optimizer, _loop_batches(batches), _forward, terms,
+                clip=(list(model.parameters()), train.grad_clip), schedule=schedule)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         with _progress(progress) as bar:
-            task_id = bar.add_task(description, total=train.steps, loss=float("nan"))
-            for step, batch in enumerate(batches):
-                if step >= train.steps:
-                    break
-                logits = model(**_inputs(batch)).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=train.label_smoothing)
-                window.append(float(loss.detach()))
-                if probe is not None:
-                    scene = probe.loss(batch["scene"])
-                    scene_losses.append(float(scene.detach()))
-                    loss = loss + train.scene_weight * scene
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if train.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                optimizer.step()
-                schedule.step()
-                if len(window) == log_every or step == train.steps - 1:
-                    losses.append(sum(window) / len(window))
-                    window = []
-                    if log is not None:
-                        log(step + 1, losses[-1])
-                bar.update(task_id, advance=1,
-                           loss=sum(window[-20:]) / len(window[-20:]) if window else losses[-1])
+            logged = _LossLog(train.steps, log_every, bar, bar.add_task(description, total=train.steps,
+                                                                        loss=float("nan")), log)
+            run_loop(loop, train.steps, after_step=logged)
     finally:
         if probe is not None:
             probe.remove()
-    out = {"losses": losses, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
+    out = {"losses": logged.losses, "seconds": time.perf_counter() - start,
+           "cpu_seconds": time.process_time() - cpu_start}
     if probe is not None:  # the scene loss's mean over every log_every steps
-        out["scene_losses"] = [sum(scene_losses[i:i + log_every]) / len(scene_losses[i:i + log_every])
-                               for i in range(0, len(scene_losses), log_every)]
+        out["scene_losses"] = logged.scene_means()
     return out
 
 
@@ -453,7 +485,7 @@ def _load(model: nn.Module, weights: Path) -> None:
 
 def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | None = None,
                data_spec: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-               model: dict | None = None, train: TrainConfig | dict | None = None,
+               model: dict | None = None, train: BaseTrainConfig | dict | None = None,
                evaluate_test: bool = False, threads: int | None = 2, retrain: bool = False) -> BenchModel:
     """Train (or load from the cache) the full bench model of `family` on `task`.
 
@@ -461,14 +493,14 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     (image-text matching pairs). seed: weight initialisation. steps: overrides the recipe's step
     count (the one-object curriculum keeps its share of the steps unless `train` sets it).
     data_spec: a ``synthetic:<task>?...`` spec (its ``n`` and ``split`` are replaced).
-    model / train: overrides of the model size / the `TrainConfig` (a dict updates the recipe's).
+    model / train: overrides of the model size / the `BaseTrainConfig` (a dict updates the recipe's).
     evaluate_test: also measure the test split. threads: ``torch.set_num_threads`` during training
     (None leaves it). retrain: ignore a cached result.
     """
     _check(family, task)
     size, recipe, default_data = default_recipe(family, task)
     size.update(model or {})
-    if isinstance(train, TrainConfig):
+    if isinstance(train, BaseTrainConfig):
         recipe, changes = train, {}
     else:
         changes = dict(train or {})
@@ -479,7 +511,7 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     if changes:
         recipe = replace(recipe, **changes)
     specs = data_specs(task, recipe, data_spec or default_data)
-    probe = _dataset(replace(parse_data_spec(specs["val"]), n=1), task)
+    probe = bench_dataset(replace(parse_data_spec(specs["val"]), n=1), task)
     config = model_config(family, probe.base if task == "retrieval" else probe, **size)
     key = cache_key(family, task, config, specs, recipe, seed)
     weights, meta = _paths(cache_root(cache_dir), family, task, key)
@@ -495,14 +527,14 @@ def train_base(family: str, task: str = "vqa", *, seed: int = 0, steps: int | No
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            train_set = _dataset(specs["train"], task)
+            train_set = bench_dataset(specs["train"], task)
             if "single_object" in specs:
-                train_set = torch.utils.data.ConcatDataset([_dataset(specs["single_object"], task), train_set])
+                train_set = torch.utils.data.ConcatDataset([bench_dataset(specs["single_object"], task), train_set])
             history = train_model(net, train_set, recipe,
                                   description=f"{family} {task}", progress=progress)
-            metrics = {"val": evaluate(net, _dataset(specs["val"], task), task, recipe.eval_batch_size)}
+            metrics = {"val": base_metrics(net, bench_dataset(specs["val"], task), task, recipe.eval_batch_size)}
             if evaluate_test:
-                metrics["test"] = evaluate(net, _dataset(specs["test"], task), task, recipe.eval_batch_size)
+                metrics["test"] = base_metrics(net, bench_dataset(specs["test"], task), task, recipe.eval_batch_size)
     finally:
         torch.set_num_threads(old_threads)
     record = {"key": key, "family": family, "task": task, "seed": seed, "model": config.to_dict(),

@@ -15,7 +15,7 @@ Every model takes ``pixel_values``, ``input_ids`` and ``attention_mask`` (the ke
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

@@ -31,16 +31,32 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from trimkit.bench.backbone import bench_backbone
+from trimkit.bench.base import TASKS, train_base
+from trimkit.bench.models import FAMILIES
+from trimkit.runtime import trimming_off
+from trimkit.data import collate
 from trimkit.errors import ConfigError
+from trimkit.evaluate import evaluate, executed_ratio
+from trimkit.passes import apply_
+from trimkit.passes.random_tokens import RandomTokensConfig
+from trimkit.passes.smarttrim import SmartTrimTokensConfig
+from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig
+from trimkit.passes.tome import ToMeMergeConfig
+from trimkit.passes.topk import TopKClsAttentionConfig
+from trimkit.tasks import binding_for, model_batch
+from trimkit.train import Batch, Loop, TrainConfig, run_loop, train
+from trimkit.train.losses import CrossEntropy, Distillation
 
 __all__ = ["BenchConfig", "RunSpec", "QUICK", "SMOKE", "plan", "run_bench", "run_one", "environment",
-           "finetune", "length_batches", "executed_ratio", "BASELINES", "ABLATIONS"]
+           "finetune", "length_batches", "BASELINES", "ABLATIONS", "fresh_copy", "smarttrim_configs", "train_config",
+           "items_of"]
 
 FORMAT = 1
 BASELINES: tuple[str, ...] = ("random.tokens", "topk.cls_attention", "tome.merge")
@@ -111,9 +127,6 @@ class BenchConfig:
     mode: str = "full"
 
     def __post_init__(self) -> None:
-        from trimkit.bench.base import TASKS
-        from trimkit.bench.models import FAMILIES
-
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ConfigError(f"unknown bench families {bad or 'none'}; known: {', '.join(FAMILIES)}")
@@ -277,26 +290,19 @@ def _write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 def base_model(config: BenchConfig, family: str, task: str, progress: bool = False):
     """The trained full model of `family` on `task` (`trimkit.bench.BenchModel`, from the cache)."""
-    from trimkit.bench.base import train_base
-
     data = config.base_data.format(task=task) if config.base_data else None
     return train_base(family, task, seed=0, steps=config.base_steps, cache_dir=config.cache_dir,
                       model=dict(config.base_model), train=dict(config.base_train), progress=progress,
                       data_spec=data, threads=config.threads)
 
 
-def _fresh(bench, device: str):
+def fresh_copy(bench, device: str):
     """A copy of `bench` whose model can be changed in place (passes, training), on `device`."""
-    from trimkit.bench.backbone import bench_backbone
-
     model = copy.deepcopy(bench.model).to(device).eval()
     return bench_backbone(replace(bench, model=model))
 
 
-def _smarttrim_configs(method: str, ratio: float) -> list:
-    from trimkit.passes.smarttrim import SmartTrimTokensConfig
-    from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig
-
+def smarttrim_configs(method: str, ratio: float) -> list:
     guidance = "self" if method == "smarttrim-self" else "cross"
     tokens = SmartTrimTokensConfig(target_ratio=ratio, guidance=guidance)
     heads = SmartTrimHeadsConfig(target_ratio=ratio)
@@ -307,37 +313,19 @@ def _smarttrim_configs(method: str, ratio: float) -> list:
     return [tokens, heads]
 
 
-def _train_config(config: BenchConfig, run: RunSpec):
-    from trimkit.train import TrainConfig
+def train_config(config: BenchConfig, run: RunSpec) -> TrainConfig:
+    """The SmartTrim training settings of `run`: every `TrainConfig` field the bench configuration
+    also has, the run's seed, no distillation for ``smarttrim-nodistill``, no periodic measurement."""
+    shared = {f.name for f in dataclasses.fields(BenchConfig)}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.name in shared}
+    if run.method == "smarttrim-nodistill":
+        values["alpha"] = 0.0
+    return TrainConfig(**values, seed=run.seed, measure_every=0)
 
-    return TrainConfig(batch_size=config.batch_size, lr_trimmer=config.lr_trimmer, lr_backbone=config.lr_backbone,
-                       freeze_backbone=config.freeze_backbone, full_task=config.full_task, dual_lr=config.dual_lr,
-                       logit_penalty=config.logit_penalty, logit_margin=config.logit_margin,
-                       undershoot=config.undershoot,
-                       alpha=0.0 if run.method == "smarttrim-nodistill" else config.alpha, beta=config.beta,
-                       seed=run.seed, calibrate=config.calibrate, measure_every=0)
 
-
-def _items(bench, split: str, count: int) -> list[dict]:
+def items_of(bench, split: str, count: int) -> list[dict]:
     data = bench.dataset(split)
     return [data[i] for i in range(min(count, len(data)))]
-
-
-def executed_ratio(model: torch.nn.Module, binding, items: list[dict], device: str) -> float:
-    """Mean executed FLOPs of `model` over `items` (one at a time) / the same with trimming off."""
-    from trimkit.runtime import trimming_off
-    from trimkit.data import collate
-    from trimkit.profile import count_flops
-    from trimkit.tasks import model_batch
-
-    trimmed = full = 0.0
-    with torch.no_grad():
-        for item in items:
-            inputs, _ = model_batch(binding, collate([item]), device)
-            trimmed += count_flops(model, inputs).flops
-            with trimming_off(model):
-                full += count_flops(model, inputs).flops
-    return trimmed / full
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -354,52 +342,51 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return [chunks[i] for i in order]
 
 
+class _FinetuneOutputs:
+    """The teacher's logits (the same model with trimming off, eval mode, no gradient), then the
+    trimmed forward in training mode."""
+
+    def __init__(self, model: torch.nn.Module, batch: Batch, distill: bool):
+        self._teacher = None
+        if distill:
+            model.eval()
+            with torch.no_grad(), trimming_off(model):
+                self._teacher = model(**batch.inputs).logits.float()
+        model.train()
+        self.student = model(**batch.inputs)
+
+    def teacher_logits(self) -> torch.Tensor:
+        return self._teacher
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits.float()
+
+
 def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size: int, lr: float, alpha: float,
              seed: int, device: str) -> list[float]:
     """Fine-tune every parameter of `model` (a training-free pass applied) for `steps` steps: task
     cross-entropy + `alpha` x distillation from the same model with trimming off, AdamW at `lr`.
     Batches hold one text length each (no padding, as in evaluation), drawn from the first
     ``2 * steps * batch_size`` items in an order seeded by `seed`. Returns the loss of each step."""
-    import torch.nn.functional as F
-
-    from trimkit.runtime import trimming_off
-    from trimkit.data import collate
-    from trimkit.tasks import model_batch
-    from trimkit.train import distill_loss
-
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     items = [dataset[i] for i in range(min(len(dataset), 2 * steps * batch_size))]
     batches = length_batches([int(it["input_ids"].shape[-1]) for it in items], batch_size, seed)
-    losses = []
-    for step in range(steps):
-        rows = batches[step % len(batches)]
-        inputs, labels = model_batch(binding, collate([items[i] for i in rows]), device)
-        if alpha > 0:
-            model.eval()
-            with torch.no_grad(), trimming_off(model):
-                teacher = model(**inputs).logits.float()
-        model.train()
-        logits = model(**inputs).logits.float()
-        loss = F.cross_entropy(logits, labels)
-        if alpha > 0:
-            loss = loss + alpha * distill_loss(logits, teacher)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+
+    def batch(step: int) -> Batch:
+        return Batch(*model_batch(binding, collate([items[i] for i in batches[step % len(batches)]]), device))
+
+    terms = [CrossEntropy(logits=_logits)] + ([Distillation(alpha, logits=_logits)] if alpha > 0 else [])
+    loop = Loop(model, opt, batch, lambda m, b: _FinetuneOutputs(m, b, alpha > 0), terms, clip=(params, 1.0))
+    rows = run_loop(loop, steps)
     model.eval()
-    return losses
+    return [row["loss"] for row in rows]
 
 
 def _baseline_config(name: str, flops_ratio: float, seed: int):
-    from trimkit.passes.random_tokens import RandomTokensConfig
-    from trimkit.passes.tome import ToMeMergeConfig
-    from trimkit.passes.topk import TopKClsAttentionConfig
-
     if name == "random.tokens":
         return RandomTokensConfig(flops_ratio=flops_ratio, seed=seed)
     if name == "topk.cls_attention":
@@ -411,8 +398,6 @@ def _baseline_config(name: str, flops_ratio: float, seed: int):
 # One run
 # ----------------------------------------------------------------------------------------------
 def _evaluate(backbone, bench, config: BenchConfig, latency: bool = True) -> dict:
-    from trimkit.train import evaluate
-
     return evaluate(backbone, bench.data["test"], batch_size=64, samples=config.flops_samples, latency=latency,
                     latency_batch=config.latency_batch, threads=config.threads, repeats=config.latency_repeats,
                     split="test")
@@ -421,16 +406,12 @@ def _evaluate(backbone, bench, config: BenchConfig, latency: bool = True) -> dic
 def _val_accuracy(backbone, bench, config: BenchConfig) -> float:
     """The run's metric on the validation split: what settings may be chosen on (the test split is
     reported, never tuned on)."""
-    from trimkit.train import evaluate
-
     report = evaluate(backbone, bench.data["val"], batch_size=64, samples=1, latency=False,
                       threads=config.threads, split="val")
     return report["metric"]["value"]
 
 
 def _binding(backbone, bench):
-    from trimkit.tasks import binding_for
-
     return binding_for(backbone, bench.dataset("train"))
 
 
@@ -458,23 +439,19 @@ def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float
     matched: ``(family, task, ratio, seed) -> executed ratio`` of the SmartTrim runs, filled here by
     SmartTrim runs and read by baselines.
     """
-    from trimkit.passes import apply_
-
     start = time.perf_counter()
-    backbone = _fresh(bench, config.device)
+    backbone = fresh_copy(bench, config.device)
     result: dict[str, Any] = {"train": None}
     if run.method == "full":
         report = _evaluate(backbone, bench, config, latency=False)
         report["latency_ratio"] = {"batch_1": 1.0, f"batch_{config.latency_batch}": 1.0}
     elif run.trained:
-        from trimkit.train import train
-
         trained = train(backbone, bench.data["train"], target_ratio=run.ratio, steps=config.steps,
-                        recipe=_smarttrim_configs(run.method, run.ratio), config=_train_config(config, run),
+                        recipe=smarttrim_configs(run.method, run.ratio), config=train_config(config, run),
                         progress=False)
         backbone = trained.backbone
-        match = executed_ratio(backbone.model, trained.binding, _items(bench, "val", config.match_items),
-                               config.device)
+        match = executed_ratio(backbone.model, (model_batch(trained.binding, collate([item]), config.device)[0]
+                                                for item in items_of(bench, "val", config.match_items)))
         if run.method == "smarttrim":
             matched[(run.family, run.task, run.ratio, run.seed)] = match
         result["train"] = {"steps": config.steps, "threshold": trained.threshold,
