@@ -3,6 +3,7 @@ the same model with every trimmer off."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -26,11 +27,13 @@ __all__ = ["train_command", "eval_command"]
               help="Output folder: the trained model, checkpoints under OUT/checkpoints.")
 @config_options(TrainConfig)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a trimkit folder at --out, once the new model is complete (never a foreign folder).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch.set_num_threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
-def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, threads, no_progress, as_json,
-                  **settings):
+def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, overwrite, threads, no_progress,
+                  as_json, **settings):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
     \b
@@ -41,16 +44,21 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, re
     """
     import torch
 
-    from trimkit.train import train
+    from trimkit.io import prepare_out_dir
+    from trimkit.train import latest_checkpoint, train
 
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig(**settings)
+    out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)   # before any work
+    replacing = out.is_dir() and any(out.iterdir()) and not resume
     try:
         result = train(model_ref, data_spec, target_ratio=target_ratio, steps=steps, recipe=recipe,
-                       out_dir=out_dir, config=config, resume=resume, progress=not no_progress and not as_json)
-    except KeyboardInterrupt as exc:
-        click.echo(f"Error: {exc or 'interrupted'}", err=True)
+                       out_dir=out_dir, config=config, resume=resume, overwrite=overwrite,
+                       progress=not no_progress and not as_json)
+    except KeyboardInterrupt:
+        click.echo(f"Error: {_interrupted(out_dir, replacing, latest_checkpoint(out) if out.is_dir() else None)}",
+                   err=True)
         sys.exit(130)
     summary = result.to_dict()
     if as_json:
@@ -65,22 +73,37 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, re
                    f"{summary['calibrated_ratio']:.3f})")
 
 
+def _interrupted(typed: str, replacing: bool, checkpoint) -> str:
+    """What an interrupted `trimkit train` kept, in one line."""
+    if replacing:
+        return f"interrupted; {typed!r} was left as it was"
+    if checkpoint is not None:
+        return f"interrupted; checkpoint kept at {str(checkpoint)!r} (continue with --resume)"
+    return "interrupted before the first checkpoint; nothing was saved"
+
+
+def _cell(value, fmt: str) -> str:
+    """A table cell: '-' for a missing or non-finite number."""
+    return f"{value:{fmt}}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
 def _print_eval(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['model']} on {report['data']}")
-    for col in ("", "trimmed", "untrimmed", "ratio"):
+    table = Table(title=f"{report['model']} on {report['data']}",
+                  caption="speedup = untrimmed / trimmed (> 1: the trimmed model is cheaper or faster)")
+    for col in ("", "trimmed", "untrimmed", "speedup"):
         table.add_column(col, justify="left" if not col else "right")
     metric, full = report["metric"], report["metric_untrimmed"]
-    table.add_row(metric["name"], f"{metric['value']:.4f}", f"{full['value']:.4f}", "")
+    table.add_row(metric["name"], _cell(metric["value"], ".4f"), _cell(full["value"], ".4f"), "")
     for key in ("mean", "p50", "p95"):
         a, b = report["flops"][key], report["flops_untrimmed"][key]
-        table.add_row(f"FLOPs {key}", f"{a:.4g}", f"{b:.4g}", f"{a / b:.3f}" if b else "-")
+        table.add_row(f"FLOPs {key}", _cell(a, ".4g"), _cell(b, ".4g"), _cell(b / a if a else None, ".3f"))
     for key, value in report["latency_ratio"].items():
         ms = report["latency_ms"].get(key, {})
-        table.add_row(f"latency {key.replace('_', ' ')} (ms)", f"{ms.get('trimmed', float('nan')):.3f}",
-                      f"{ms.get('untrimmed', float('nan')):.3f}", "-" if value is None else f"{value:.3f}")
+        table.add_row(f"latency {key.replace('_', ' ')} (ms)", _cell(ms.get("trimmed"), ".3f"),
+                      _cell(ms.get("untrimmed"), ".3f"), _cell(1 / value if value else None, ".3f"))
     Console().print(table)
 
 

@@ -63,7 +63,7 @@ def test_training_checkpoints_need_overwrite_or_resume(tmp_path):
     with pytest.raises(ConfigError) as info:
         prepare_out_dir(run)
     assert str(info.value) == (f"--out {run!r} already holds training checkpoints; add --overwrite to replace it "
-                               "or resume to continue it (nothing was written)")
+                               "or --resume to continue it (nothing was written)")
     assert prepare_out_dir(run, resume=True) == Path(run)
     assert prepare_out_dir(run, overwrite=True) == Path(run)
 

@@ -145,7 +145,8 @@ def prepare_out_dir(path: str | os.PathLike, *, overwrite: bool = False, resume:
     """
     typed = os.fspath(path)
     out = Path(typed).expanduser()
-    flag = "--overwrite" if label.startswith("--") else "overwrite=True"
+    cli = label.startswith("--")
+    flag, again = ("--overwrite", "--resume") if cli else ("overwrite=True", "resume=True")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{label} {typed!r} exists and is not a folder")
     filled = out.is_dir() and any(out.iterdir())
@@ -159,7 +160,7 @@ def prepare_out_dir(path: str | os.PathLike, *, overwrite: bool = False, resume:
                           "(nothing was written)")
     if filled and not overwrite:
         what = "a saved model" if is_trimkit_folder(out) else "training checkpoints"
-        more = " or resume to continue it" if _has_checkpoints(out) else ""
+        more = f" or {again} to continue it" if _has_checkpoints(out) else ""
         raise ConfigError(f"{label} {typed!r} already holds {what}; add {flag} to replace it{more} "
                           "(nothing was written)")
     _probe_writable(out.parent, label, typed)

@@ -40,3 +40,58 @@ def test_eval_unknown_data_spec_is_one_line():
     assert result.exit_code == 1
     assert result.output.startswith("Error: unknown synthetic task 'nope'")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def _train_args(recipe, out, steps):
+    return ["train", "--model", "vilt-vqa-tiny", "--recipe", recipe, "--data", "synthetic:vqa?n=24",
+            "--target-ratio", "0.7", "--steps", str(steps), "--batch-size", "8", "--measure-every", "0",
+            "--no-progress", "--out", str(out)]
+
+
+def _steps_of(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_train_never_replaces_a_trained_folder_without_overwrite(tokens_recipe, tmp_path):
+    out = tmp_path / "trained"
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tokens_recipe, out, 2)).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    result = runner.invoke(cli, _train_args(tokens_recipe, out, 1))
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: --out {str(out)!r} already holds a saved model; add --overwrite to "
+                                     "replace it or --resume to continue it (nothing was written)")
+    assert (out / "model.safetensors").read_bytes() == before and _steps_of(out) == ["step-000002"]
+    result = runner.invoke(cli, _train_args(tokens_recipe, out, 1) + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert _steps_of(out) == ["step-000001"]                        # the new run replaced the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens.toml", "trained"]   # no staging folder left
+
+
+def test_train_refuses_a_foreign_folder_before_any_work(tokens_recipe, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(cli, _train_args(tokens_recipe, out, 1) + ["--overwrite"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: --out {str(out)!r} is not empty and is not a trimkit folder; "
+                                     "choose another (nothing was written)")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_eval_table_has_no_nan_and_shows_speedups(monkeypatch):
+    import rich.console
+
+    from trimkit.cli.train_cmd import _print_eval
+
+    console = rich.console.Console(record=True, width=200)
+    monkeypatch.setattr(rich.console, "Console", lambda: console)
+    _print_eval({"model": "m", "data": "d", "metric": {"name": "accuracy", "value": 0.5},
+                 "metric_untrimmed": {"name": "accuracy", "value": 0.6},
+                 "flops": {"mean": 1.0, "p50": 1.0, "p95": 4.0}, "flops_untrimmed": {"mean": 2.0, "p50": 3.0, "p95": 4.0},
+                 "latency_ratio": {"batch_1": None, "batch_8": 0.8},
+                 "latency_ms": {"batch_8": {"trimmed": 4.0, "untrimmed": 5.0}}})
+    text = console.export_text()
+    assert "nan" not in text
+    speedups = [line.split("│")[-2].strip() for line in text.splitlines() if line.startswith(("│ FLOPs", "│ latency"))]
+    assert speedups == ["2.000", "3.000", "1.000", "-", "1.250"]

@@ -120,23 +120,23 @@ def test_resume_continues_exactly(tokens_recipe, tmp_path):
 
 def test_checkpoints_are_safetensors_and_json(tokens_recipe, tmp_path):
     config = TrainConfig(checkpoint_every=1, keep_checkpoints=2, **FAST)
-    train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=3, recipe=tokens_recipe, config=config, out_dir=tmp_path,
+    train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=3, recipe=tokens_recipe, config=config, out_dir=tmp_path / "out",
           progress=False)
-    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    steps = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert steps == ["step-000002", "step-000003"]
-    files = {p.name for p in (tmp_path / "checkpoints" / "step-000003").iterdir()}
+    files = {p.name for p in (tmp_path / "out" / "checkpoints" / "step-000003").iterdir()}
     assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
-    state = json.loads((tmp_path / "checkpoints" / "step-000003" / "state.json").read_text())
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-000003" / "state.json").read_text())
     assert state["step"] == 3 and len(state["history"]) == 3
-    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
 
 def test_resume_with_other_settings_is_refused(tokens_recipe, tmp_path):
     train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=2, recipe=tokens_recipe, config=TrainConfig(**FAST),
-          out_dir=tmp_path, progress=False)
+          out_dir=tmp_path / "out", progress=False)
     with pytest.raises(ConfigError, match="target_ratio"):
         train("vilt-vqa-tiny", DATA, target_ratio=0.6, steps=2, recipe=tokens_recipe, config=TrainConfig(**FAST),
-              out_dir=tmp_path, resume=True, progress=False)
+              out_dir=tmp_path / "out", resume=True, progress=False)
 
 
 def test_saved_folder_restores_the_trained_model(tokens_recipe, tmp_path):
@@ -184,9 +184,9 @@ def test_nan_loss_stops_with_a_last_good_checkpoint(tokens_recipe, tmp_path):
 
     backbone.model.register_forward_hook(poison)
     with pytest.raises(TrimkitError, match="loss is not finite at step 3.*last good checkpoint"):
-        train(backbone, DATA, target_ratio=0.5, steps=5, config=TrainConfig(**FAST), out_dir=tmp_path,
+        train(backbone, DATA, target_ratio=0.5, steps=5, config=TrainConfig(**FAST), out_dir=tmp_path / "out",
               progress=False)
-    last = latest_checkpoint(tmp_path)
+    last = latest_checkpoint(tmp_path / "out")
     assert last.name == "step-000002"
     state = json.loads((last / "state.json").read_text())
     assert all(np.isfinite(r["loss"]) for r in state["history"])

@@ -46,6 +46,7 @@ from trimkit.cost import calibrate, cost_model, expected_ratio
 from trimkit.data import format_data_spec, load_dataset
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.evaluate import backbone_of, executed_ratio
+from trimkit.io import prepare_out_dir, staged_out_dir
 from trimkit.passes import applied_passes, apply_, trainable_parameters
 from trimkit.tasks import adapt, model_batch, refreshed, resolve_data, task_dataset
 from trimkit.train.calibrate import calibrate_threshold, calibration_batches, unpadded_rows, with_threshold
@@ -366,7 +367,8 @@ def _check_call(steps, target_ratio, resume, out_dir) -> None:
 def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = None, steps: int = 300,
           recipe=None, out_dir: str | os.PathLike | None = None, config: TrainConfig = TrainConfig(),
           teacher: nn.Module | None = None, base_ref: str | None = None, resume: bool | str = False,
-          progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+          overwrite: bool = False, progress: bool = True,
+          callback: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train the trimmers (and, unless frozen, the backbone) of a model towards `target_ratio`.
 
     model_or_backbone: a model reference (``"vilt-vqa-tiny"``, a folder, ``file.py:factory``), a
@@ -378,9 +380,34 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
       ``trimkit eval --model OUT`` and `trimkit.io.load_folder` read). None keeps it in memory.
     teacher: a separate teacher model taking the same inputs (default: the model, trimmers off).
     resume: True continues from the newest checkpoint in `out_dir`, a path from that checkpoint.
+    overwrite: replace a trimkit folder at `out_dir`; it is swapped for the new one only once training
+      has finished (a failure leaves it as it was). Without it, such a folder is refused up front,
+      as is any non-empty folder trimkit did not write.
     callback: called as ``callback(step, row)`` after every step (row = the history entry).
     """
     _check_call(steps, target_ratio, resume, out_dir)
+    out = None
+    if out_dir is not None:
+        from_folder = bool(resume) and not isinstance(resume, (str, os.PathLike))
+        out = prepare_out_dir(out_dir, overwrite=overwrite, resume=from_folder, label="output folder")
+    args = (model_or_backbone, data_spec, target_ratio, steps, recipe, config, teacher, base_ref, progress, callback)
+    if out is None or resume:
+        return _train(*args, out=out, resume=resume)
+    with staged_out_dir(out, keep_partial=True) as where:
+        result = _train(*args, out=where, resume=False)
+    return _relocated(result, where, out)
+
+
+def _relocated(result: TrainResult, where: Path, out: Path) -> TrainResult:
+    """`result` with its paths under `where` (a staging folder since swapped in) moved to `out`."""
+    if where == out:
+        return result
+    checkpoint = None if result.checkpoint is None else out / Path(result.checkpoint).relative_to(where)
+    return dataclasses.replace(result, out_dir=out, checkpoint=checkpoint)
+
+
+def _train(model_or_backbone, data_spec, target_ratio, steps, recipe, config, teacher, base_ref, progress, callback,
+           *, out: Path | None, resume) -> TrainResult:
     ref = base_ref or (model_or_backbone if isinstance(model_or_backbone, str) else None)
     torch.manual_seed(config.seed)  # trimmer initialisation inside the passes
     prepared = prepare(model_or_backbone, data_spec, recipe=recipe)
@@ -395,7 +422,6 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher_task = backbone_of(teacher).task if hasattr(teacher, "config") else backbone.task
-    out = None if out_dir is None else Path(out_dir).expanduser()
     run = _Run(prepared, config, target, steps, ref=ref or backbone.name, out=out, teacher=(teacher, teacher_task),
                progress=progress, callback=callback)
     dual = run.begin(resume)
