@@ -35,6 +35,7 @@ def _trimmed(ref: str):
 
 @pytest.mark.parametrize("ref", REFS)
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+@pytest.mark.slow
 def test_eval_estimate_matches_profiler(ref, threshold):
     model, inputs = _trimmed(ref)
     set_threshold(model, threshold)

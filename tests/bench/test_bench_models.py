@@ -263,6 +263,7 @@ def test_sincos_position_init():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_token_trimming_runs_on_padded_text_batches(tmp_path, family):
     """smarttrim.tokens is applied from unpadded example inputs; batches with padded text must
     still run when the trimmers remove every token they may (BridgeTower's text tower feeds its

@@ -203,6 +203,7 @@ def smoke(tmp_path_factory):
     return root, args, first
 
 
+@pytest.mark.slow
 def test_smoke_writes_one_json_per_run(smoke):
     root, _, result = smoke
     assert result.exit_code == 0, result.output
@@ -231,6 +232,7 @@ def test_smoke_baselines_match_smarttrim_flops(smoke):
         assert ft["train"]["steps"] == SMOKE.steps
 
 
+@pytest.mark.slow
 def test_a_baseline_run_alone_matches_the_smarttrim_result_on_file(smoke):
     root, args, _ = smoke
     st = json.loads((root / "results" / "vilt-vqa-smarttrim-r0500-s0.json").read_text())

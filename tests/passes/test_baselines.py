@@ -132,6 +132,7 @@ def test_config_round_trip_and_validation(cls):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("ref", HF + TOYS)
+@pytest.mark.slow
 def test_off_is_exact_schedule_is_followed_and_remove_restores(ref, method):
     bb, inputs = _setup(ref)
     ref_out = _out(bb, inputs)
@@ -162,6 +163,7 @@ def test_off_is_exact_schedule_is_followed_and_remove_restores(ref, method):
     assert (_out(bb, inputs) - ref_out).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_streams_that_cannot_lose_tokens_are_left_whole():
     bb, inputs = _setup("blip-vqa-tiny")
     report = _apply(bb, inputs, RandomTokensConfig())
@@ -189,6 +191,7 @@ CALIBRATED = [("random", "blip-vqa-tiny", 0.6), ("topk", "blip-vqa-tiny", 0.75),
 
 
 @pytest.mark.parametrize("method,ref,target", CALIBRATED)
+@pytest.mark.slow
 def test_flops_ratio_is_hit_in_executed_flops(method, ref, target):
     bb, inputs = _setup(ref)
     full = count_flops(bb.model, inputs).flops
@@ -215,6 +218,7 @@ BT_SKIP = {"bridgetower.text_model.encoder.layer", "bridgetower.vision_model.vis
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.slow
 def test_bridgetower_towers_trim_in_skip_mode_and_batches_agree(method):
     bb, inputs = _setup("bridgetower-itm-tiny")
     inputs["attention_mask"][1, 5:] = 0  # a padded row: padding is dropped first, rows still agree
@@ -230,6 +234,7 @@ def test_bridgetower_towers_trim_in_skip_mode_and_batches_agree(method):
     assert (_rows(bb, inputs) - batched).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_stream_whose_removal_fails_the_forward_check_falls_back_to_skip_mode():
     # from layer 0 on, BridgeTower's text tower needs equal lengths from layer to layer (its bridges):
     # the structural probe (which also runs a padded batch) or the baseline's own check catches that
@@ -367,6 +372,7 @@ def test_cls_attention_is_read_alike_from_softmax_sdpa_and_mha(cls):
     assert torch.allclose(seen[-1], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_topk_reads_sdpa_and_eager_attention_alike():
     kept = []
     for impl in ("sdpa", "eager"):
@@ -447,6 +453,7 @@ def test_tome_keeps_padding_apart_from_real_tokens():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("ref", ["blip-itm-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", TOYS[1]])
+@pytest.mark.slow
 def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
     bb, inputs = _setup(ref)
     _apply(bb, inputs, CONFIGS[method]())
@@ -468,6 +475,7 @@ def test_train_mode_removes_tokens_and_backbone_gets_gradients(ref, method):
                                         (TOYS[0], TopKClsAttentionConfig(flops_ratio=0.75)),
                                         ("bridgetower-itm-tiny", TopKClsAttentionConfig(flops_ratio=0.5)),
                                         (TOYS[1], RandomTokensConfig(seed=3, keep_ratio=0.3))])
+@pytest.mark.slow
 def test_saved_folder_restores_exactly(tmp_path, ref, config):
     bb = load_backbone(ref)
     inputs = bb.example_inputs(2)

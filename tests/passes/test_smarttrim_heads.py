@@ -76,6 +76,7 @@ def _apply(bb, inputs, *configs):
 
 
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
+@pytest.mark.slow
 def test_threshold_zero_is_exact_and_remove_restores(ref):
     bb, inputs = _setup(ref)
     expected = _out(bb, inputs)
@@ -93,6 +94,7 @@ def test_threshold_zero_is_exact_and_remove_restores(ref):
 
 
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
+@pytest.mark.slow
 def test_pruned_heads_are_not_computed(ref):
     bb, inputs = _setup(ref)
     report = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5)).results[0].report
@@ -122,6 +124,7 @@ def test_pruned_heads_are_not_computed(ref):
 
 @pytest.mark.parametrize("batched", ["union", "rows"])
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
+@pytest.mark.slow
 def test_rows_keeping_different_heads_match_rows_run_alone(ref, batched):
     bb, inputs = _setup(ref)
     _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5, batched=batched))
@@ -137,6 +140,7 @@ def test_rows_keeping_different_heads_match_rows_run_alone(ref, batched):
 
 
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
+@pytest.mark.slow
 def test_train_mode_masks_reach_every_trimmer(ref):
     bb, inputs = _setup(ref, batch=2)
     _apply(bb, inputs, SmartTrimHeadsConfig())
@@ -172,6 +176,7 @@ def test_saved_folder_restores_the_same_outputs(ref, tmp_path):
 
 @pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny", "clip-tiny"] + TOYS, ids=_ids)
 @pytest.mark.parametrize("order", ["tokens-heads", "heads-tokens"])
+@pytest.mark.slow
 def test_tokens_and_heads_compose(ref, order):
     bb, inputs = _setup(ref)
     expected = _out(bb, inputs)
@@ -208,6 +213,7 @@ def test_tokens_and_heads_compose(ref, order):
 @pytest.mark.parametrize("ref, moded", [("vilt-vqa-tiny", ""), ("blip-vqa-tiny", r"^vision_model\."),
                                         ("bridgetower-itm-tiny", r"\.resblocks\.\d+\.attn$"),
                                         ("clip-tiny", ""), ("llava-tiny", "")], ids=_ids)
+@pytest.mark.slow
 def test_linear_layouts_are_chosen_and_run_without_a_torch_function_mode(ref, moded, monkeypatch):
     bb, inputs = _setup(ref)
     report = _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5)).results[0].report
@@ -229,6 +235,7 @@ def test_linear_layouts_are_chosen_and_run_without_a_torch_function_mode(ref, mo
     assert (_out(bb, inputs) - removed).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_sliced_weights_are_cached_per_decision_and_follow_weight_updates():
     bb, inputs = _setup("vilt-vqa-tiny", batch=1)
     _apply(bb, inputs, SmartTrimHeadsConfig(threshold=0.5))

@@ -40,6 +40,7 @@ def _randomise(model, scale=3.0):
 
 
 @pytest.mark.parametrize("ref", HF + TOYS)
+@pytest.mark.slow
 def test_threshold_zero_is_exact_and_remove_restores(ref):
     bb, inputs = _setup(ref)
     ref_out = _out(bb, inputs)
@@ -56,6 +57,7 @@ def test_threshold_zero_is_exact_and_remove_restores(ref):
 
 
 @pytest.mark.parametrize("ref", HF + TOYS)
+@pytest.mark.slow
 def test_removal_cuts_executed_flops_and_batches_agree(ref):
     bb, inputs = _setup(ref)
     full = count_flops(bb.model, inputs).flops
@@ -78,6 +80,7 @@ def test_removal_cuts_executed_flops_and_batches_agree(ref):
 
 
 @pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", TOYS[0], TOYS[1]])
+@pytest.mark.slow
 def test_train_mode_masks_and_every_trimmer_gets_gradient(ref):
     bb, inputs = _setup(ref)
     apply_(bb.model, [SmartTrimTokensConfig()], inputs=inputs, hints=bb.hints)
@@ -122,6 +125,7 @@ def test_trimmer_fast_logits_match_forward(batch, other):
 
 
 @pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny"])
+@pytest.mark.slow
 def test_feed_forward_of_a_padded_batch_runs_on_kept_tokens_only(ref):
     """Rows keeping different counts are padded for attention, but the FFN reads the kept tokens
     packed across rows: its first projection sees [N, D] with N = the tokens kept, and the batch
@@ -165,6 +169,7 @@ def _no_dropout(model):
 
 
 @pytest.mark.parametrize("ref", ["blip-vqa-tiny", "vilt-vqa-tiny", "bridgetower-itm-tiny", TOYS[0], TOYS[1]])
+@pytest.mark.slow
 def test_train_mode_forward_equals_inference_with_the_same_decisions(ref, monkeypatch):
     """Training masks keys, inference removes tokens: with the same decisions both give the same output
     (a key the mask drops must not leak into attention)."""

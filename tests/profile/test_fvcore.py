@@ -124,6 +124,7 @@ def _tiny_backbones() -> list:
 
 
 @pytest.mark.parametrize("name", _tiny_backbones())
+@pytest.mark.slow
 def test_fvcore_agrees_on_every_tiny_backbone(name):
     from trimkit.backbones import load_backbone
 

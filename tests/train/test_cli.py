@@ -1,3 +1,4 @@
+import pytest
 import json
 
 from click.testing import CliRunner
@@ -5,6 +6,7 @@ from click.testing import CliRunner
 from trimkit.cli import cli
 
 
+@pytest.mark.slow
 def test_train_then_eval_json(tokens_recipe, tmp_path):
     out = tmp_path / "trained"
     runner = CliRunner()
@@ -52,6 +54,7 @@ def _steps_of(out):
     return sorted(p.name for p in (out / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_train_never_replaces_a_trained_folder_without_overwrite(tokens_recipe, tmp_path):
     out = tmp_path / "trained"
     runner = CliRunner()
@@ -68,6 +71,7 @@ def test_train_never_replaces_a_trained_folder_without_overwrite(tokens_recipe, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens.toml", "trained"]   # no staging folder left
 
 
+@pytest.mark.slow
 def test_train_refuses_a_foreign_folder_before_any_work(tokens_recipe, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

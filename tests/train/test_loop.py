@@ -160,6 +160,7 @@ def test_unset_options_override_only_what_is_given():
     "import trimkit.evaluate; import trimkit.bench.run",
     "import sys; from trimkit.train import TrainConfig; assert 'torch' not in sys.modules",
 ])
+@pytest.mark.slow
 def test_modules_import_in_a_fresh_interpreter(code):
     import subprocess
     import sys

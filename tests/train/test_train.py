@@ -32,6 +32,7 @@ def _executed_ratio(result, data_spec: str, count: int = 16) -> float:
     return float(np.mean(trimmed) / np.mean(full))
 
 
+@pytest.mark.slow
 def test_training_reaches_the_target_while_the_task_loss_falls(tokens_recipe):
     target = 0.75  # vilt-vqa-tiny has two layers: tokens alone go down to about 0.56
     data = "synthetic:vqa?n=128"
@@ -98,6 +99,7 @@ def _losses(history):
     return [(r["loss"], r["task"], r["distill"], r["cost"], r["ratio"]) for r in history]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tokens_recipe, tmp_path):
     config = TrainConfig(checkpoint_every=2, **FAST)
     whole = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
@@ -131,6 +133,7 @@ def test_checkpoints_are_safetensors_and_json(tokens_recipe, tmp_path):
     assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tokens_recipe, tmp_path):
     train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=2, recipe=tokens_recipe, config=TrainConfig(**FAST),
           out_dir=tmp_path / "out", progress=False)
@@ -139,6 +142,7 @@ def test_resume_with_other_settings_is_refused(tokens_recipe, tmp_path):
               out_dir=tmp_path / "out", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_saved_folder_restores_the_trained_model(tokens_recipe, tmp_path):
     from trimkit.io import load_folder
 
@@ -200,6 +204,7 @@ def test_factory_model_trains_on_truefalse(tokens_recipe):
     assert len(result.history) == 3 and all(np.isfinite(r["loss"]) for r in result.history)
 
 
+@pytest.mark.slow
 def test_full_capacity_task_loss_anchors_the_backbone(tokens_recipe):
     """With full_task > 0 the untrimmed pass is trained on the task too: the task part of the loss
     grows by that pass's loss, and the backbone's weights move differently."""
@@ -220,6 +225,7 @@ def test_full_task_must_be_non_negative():
         TrainConfig(full_task=-1.0)
 
 
+@pytest.mark.slow
 def test_lagrange_multiplier_pulls_the_ratio_to_the_target(tokens_recipe):
     """Without the square cost (beta 0) nothing moves the ratio; the multiplier (dual_lr) integrates
     the gap: it rises while the ratio is above the target, falls while below, and on its own brings
@@ -239,6 +245,7 @@ def test_lagrange_multiplier_pulls_the_ratio_to_the_target(tokens_recipe):
         assert after - before == pytest.approx(0.3 * (r - target))
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_multiplier(tokens_recipe, tmp_path):
     config = TrainConfig(checkpoint_every=2, **{**FAST, "dual_lr": 0.5})
     whole = train("vilt-vqa-tiny", DATA, target_ratio=0.5, steps=6, recipe=tokens_recipe, config=config,
@@ -266,6 +273,7 @@ def test_logit_penalty_is_the_mean_squared_excess_over_the_margin():
     assert logit_penalty([torch.zeros(0)], margin=1.0) is None
 
 
+@pytest.mark.slow
 def test_logit_penalty_pulls_the_keep_logits_in(tokens_recipe, tmp_path):
     """Keep-logits start near log-odds 3.9 (a fresh trimmer keeps 98 %); with a margin of 1 the
     penalty must bring their magnitude down, and both token and head trimmers must report them."""
@@ -298,6 +306,7 @@ def test_logit_penalty_pulls_the_keep_logits_in(tokens_recipe, tmp_path):
     assert magnitudes(on) < magnitudes(off) - 1.0
 
 
+@pytest.mark.slow
 def test_undershoot_trains_below_the_target_and_calibrates_to_it(tokens_recipe):
     target, under = 0.8, 0.1
     config = TrainConfig(lr_backbone=2e-3, anneal=0.3, undershoot=under, **{**FAST, "calibrate": 64})
