@@ -50,3 +50,9 @@ def test_norm_tokens_example_is_exact_at_threshold_zero_and_saves_flops_when_tri
     assert count_flops(bb.model, inputs).flops < full
     remove_(bb.model)
     assert torch.equal(_logits(bb, inputs), before)
+
+
+def test_readme_shows_the_example_file_verbatim():
+    readme = (EXAMPLE.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- example:start -->\n", 1)[1].split("<!-- example:end -->", 1)[0]
+    assert block == "```python\n" + EXAMPLE.read_text(encoding="utf-8") + "```\n"
