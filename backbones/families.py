@@ -18,6 +18,7 @@ import torch
 
 from trimkit.backbones.base import TaskAdapter
 from trimkit.backbones.inputs import ImageSpec, InputMaker, TextSpec
+from trimkit.runtime import state
 
 __all__ = ["Family", "FAMILIES", "TINY_CONFIGS", "family_by_name", "family_by_architecture",
            "generic_inputs", "attach_decoder_logits"]
@@ -65,17 +66,14 @@ def _blip_vqa_inputs(config: Any) -> InputMaker:
                       constants=(("decoder_input_ids", (config.text_config.bos_token_id,)),))
 
 
-_DECODER_LOGITS = "_trimkit_decoder_logits"
-
-
 def _stash_decoder_logits(module: torch.nn.Module, args: Any, output: Any) -> None:
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
-        module.__dict__[_DECODER_LOGITS] = logits
+        state.put(module, state.DECODER_LOGITS, logits)
 
 
 def _publish_decoder_logits(module: torch.nn.Module, args: Any, output: Any) -> None:
-    logits = module.text_decoder.__dict__.pop(_DECODER_LOGITS, None)
+    logits = module.text_decoder.__dict__.pop(state.DECODER_LOGITS, None)
     if logits is not None and isinstance(output, Mapping):
         output["logits"] = logits
 
@@ -87,11 +85,11 @@ def attach_decoder_logits(model: torch.nn.Module) -> None:
     (on ``text_decoder`` and on the model) carry the decoder logits out; they read only the modules
     they are called with, so deep copies of the model keep working. Idempotent.
     """
-    if getattr(model, "_trimkit_logits_hooks", False):
+    if state.get(model, state.LOGITS_HOOKS, False):
         return
     model.text_decoder.register_forward_hook(_stash_decoder_logits)
     model.register_forward_hook(_publish_decoder_logits)
-    model._trimkit_logits_hooks = True
+    state.put(model, state.LOGITS_HOOKS, True)
 
 
 # ---- BridgeTower, ViLT, CLIP, SigLIP, LLaVA -----------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from trimkit.errors import ConfigError
+from trimkit.runtime import state
 
 __all__ = ["blocks_from_map", "default_blocks", "resolve_blocks", "is_trimmer", "trimmer_paths",
            "count_params"]
@@ -59,7 +60,7 @@ def blocks_from_map(model_map: Any) -> dict[str, str]:
 
 
 def is_trimmer(path: str, module: torch.nn.Module) -> bool:
-    if getattr(module, "trimkit_role", None) == "trimmer":
+    if state.role(module) == state.TRIMMER_ROLE:
         return True
     own_name = path.rsplit(".", 1)[-1].lower()
     return "trimmer" in type(module).__name__.lower() or "trimmer" in own_name

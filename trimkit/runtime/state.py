@@ -11,7 +11,10 @@ Plain attributes (``__dict__``, not submodules):
 * ``_trimkit_applied``: the applied-pass records, in order;
 * ``_trimkit_cost``: the cost model of :mod:`trimkit.cost`;
 * ``_trimkit_token_runtime`` / ``_trimkit_head_runtime`` / ``_trimkit_baseline_runtime``: the
-  runtime each token or head pass installed.
+  runtime each token or head pass installed;
+* ``_trimkit_logits_hooks`` / ``_trimkit_decoder_logits``: a backbone adapter's hooks that carry a
+  decoder's logits out of a model whose forward does not return them (BLIP VQA), and the logits
+  in flight.
 
 Submodules (saved with the weights): ``trimkit_token_trimmers``, ``trimkit_head_trimmers``,
 ``trimkit_baseline_tokens``. Marks on modules: ``trimkit_role`` (``"trimmer"``: trainable),
@@ -24,7 +27,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["RUNTIMES", "MAP", "APPLIED", "COST", "TOKEN_RUNTIME", "HEAD_RUNTIME", "BASELINE_RUNTIME",
-           "TOKEN_TRIMMERS", "HEAD_TRIMMERS", "BASELINE_TOKENS", "ROLE", "TRIMMER_ROLE", "NO_QUANT",
+           "TOKEN_TRIMMERS", "HEAD_TRIMMERS", "BASELINE_TOKENS", "LOGITS_HOOKS", "DECODER_LOGITS", "ROLE", "TRIMMER_ROLE", "NO_QUANT",
            "get", "put", "drop", "has_module", "role", "no_quant", "mark_no_quant", "unmark_no_quant"]
 
 RUNTIMES = "_trimkit_runtimes"
@@ -34,6 +37,8 @@ COST = "_trimkit_cost"
 TOKEN_RUNTIME = "_trimkit_token_runtime"
 HEAD_RUNTIME = "_trimkit_head_runtime"
 BASELINE_RUNTIME = "_trimkit_baseline_runtime"
+LOGITS_HOOKS = "_trimkit_logits_hooks"
+DECODER_LOGITS = "_trimkit_decoder_logits"
 
 TOKEN_TRIMMERS = "trimkit_token_trimmers"
 HEAD_TRIMMERS = "trimkit_head_trimmers"
