@@ -73,7 +73,7 @@ class BenchConfig:
     seeds: seeds of the 2x points (SmartTrim, baselines, ablations); other ratios use seed 0 only
       unless ``all_seeds``.
     base_steps: steps of base training (None: the recipe's); base_model / base_train: overrides of
-      the base model's size and `trimkit.bench.TrainConfig`; base_data: the synthetic data spec of
+      the base model's size and `trimkit.bench.BaseTrainConfig`; base_data: the synthetic data spec of
       base training (None: the recipe's; ``{task}`` is replaced by the task).
     steps: SmartTrim training steps, also the fine-tuning budget of the ``+ft`` baselines.
     batch_size: rows per training step; lr_backbone / lr_trimmer / alpha / beta: trainer settings;
