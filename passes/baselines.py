@@ -149,7 +149,7 @@ def topk_keep(scores: torch.Tensor, special: torch.Tensor, count: int) -> torch.
 # ----------------------------------------------------------------------------------------------
 # What the runtime keeps between the passes' apply and a saved folder
 # ----------------------------------------------------------------------------------------------
-class BaselineSchedule(nn.Module):
+class BaselineSchedule(state.PassThrough):
     """Buffers that fix a baseline's behaviour: the keep ratio and how each candidate stream trims.
 
     ``active`` holds one mode per candidate stream: ``WHOLE`` (left whole), ``REMOVE`` (pruned
@@ -440,7 +440,7 @@ def apply_baseline(model: nn.Module, model_map: ModelMap, config: BaselineConfig
         for s in candidates:
             schedule.set_mode(s, modes[s])
     layers = [layer.path for s in candidates for layer in model_map.stream(s).layers[config.start_layer:]]
-    model.add_module(state.BASELINE_TOKENS, schedule)
+    state.attach(model, state.BASELINE_TOKENS, schedule)
     try:
         decider = make_decider(schedule, special, {s.name: s.modality for s in model_map.streams}, pad_inputs)
         runtime = TokenRuntime(model, model_map, cap, decider, layers, special=special, threshold=config.threshold,

@@ -207,9 +207,9 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     skip = [n for n in kept if modes[n] == SKIP]
     skipped = [s.name for s in model_map.streams if s.name not in trimmed] + [n for n in trimmed if n not in kept]
     by_path = _build(model, model_map, kept, other, text_embed, config)
-    trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
+    trimmers = state.Trimmers({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
-    model.add_module(state.TOKEN_TRIMMERS, trimmers)
+    state.attach(model, state.TOKEN_TRIMMERS, trimmers)
     runtime = TokenRuntime(model, model_map, cap, SmartTrimDecider(by_path), by_path, other,
                            threshold=config.threshold, special=special, tau=config.tau, text_embed=text_embed,
                            skip=skip)

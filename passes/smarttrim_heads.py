@@ -146,9 +146,9 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
         else:
             plans[site.path] = plan
     by_path = {p: HeadTrimmer(plan.width, plan.units, hidden=config.hidden or None) for p, plan in plans.items()}
-    trimmers = nn.ModuleDict({p.replace(".", "__"): t for p, t in by_path.items()})
+    trimmers = state.Trimmers({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
-    model.add_module(state.HEAD_TRIMMERS, trimmers)
+    state.attach(model, state.HEAD_TRIMMERS, trimmers)
     runtime = HeadRuntime(model, plans, SmartTrimHeadDecider(by_path), threshold=config.threshold, tau=config.tau,
                           min_heads=config.min_heads, batched=config.batched)
     state.put(model, state.HEAD_RUNTIME, runtime)

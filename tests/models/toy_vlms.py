@@ -1,9 +1,13 @@
-"""Two plain-PyTorch vision-language models, loaded through ``path/file.py:factory`` references.
+"""Plain-PyTorch vision-language models, loaded through ``path/file.py:factory`` references.
 
 * ``two_stream``: a vision tower and a text tower; attention is one fused qkv Linear and einsum
   products; every text layer cross-attends to the vision tower's output (fused kv projection).
 * ``single_stream``: image patches and text tokens concatenated into one sequence and run through
   ``nn.MultiheadAttention`` layers (its fused eval fast path).
+* ``sequential``: an ``nn.Sequential`` (patch embedding, blocks, head) over pixels alone.
+* ``child_loop``: one fused sequence whose forward runs every child after the embedding in turn.
+
+The last two call every child they hold, so whatever is attached to them runs too.
 
 Argument names are deliberately not the Hugging Face ones.
 """
@@ -166,3 +170,80 @@ def single_stream(cfg: ToyConfig | None = None):
     model = SingleStreamVLM(cfg).eval()
     inputs = make_inputs(cfg, names=("img", "txt"))
     return model, {"txt": inputs["txt"], "img": inputs["img"]}
+
+
+class PatchTokens(nn.Module):
+    """Pixels → [CLS] + patch tokens with learned positions."""
+
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        n_patch = (cfg.image // cfg.patch) ** 2
+        self.patchify = nn.Conv2d(3, cfg.v_width, cfg.patch, cfg.patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.v_width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, n_patch + 1, cfg.v_width) * 0.02)
+
+    def forward(self, image):
+        v = self.patchify(image).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(v.shape[0], -1, -1), v], dim=1) + self.pos[:, : v.shape[1] + 1]
+
+
+class ClsHead(nn.Module):
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x)[:, 0])
+
+
+class FusedEmbedding(nn.Module):
+    """Text tokens and image patches embedded into one sequence (text first)."""
+
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.patch = cfg.patch
+        n_patch = (cfg.image // cfg.patch) ** 2
+        self.patch_proj = nn.Linear(3 * cfg.patch * cfg.patch, cfg.t_width)
+        self.word = nn.Embedding(cfg.vocab, cfg.t_width)
+        self.pos = nn.Parameter(torch.randn(1, n_patch + 64, cfg.t_width) * 0.02)
+
+    def forward(self, txt, img):
+        p, b = self.patch, img.shape[0]
+        patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * p * p)
+        x = torch.cat([self.word(txt), self.patch_proj(patches)], dim=1)
+        return x + self.pos[:, : x.shape[1]]
+
+
+class ChildLoopVLM(nn.Module):
+    """Embeds both inputs, then runs every other child in registration order."""
+
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.embed = FusedEmbedding(cfg)
+        self.block0 = MHABlock(cfg.t_width, cfg.t_heads, cfg.t_ffn)
+        self.block1 = Block(cfg.t_width, cfg.t_heads, cfg.t_ffn)
+        self.block2 = MHABlock(cfg.t_width, cfg.t_heads, cfg.t_ffn)
+        self.head = ClsHead(cfg.t_width, cfg.classes)
+
+    def forward(self, txt, img):
+        x = self.embed(txt, img)
+        for child in list(self.children())[1:]:
+            x = child(x)
+        return x
+
+
+def sequential(cfg: ToyConfig | None = None):
+    """An ``nn.Sequential`` of patch embedding, blocks and head: it takes pixels only."""
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    blocks = [Block(cfg.v_width, cfg.v_heads, cfg.v_ffn) for _ in range(3)]
+    model = nn.Sequential(PatchTokens(cfg), *blocks, ClsHead(cfg.v_width, cfg.classes)).eval()
+    return model, {"input": make_inputs(cfg)["image"]}
+
+
+def child_loop(cfg: ToyConfig | None = None):
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    inputs = make_inputs(cfg, names=("img", "txt"))
+    return ChildLoopVLM(cfg).eval(), {"txt": inputs["txt"], "img": inputs["img"]}

@@ -17,8 +17,14 @@ Plain attributes (``__dict__``, not submodules):
   in flight.
 
 Submodules (saved with the weights): ``trimkit_token_trimmers``, ``trimkit_head_trimmers``,
-``trimkit_baseline_tokens``. Marks on modules: ``trimkit_role`` (``"trimmer"``: trainable),
-``trimkit_no_quant`` (int8 leaves it in float).
+``trimkit_baseline_tokens``, attached with :func:`attach`. They are real children of the model, so
+``state_dict()``, ``parameters()``, ``.to()`` and ``.train()`` reach them, and each is a
+:class:`PassThrough`: called, it returns its first argument unchanged. A model whose forward runs its
+children in turn (``nn.Sequential``, a loop over ``self.children()``) therefore computes what it
+computed before; on an ``nn.Sequential`` they are its last entries (``len(model)`` and
+``model[-1]`` see them) until ``remove_``.
+
+Marks on modules: ``trimkit_role`` (``"trimmer"``: trainable), ``trimkit_no_quant`` (int8 leaves it in float).
 """
 from __future__ import annotations
 
@@ -27,8 +33,9 @@ from typing import Any
 from torch import nn
 
 __all__ = ["RUNTIMES", "MAP", "APPLIED", "COST", "TOKEN_RUNTIME", "HEAD_RUNTIME", "BASELINE_RUNTIME",
-           "TOKEN_TRIMMERS", "HEAD_TRIMMERS", "BASELINE_TOKENS", "LOGITS_HOOKS", "DECODER_LOGITS", "ROLE", "TRIMMER_ROLE", "NO_QUANT",
-           "get", "put", "drop", "has_module", "role", "no_quant", "mark_no_quant", "unmark_no_quant"]
+           "TOKEN_TRIMMERS", "HEAD_TRIMMERS", "BASELINE_TOKENS", "LOGITS_HOOKS", "DECODER_LOGITS", "ROLE",
+           "TRIMMER_ROLE", "NO_QUANT", "PassThrough", "Trimmers", "get", "put", "attach", "drop", "has_module",
+           "role", "no_quant", "mark_no_quant", "unmark_no_quant"]
 
 RUNTIMES = "_trimkit_runtimes"
 MAP = "_trimkit_map"
@@ -49,6 +56,19 @@ TRIMMER_ROLE = "trimmer"
 NO_QUANT = "trimkit_no_quant"
 
 
+class PassThrough(nn.Module):
+    """Base of every module trimkit attaches to a model: calling it returns its first argument."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            return args[0]
+        return next(iter(kwargs.values()), None)
+
+
+class Trimmers(PassThrough, nn.ModuleDict):
+    """A dict of trimmers keyed by site (dots as ``__``), attachable to a model."""
+
+
 def get(model: nn.Module, name: str, default: Any = None) -> Any:
     """The plain attribute or submodule ``name`` of ``model`` (``default`` when absent)."""
     return getattr(model, name, default)
@@ -57,6 +77,13 @@ def get(model: nn.Module, name: str, default: Any = None) -> Any:
 def put(model: nn.Module, name: str, value: Any) -> None:
     """Store a plain (non-module) attribute, bypassing ``nn.Module.__setattr__``."""
     object.__setattr__(model, name, value)
+
+
+def attach(model: nn.Module, name: str, module: PassThrough) -> None:
+    """Register ``module`` as the submodule ``name`` of ``model`` (saved with its weights)."""
+    if not isinstance(module, PassThrough):
+        raise TypeError(f"{name}: trimkit attaches PassThrough modules only, got {type(module).__name__}")
+    model.add_module(name, module)
 
 
 def drop(model: nn.Module, name: str) -> None:
