@@ -58,6 +58,7 @@ def test_attach_refuses_a_module_that_would_change_the_forward():
 
 
 @pytest.mark.parametrize("ref", REFS)
+@pytest.mark.slow
 def test_smarttrim_keep_all_is_exact_trimming_saves_flops_and_remove_restores(ref):
     bb = load_backbone(ref)
     inputs = bb.example_inputs(3)
@@ -102,6 +103,7 @@ def test_random_tokens_off_is_exact_on_saves_flops_and_remove_restores(ref):
 
 @pytest.mark.parametrize("ref,configs", [(SEQUENTIAL, _smarttrim(0.5)), (CHILD_LOOP, _smarttrim(0.5)),
                                          (SEQUENTIAL, [RandomTokensConfig(seed=3, keep_ratio=0.5)])])
+@pytest.mark.slow
 def test_saved_folder_restores_exactly(tmp_path, ref, configs):
     bb = load_backbone(ref)
     inputs = bb.example_inputs(2)
@@ -113,6 +115,7 @@ def test_saved_folder_restores_exactly(tmp_path, ref, configs):
     assert torch.equal(_out(restored.model, inputs), expected)
 
 
+@pytest.mark.slow
 def test_child_loop_model_trains():
     recipe = "[[pass]]\nname = \"smarttrim.tokens\"\ntarget_ratio = 0.5\n[[pass]]\nname = \"smarttrim.heads\"\n"
     result = train(CHILD_LOOP, "synthetic:truefalse?n=16", target_ratio=0.7, steps=2, recipe=recipe,
