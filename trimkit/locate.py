@@ -337,6 +337,7 @@ class _RawSite:
     k_in: fx.Node | None
     module: str  # module running the core op
     layer_hint: str | None = None  # encoder-layer fast path: the layer itself
+    ffn: FFN | None = None  # encoder-layer fast path: the FFN the kernel runs
 
 
 def _proj(g: _Graph, operand: fx.Node) -> fx.Node | None:
@@ -430,7 +431,7 @@ def _native_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     return _RawSite(site, query, key, where)
 
 
-def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> tuple[_RawSite, FFN]:
+def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     src, embed, heads = n.args[0], n.args[1], n.args[2]
     qkv, proj = _param_name(n.args[3]), _param_name(n.args[5])
     where = n.meta["trimkit.module"]
@@ -441,9 +442,10 @@ def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> tuple[_RawSite, FFN]:
                          query_input=src.meta["trimkit.index"], key_input=src.meta["trimkit.index"])
     f1, f2 = _param_name(w1), _param_name(w2)
     hidden = w1.meta["trimkit.shape"][0]
-    ffn = FFN(path=where, hidden=int(hidden), width=int(embed), fc_in=[f1], fc_out=f2,
+    region = _common_prefix([_owner(g, f1), _owner(g, f2)]) or where
+    ffn = FFN(path=region, hidden=int(hidden), width=int(embed), fc_in=[f1], fc_out=f2,
               activation="gelu" if n.args[7] else "relu")
-    return _RawSite(site, src, src, where, layer_hint=where), ffn
+    return _RawSite(site, src, src, where, layer_hint=where, ffn=ffn)
 
 
 _getitem = __import__("operator").getitem
@@ -539,7 +541,6 @@ def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_Ra
     """Attention sites at the ops of the registered attention kinds, in graph order, and the FFNs of
     fused encoder layers."""
     raw: list[_RawSite] = []
-    fast_ffns: list[FFN] = []
     for n in g.nodes:
         if n.op != "call_function":
             continue
@@ -553,15 +554,14 @@ def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_Ra
         elif kind.pattern == "mha_kernel":
             rs = _native_site(g, n, kind.name)
         else:
-            rs, f = _encoder_layer_site(g, n, kind.name)
-            fast_ffns.append(f)
+            rs = _encoder_layer_site(g, n, kind.name)
         if rs is not None:
             rs.site.call = len(raw)
             raw.append(rs)
-    return raw, fast_ffns
+    return raw, [r.ffn for r in raw if r.ffn is not None]
 
 
-def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
+def _site_layers(raw: list[_RawSite], ffns: list[FFN],
                  unclassified: list[str]) -> tuple[list[str], dict[str, FFN | None]]:
     """The layer path of each site, and each layer's FFN."""
     layer_of_site: list[str] = []
@@ -569,7 +569,7 @@ def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
     for r in raw:
         if r.layer_hint:
             path = r.layer_hint
-            ffn = next(f for f in fast_ffns if f.path == path)
+            ffn = r.ffn
         else:
             path, ffn = _layer_path(r.site.path, ffns)
         layer_of_site.append(path)
@@ -685,7 +685,7 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
     raw, fast_ffns = _raw_sites(g, batch, unclassified)
     attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
     ffns = _find_ffns(g, attn_projs) + fast_ffns
-    layer_of_site, layer_ffn = _site_layers(raw, ffns, fast_ffns, unclassified)
+    layer_of_site, layer_ffn = _site_layers(raw, ffns, unclassified)
     layer_order, layers, main_in, outputs = _layers(cap, raw, layer_of_site, layer_ffn)
     streams, stream_of = _chain_layers(layer_order, layers, main_in, outputs)
     out_streams = _streams(streams, layers, main_in, roles, notes)
