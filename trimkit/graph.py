@@ -16,8 +16,8 @@ directly become ``get_attr`` nodes. Every node carries namespaced metadata:
 
 Module hooks are per module, except on ``nn.TransformerEncoderLayer`` and its submodules, whose forward
 skips its fused kernel when hooks are attached: those calls are seen through global module hooks, so the
-graph holds the kernel the model runs without trimkit. Module calls are also kept in :class:`Capture.calls` (path, input and output nodes), because the
-locator reasons about layers as modules.
+graph holds the kernel the model runs without trimkit. Module calls are also kept in
+:class:`Capture.calls` (path, input and output nodes), because the locator reasons about layers as modules.
 """
 from __future__ import annotations
 
