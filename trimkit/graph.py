@@ -99,6 +99,22 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _shape(t: torch.Tensor | None) -> tuple | None:
+    """The shape of ``t``, with None for a ragged dimension of a nested tensor (None: no tensor)."""
+    if t is None:
+        return None
+    if t.is_nested:
+        return tuple(_nested_size(t, i) for i in range(t.dim()))
+    return tuple(t.shape)
+
+
+def _nested_size(t: torch.Tensor, dim: int) -> int | None:
+    try:
+        return t.size(dim)
+    except RuntimeError:  # a ragged dimension
+        return None
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that appends one node per executed op."""
 
@@ -140,7 +156,7 @@ class _State:
     def _meta(self, node: fx.Node, value, origins: frozenset) -> None:
         first = next((v for v in tree_flatten(value)[0] if _is_tensor(v)), None)
         node.meta["trimkit.module"] = self.stack[-1] if self.stack else ""
-        node.meta["trimkit.shape"] = tuple(first.shape) if first is not None else None
+        node.meta["trimkit.shape"] = _shape(first)
         node.meta["trimkit.dtype"] = first.dtype if first is not None else None
         node.meta["trimkit.origins"] = origins
         node.meta["trimkit.index"] = next(self.counter)

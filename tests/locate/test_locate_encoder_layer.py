@@ -105,3 +105,36 @@ def test_tokens_and_heads_trim_fused_layers_exactly_at_threshold_zero():
             t.fc2.weight.copy_(torch.randn(t.fc2.weight.shape, generator=g) * 3)
     token_runtime(model).threshold = head_runtime(model).threshold = 1.0
     assert count_flops(model, inputs).flops < before
+
+
+class _PaddedEncoder(torch.nn.Module):
+    """nn.TransformerEncoder with a padding mask: in eval it runs its layers' kernel on nested tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 96, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nested_tensor_path_is_located_and_left_whole_by_trimming():
+    torch.manual_seed(0)
+    model = _PaddedEncoder().eval()
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": mask}
+    mm = locate(model, inputs)
+    assert [(layer.path, layer.width, layer.ffn.path, layer.ffn.hidden, [a.op for a in layer.attention])
+            for s in mm.streams for layer in s.layers] == [
+        (f"encoder.layers.{i}", 32, f"encoder.layers.{i}", 96, ["encoder_layer"]) for i in range(2)]
+    with torch.no_grad():
+        expected = model(**inputs)
+    results = apply_(model, [SmartTrimTokensConfig(threshold=0.0), SmartTrimHeadsConfig(threshold=0.0)],
+                     inputs=inputs).results
+    assert results[0].report["trimmed_streams"] == [] and results[1].report["trimmed_sites"] == []
+    with torch.no_grad():
+        assert (model(**inputs) - expected).abs().max().item() <= 1e-5
