@@ -22,7 +22,7 @@ from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
 from trimkit.runtime import (REMOVE, SKIP, ScoreDecider, TokenRuntime, TokenStep, candidate_streams, capture_padded,
-                             per_token_streams, probe_streams, state, stream_report, task_logits)
+                             per_token_streams, probe_streams, side_by_side, state, stream_report, task_logits)
 
 __all__ = ["SmartTrimTokensConfig", "TokenTrimmer", "SmartTrimDecider", "token_runtime"]
 
@@ -133,15 +133,16 @@ def _text_embedding(model: nn.Module, cap, roles: dict[str, str]):
 def _guidance(model_map: ModelMap, trimmed: list[str], mode: str, text_embed) -> tuple[dict, list[str]]:
     other: dict[str, str | None] = {}
     notes = []
+    shared = side_by_side(model_map)  # their states are not recorded apart: no guidance from them
     for name in trimmed:
         s = model_map.stream(name)
         if mode == "self":
             other[name] = None
             continue
         keyed = [a.key_stream for lay in s.layers for a in lay.attention
-                 if a.kind == "cross" and not a.key_stream.startswith("input:")]
+                 if a.kind == "cross" and not a.key_stream.startswith("input:") and a.key_stream not in shared]
         keying = [t.name for t in model_map.streams for lay in t.layers for a in lay.attention
-                  if a.kind == "cross" and a.key_stream == name]
+                  if a.kind == "cross" and a.key_stream == name and t.name not in shared]
         first = s.layers[0].index
         later = [k for k in keying if model_map.stream(k).layers[0].index > first]
         if keyed:
@@ -206,6 +207,8 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     kept = [n for n in trimmed if modes[n] in (REMOVE, SKIP)]
     skip = [n for n in kept if modes[n] == SKIP]
     skipped = [s.name for s in model_map.streams if s.name not in trimmed] + [n for n in trimmed if n not in kept]
+    notes += [f"stream '{n}' runs inside the layers of stream '{first}' (one module call for both): left whole"
+              for n, first in side_by_side(model_map).items()]
     by_path = _build(model, model_map, kept, other, text_embed, config)
     trimmers = state.Trimmers({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)

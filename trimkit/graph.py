@@ -14,8 +14,10 @@ directly become ``get_attr`` nodes. Every node carries namespaced metadata:
 ``trimkit.origins``  frozenset of model input names the value descends from
 ``trimkit.index``    execution order
 
-Module calls are also kept in :class:`Capture.calls` (path, input and output nodes), because the
-locator reasons about layers as modules.
+Module hooks are per module, except on ``nn.TransformerEncoderLayer`` and its submodules, whose forward
+skips its fused kernel when hooks are attached: those calls are seen through global module hooks, so the
+graph holds the kernel the model runs without trimkit. Module calls are also kept in
+:class:`Capture.calls` (path, input and output nodes), because the locator reasons about layers as modules.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -96,6 +99,22 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _shape(t: torch.Tensor | None) -> tuple | None:
+    """The shape of ``t``, with None for a ragged dimension of a nested tensor (None: no tensor)."""
+    if t is None:
+        return None
+    if t.is_nested:
+        return tuple(_nested_size(t, i) for i in range(t.dim()))
+    return tuple(t.shape)
+
+
+def _nested_size(t: torch.Tensor, dim: int) -> int | None:
+    try:
+        return t.size(dim)
+    except RuntimeError:  # a ragged dimension
+        return None
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that appends one node per executed op."""
 
@@ -137,7 +156,7 @@ class _State:
     def _meta(self, node: fx.Node, value, origins: frozenset) -> None:
         first = next((v for v in tree_flatten(value)[0] if _is_tensor(v)), None)
         node.meta["trimkit.module"] = self.stack[-1] if self.stack else ""
-        node.meta["trimkit.shape"] = tuple(first.shape) if first is not None else None
+        node.meta["trimkit.shape"] = _shape(first)
         node.meta["trimkit.dtype"] = first.dtype if first is not None else None
         node.meta["trimkit.origins"] = origins
         node.meta["trimkit.index"] = next(self.counter)
@@ -219,8 +238,13 @@ class _State:
             if self.leaf_depth:
                 self.leaf_depth += 1
 
-    def post_call(self, path: str, module: nn.Module, output) -> None:
+    def post_call(self, path: str, module: nn.Module, output, late_kwargs: dict | None = None) -> None:
         call = self.open_calls.pop()
+        if late_kwargs:  # keyword tensors of a call whose pre-hook could not see them
+            for k, v in late_kwargs.items():
+                if _is_tensor(v):
+                    call.inputs.append(self.node_of(v))
+                    call.input_names.append(str(k))
         self.stack.pop()
         if self.leaf_depth:
             self.leaf_depth -= 1
@@ -241,6 +265,47 @@ def _flatten_inputs(inputs) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _hook_sensitive(model: nn.Module) -> dict[nn.Module, str]:
+    """Modules whose forward takes another path when hooks are attached to them (``nn.TransformerEncoderLayer``
+    skips its fused kernel then), with their paths: the capture hooks them globally instead."""
+    out: dict[nn.Module, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.TransformerEncoderLayer):
+            prefix = f"{path}." if path else ""
+            for sub_path, sub in module.named_modules(remove_duplicate=False):
+                out.setdefault(sub, prefix + sub_path if sub_path else path)
+    return out
+
+
+def _install_hooks(model: nn.Module, state: _State, handles: list) -> None:
+    """Forward hooks that report every module call of ``model`` to ``state``, their handles appended to
+    ``handles`` as they are made."""
+    quiet = _hook_sensitive(model)
+    for module, path in {m: p for p, m in model.named_modules(remove_duplicate=False)}.items():
+        if module in quiet:
+            continue
+
+        def pre(mod, args, kwargs, _p=path):
+            state.pre_call(_p, mod, args, kwargs)
+
+        def post(mod, args, kwargs, output, _p=path):
+            state.post_call(_p, mod, output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    if quiet:
+        def global_pre(mod, args):
+            if mod in quiet:
+                state.pre_call(quiet[mod], mod, args, {})
+
+        def global_post(mod, args, kwargs, output):
+            if mod in quiet:
+                state.post_call(quiet[mod], mod, output, late_kwargs=kwargs)
+
+        handles.append(register_module_forward_pre_hook(global_pre))
+        handles.append(register_module_forward_hook(global_post, with_kwargs=True))
+
+
 def capture(model: nn.Module, inputs: dict[str, Any], *, name: str | None = None,
             forward: Callable[..., Any] | None = None) -> Capture:
     """Run ``model(**inputs)`` once under no_grad and record the executed graph.
@@ -253,17 +318,8 @@ def capture(model: nn.Module, inputs: dict[str, Any], *, name: str | None = None
     tensor_inputs = {k: v for k, v in inputs.items() if _is_tensor(v)}
     state = _State(model, tensor_inputs)
     handles = []
-    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
     try:
-        for module, path in paths.items():
-            def pre(mod, args, kwargs, _p=path):
-                state.pre_call(_p, mod, args, kwargs)
-
-            def post(mod, args, kwargs, output, _p=path):
-                state.post_call(_p, mod, output)
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        _install_hooks(model, state, handles)
         with torch.no_grad(), _Recorder(state):
             output = forward(model, inputs) if forward else model(**inputs)
     except CaptureError:

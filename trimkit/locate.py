@@ -10,6 +10,9 @@
 * A **layer** is the deepest module enclosing an attention site that holds exactly one FFN (or the
   site's parent if none does). Layers run in order; a **stream** is a chain of layers where each
   layer's main input descends from the previous layer's output (within the same container).
+* A layer whose one call takes and returns the hidden states of several streams side by side (a
+  co-attention layer) is one layer of each stream: each site and FFN goes with the hidden output it
+  reaches first, and the streams are named ``<container>:<modality>``.
 * A stream's **modality** comes from the model inputs its first layer's input descends from.
 """
 from __future__ import annotations
@@ -54,7 +57,7 @@ class AttentionSite:
     o: str | None = None
     fused_qkv: bool = False
     op: str = ""  # the attention kind's name (trimkit.attention): "softmax" | "sdpa" | "native_mha" | ...
-    call: int = 0  # order of execution among sites
+    call: int = 0  # order of execution among sites (tells apart the calls of one module)
     query_input: int = -1  # graph index of the node feeding the query side
     key_input: int = -1
 
@@ -103,6 +106,16 @@ class Stream:
 
 @dataclasses.dataclass
 class ModelMap:
+    """What :func:`locate` found: streams -> layers -> attention sites and FFN.
+
+    In :meth:`to_dict` (the ``trimkit inspect --json`` object) every attention entry has ``path``,
+    ``kind``, ``heads``, ``head_dim``, ``query_stream``, ``key_stream`` and ``call``, its place in the
+    order of execution. A module called several times in one forward gives one entry per call, each with
+    its own streams: such entries share ``path`` and differ in ``call`` (one cross-attention module called
+    text -> vision, then vision -> text). A module whose one call runs two streams side by side is a
+    layer of each of them, so layers of different streams may share ``path`` too.
+    """
+
     model: str
     cls: str
     streams: list[Stream]
@@ -337,6 +350,8 @@ class _RawSite:
     k_in: fx.Node | None
     module: str  # module running the core op
     layer_hint: str | None = None  # encoder-layer fast path: the layer itself
+    out: fx.Node | None = None  # the site's output (its output projection, or the fused op)
+    ffn: FFN | None = None  # encoder-layer fast path: the FFN the kernel runs
 
 
 def _proj(g: _Graph, operand: fx.Node) -> fx.Node | None:
@@ -399,7 +414,7 @@ def _make_site(g, op, where, heads, head_dim, q_node, k_node, v_node, o_node, q_
                          o=o, fused_qkv=fused, op=op,
                          query_input=q_in.meta["trimkit.index"] if q_in is not None else -1,
                          key_input=k_in.meta["trimkit.index"] if k_in is not None else -1)
-    return _RawSite(site, q_in, k_in, where)
+    return _RawSite(site, q_in, k_in, where, out=o_node)
 
 
 def _sdpa_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
@@ -427,10 +442,10 @@ def _native_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     site = AttentionSite(path=where, kind="self", heads=int(heads), head_dim=int(embed) // int(heads),
                          q=qkv, k=qkv, v=qkv, o=proj, fused_qkv=True, op=op,
                          query_input=query.meta["trimkit.index"], key_input=key.meta["trimkit.index"])
-    return _RawSite(site, query, key, where)
+    return _RawSite(site, query, key, where, out=n)
 
 
-def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> tuple[_RawSite, FFN]:
+def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> _RawSite:
     src, embed, heads = n.args[0], n.args[1], n.args[2]
     qkv, proj = _param_name(n.args[3]), _param_name(n.args[5])
     where = n.meta["trimkit.module"]
@@ -441,9 +456,10 @@ def _encoder_layer_site(g: _Graph, n: fx.Node, op: str) -> tuple[_RawSite, FFN]:
                          query_input=src.meta["trimkit.index"], key_input=src.meta["trimkit.index"])
     f1, f2 = _param_name(w1), _param_name(w2)
     hidden = w1.meta["trimkit.shape"][0]
-    ffn = FFN(path=where, hidden=int(hidden), width=int(embed), fc_in=[f1], fc_out=f2,
+    region = _common_prefix([_owner(g, f1), _owner(g, f2)]) or where
+    ffn = FFN(path=region, hidden=int(hidden), width=int(embed), fc_in=[f1], fc_out=f2,
               activation="gelu" if n.args[7] else "relu")
-    return _RawSite(site, src, src, where, layer_hint=where), ffn
+    return _RawSite(site, src, src, where, layer_hint=where, ffn=ffn, out=n)
 
 
 _getitem = __import__("operator").getitem
@@ -454,7 +470,8 @@ _ELEMENTWISE_ACT = {"gelu", "relu", "silu", "tanh", "sigmoid", "mul", "add", "po
                     "clamp", "clamp_min", "relu_", "gelu_", "silu_", "view", "_unsafe_view", "reshape"}
 
 
-def _find_ffns(g: _Graph, attn_projs: set[str]) -> list[FFN]:
+def _find_ffns(g: _Graph, attn_projs: set[str]) -> dict[fx.Node, FFN]:
+    """FFNs by the node of their second Linear."""
     ffns: dict[fx.Node, FFN] = {}
     for a, (pa, ina, outa) in g.linear.items():
         if pa in attn_projs or outa <= ina:
@@ -488,7 +505,7 @@ def _find_ffns(g: _Graph, attn_projs: set[str]) -> list[FFN]:
             continue
         path = _common_prefix([_owner(g, pa), _owner(g, pb)]) or _owner(g, pa)
         ffns[target] = FFN(path=path, hidden=int(outa), width=int(ina), fc_in=[pa], fc_out=pb, activation=act)
-    return list(ffns.values())
+    return ffns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +556,6 @@ def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_Ra
     """Attention sites at the ops of the registered attention kinds, in graph order, and the FFNs of
     fused encoder layers."""
     raw: list[_RawSite] = []
-    fast_ffns: list[FFN] = []
     for n in g.nodes:
         if n.op != "call_function":
             continue
@@ -553,15 +569,14 @@ def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_Ra
         elif kind.pattern == "mha_kernel":
             rs = _native_site(g, n, kind.name)
         else:
-            rs, f = _encoder_layer_site(g, n, kind.name)
-            fast_ffns.append(f)
+            rs = _encoder_layer_site(g, n, kind.name)
         if rs is not None:
             rs.site.call = len(raw)
             raw.append(rs)
-    return raw, fast_ffns
+    return raw, [r.ffn for r in raw if r.ffn is not None]
 
 
-def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
+def _site_layers(raw: list[_RawSite], ffns: list[FFN],
                  unclassified: list[str]) -> tuple[list[str], dict[str, FFN | None]]:
     """The layer path of each site, and each layer's FFN."""
     layer_of_site: list[str] = []
@@ -569,20 +584,114 @@ def _site_layers(raw: list[_RawSite], ffns: list[FFN], fast_ffns: list[FFN],
     for r in raw:
         if r.layer_hint:
             path = r.layer_hint
-            ffn = next(f for f in fast_ffns if f.path == path)
+            ffn = r.ffn
         else:
             path, ffn = _layer_path(r.site.path, ffns)
         layer_of_site.append(path)
         layer_ffn[path] = ffn
-    used_ffns = {id(f) for f in layer_ffn.values() if f}
-    for f in ffns:
-        if id(f) not in used_ffns:
-            unclassified.append(f"FFN '{f.path}' ({f.width}->{f.hidden}->{f.width}) belongs to no attention layer")
     return layer_of_site, layer_ffn
 
 
-def _layers(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_ffn: dict[str, FFN | None]):
-    """``(layer paths in order of first call, {path: Layer}, {path: main input node}, {output node: path})``."""
+def _unused_ffns(ffns: list[FFN], layer_ffn: dict[str, FFN | None]) -> list[str]:
+    used = {id(f) for f in layer_ffn.values() if f}
+    return [f"FFN '{f.path}' ({f.width}->{f.hidden}->{f.width}) belongs to no attention layer"
+            for f in ffns if id(f) not in used]
+
+
+# A module call that runs several streams side by side (a co-attention layer: hidden states of each stream
+# in, as many out) is one layer per stream, a "lane"; internally lane k > 0 of layer ``path`` is the key
+# ``path#lane<k>``.
+_LANE = "#lane"
+
+
+def _lane_key(path: str, lane: int) -> str:
+    return path if lane == 0 else f"{path}{_LANE}{lane}"
+
+
+def _key_path(key: str) -> str:
+    return key.split(_LANE, 1)[0]
+
+
+def _key_lane(key: str) -> int:
+    return int(key.split(_LANE, 1)[1]) if _LANE in key else 0
+
+
+def _hidden_all(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The 3-D floating-point values among ``nodes`` (hidden states)."""
+    out = []
+    for n in nodes:
+        s, dt = n.meta.get("trimkit.shape"), n.meta.get("trimkit.dtype")
+        if s is not None and len(s) == 3 and dt is not None and dt.is_floating_point and n not in out:
+            out.append(n)
+    return out
+
+
+def _nearest_output(start: fx.Node | None, outs: list[fx.Node], limit: int = 4000) -> int | None:
+    """Index in ``outs`` of the first of them reached walking forward from ``start``."""
+    if start is None:
+        return None
+    where = {n: i for i, n in enumerate(outs)}
+    seen, queue = {start}, deque([start])
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if n in where:
+            return where[n]
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                queue.append(u)
+    return None
+
+
+def _lanes(path: str, call: ModuleCall, sites: dict[int, _RawSite], inside: list[FFN],
+           ffn_nodes: dict[int, fx.Node]) -> tuple[dict[int, int], dict[int, FFN]] | None:
+    """``({site number: lane}, {lane: FFN})`` of a layer call that runs several streams side by side, or
+    None: each site and FFN belongs to the hidden output it reaches first; every lane needs a site and
+    at most one FFN."""
+    ins, outs = _hidden_all(call.inputs), _hidden_all(call.outputs)
+    if len(ins) < 2 or len(outs) < 2:
+        return None
+    site_lane = {i: _nearest_output(r.out, outs) for i, r in sites.items()}
+    ffn_lane = [(_nearest_output(ffn_nodes.get(id(f)), outs), f) for f in inside]
+    lanes = set(site_lane.values())
+    if None in lanes or len(lanes) < 2 or max(lanes) >= len(ins) or not {k for k, _ in ffn_lane} <= lanes:
+        return None
+    by_lane: dict[int, FFN] = {}
+    for k, f in ffn_lane:
+        if k in by_lane:
+            return None
+        by_lane[k] = f
+    return site_lane, by_lane
+
+
+def _split_lanes(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_ffn: dict[str, FFN | None],
+                 ffns: list[FFN], ffn_nodes: dict[int, fx.Node]) -> dict[str, list[fx.Node]]:
+    """Splits the layers whose call runs several streams side by side into lanes (rewriting
+    ``layer_of_site`` and ``layer_ffn``); returns ``{layer path: the hidden inputs of its call}``."""
+    split: dict[str, list[fx.Node]] = {}
+    for path in dict.fromkeys(layer_of_site):
+        call = next((c for c in cap.calls if c.path == path), None)
+        if call is None or layer_ffn.get(path) is not None:
+            continue
+        sites = {i: raw[i] for i, p in enumerate(layer_of_site) if p == path}
+        inside = [f for f in ffns if all(_is_ancestor(path, q) for q in f.fc_in + [f.fc_out])]
+        found = _lanes(path, call, sites, inside, ffn_nodes)
+        if found is None:
+            continue
+        site_lane, by_lane = found
+        for i, k in site_lane.items():
+            layer_of_site[i] = _lane_key(path, k)
+        del layer_ffn[path]
+        for k in sorted(set(site_lane.values())):
+            layer_ffn[_lane_key(path, k)] = by_lane.get(k)
+        split[path] = _hidden_all(call.inputs)
+    return split
+
+
+def _layers(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_ffn: dict[str, FFN | None],
+            split: dict[str, list[fx.Node]]):
+    """``(layer keys in order of first call, {key: Layer}, {key: main input node}, {output node: key})``;
+    a key is the layer's path, or a lane's (see :func:`_split_lanes`)."""
     calls_by_path: dict[str, list[ModuleCall]] = {}
     for c in cap.calls:
         calls_by_path.setdefault(c.path, []).append(c)
@@ -591,25 +700,29 @@ def _layers(cap: Capture, raw: list[_RawSite], layer_of_site: list[str], layer_f
         if p not in layer_order:
             layer_order.append(p)
 
-    def first_call(path: str) -> ModuleCall | None:
-        calls = calls_by_path.get(path)
+    def first_call(key: str) -> ModuleCall | None:
+        calls = calls_by_path.get(_key_path(key))
         return calls[0] if calls else None
 
-    layer_order.sort(key=lambda p: first_call(p).index if first_call(p) else 0)
+    layer_order.sort(key=lambda p: (first_call(p).index if first_call(p) else 0, _key_lane(p)))
     layers: dict[str, Layer] = {}
     outputs: dict[fx.Node, str] = {}
     main_in: dict[str, fx.Node | None] = {}
     for p in layer_order:
         sites = [r.site for r, lp in zip(raw, layer_of_site) if lp == p]
-        call = first_call(p)
-        hidden_in = _hidden(call.inputs) if call else (raw[layer_of_site.index(p)].q_in)
+        call, path = first_call(p), _key_path(p)
+        if path in split:
+            hidden_in = split[path][_key_lane(p)]
+        else:
+            hidden_in = _hidden(call.inputs) if call else (raw[layer_of_site.index(p)].q_in)
         width = hidden_in.meta["trimkit.shape"][-1] if hidden_in is not None and hidden_in.meta.get(
             "trimkit.shape") else 0
-        layers[p] = Layer(p, sites, layer_ffn.get(p), index=call.index if call else 0, width=int(width))
+        layers[p] = Layer(path, sites, layer_ffn.get(p), index=call.index if call else 0, width=int(width))
         main_in[p] = hidden_in
-        for c in calls_by_path.get(p, []):
+        for c in calls_by_path.get(p, []) if p == path else []:
+            lanes = _hidden_all(c.outputs)[:len(split.get(path, []))]
             for o in c.outputs:
-                outputs[o] = p
+                outputs[o] = _lane_key(path, lanes.index(o)) if o in lanes else path
     return layer_order, layers, main_in, outputs
 
 
@@ -635,29 +748,39 @@ def _chain_layers(layer_order: list[str], layers: dict[str, Layer], main_in: dic
 
 
 def _streams(streams: list[list[str]], layers: dict[str, Layer], main_in: dict, roles: dict,
-             notes: list[str]) -> list[Stream]:
-    """Named streams with the modality of the model inputs their first layer descends from."""
+             notes: list[str], split: dict) -> list[Stream]:
+    """Named streams with the modality of the model inputs their first layer descends from; streams of
+    layers that run side by side are named ``<container>:<modality>``."""
     out_streams: list[Stream] = []
     names_used: set[str] = set()
     for members in streams:
         base = _common_prefix(_parent(m) for m in members) or _parent(members[0]) or members[0]
-        sname, k = base, 2
-        while sname in names_used:
-            sname, k = f"{base}#{k}", k + 1
-        names_used.add(sname)
         src = main_in[members[0]]
         origins = sorted(o for o in (src.meta["trimkit.origins"] if src is not None else ())
                          if roles.get(o) in ("vision", "text"))
         mods = {roles[o] for o in origins}
         modality = mods.pop() if len(mods) == 1 else "fused"
+        if _key_path(members[0]) in split:
+            base = f"{base}:{modality}"
+        sname, k = base, 2
+        while sname in names_used:
+            sname, k = f"{base}#{k}", k + 1
+        names_used.add(sname)
         if not origins:
             notes.append(f"stream '{sname}': its input descends from no vision or text input; called fused")
         out_streams.append(Stream(sname, modality, [layers[m] for m in members], origins))
     return out_streams
 
 
-def _site_streams(raw: list[_RawSite], layer_of_site: list[str], stream_name: dict[str, str], outputs: dict):
-    """Sets each site's query / key stream and whether it is self- or cross-attention."""
+def _site_streams(raw: list[_RawSite], layer_of_site: list[str], stream_name: dict[str, str], outputs: dict,
+                  split: dict[str, list[fx.Node]]):
+    """Sets each site's query / key stream and whether it is self- or cross-attention. In a layer that
+    runs streams side by side, a value that descends from the call's k-th hidden input is lane k's."""
+    sources = dict(outputs)
+    for path, ins in split.items():
+        for k, n in enumerate(ins):
+            sources.setdefault(n, _lane_key(path, k))
+    outputs = sources
     for r, lp in zip(raw, layer_of_site):
         s = r.site
         s.query_stream = stream_name[lp]
@@ -684,13 +807,17 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
     notes: list[str] = []
     raw, fast_ffns = _raw_sites(g, batch, unclassified)
     attn_projs = {p for r in raw for p in (r.site.q, r.site.k, r.site.v, r.site.o) if p}
-    ffns = _find_ffns(g, attn_projs) + fast_ffns
-    layer_of_site, layer_ffn = _site_layers(raw, ffns, fast_ffns, unclassified)
-    layer_order, layers, main_in, outputs = _layers(cap, raw, layer_of_site, layer_ffn)
+    found = _find_ffns(g, attn_projs)
+    ffns = list(found.values()) + fast_ffns
+    ffn_nodes = {id(f): n for n, f in found.items()} | {id(r.ffn): r.out for r in raw if r.ffn is not None}
+    layer_of_site, layer_ffn = _site_layers(raw, ffns, unclassified)
+    split = _split_lanes(cap, raw, layer_of_site, layer_ffn, ffns, ffn_nodes)
+    unclassified += _unused_ffns(ffns, layer_ffn)
+    layer_order, layers, main_in, outputs = _layers(cap, raw, layer_of_site, layer_ffn, split)
     streams, stream_of = _chain_layers(layer_order, layers, main_in, outputs)
-    out_streams = _streams(streams, layers, main_in, roles, notes)
+    out_streams = _streams(streams, layers, main_in, roles, notes, split)
     stream_name = {m: out_streams[sid].name for m, sid in stream_of.items()}
-    _site_streams(raw, layer_of_site, stream_name, outputs)
+    _site_streams(raw, layer_of_site, stream_name, outputs, split)
     return ModelMap(name or type(cap.model).__name__, type(cap.model).__name__, out_streams,
                     roles, unclassified, notes)
 

@@ -7,7 +7,12 @@
 * ``sequential``: an ``nn.Sequential`` (patch embedding, blocks, head) over pixels alone.
 * ``child_loop``: one fused sequence whose forward runs every child after the embedding in turn.
 
-The last two call every child they hold, so whatever is attached to them runs too.
+* ``encoder_layers``: the same single sequence through ``nn.TransformerEncoderLayer`` blocks, which run
+  their fused kernel (``aten._transformer_encoder_layer_fwd``) in eval without grad.
+* ``shared_cross``: a vision and a text stream exchanging information in co-attention layers whose ONE
+  cross-attention module is called twice, text -> vision and vision -> text.
+
+``sequential`` and ``child_loop`` call every child they hold, so whatever is attached to them runs too.
 
 Argument names are deliberately not the Hugging Face ones.
 """
@@ -247,3 +252,73 @@ def child_loop(cfg: ToyConfig | None = None):
     torch.manual_seed(0)
     inputs = make_inputs(cfg, names=("img", "txt"))
     return ChildLoopVLM(cfg).eval(), {"txt": inputs["txt"], "img": inputs["img"]}
+
+
+class EncoderLayerVLM(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_patch = (cfg.image // cfg.patch) ** 2
+        self.patch_proj = nn.Linear(3 * cfg.patch * cfg.patch, cfg.t_width)
+        self.word = nn.Embedding(cfg.vocab, cfg.t_width)
+        self.pos = nn.Parameter(torch.randn(1, n_patch + 64, cfg.t_width) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(cfg.t_width, cfg.t_heads, cfg.t_ffn, dropout=0.0, batch_first=True)
+            for _ in range(cfg.t_layers))
+        self.head = nn.Linear(cfg.t_width, cfg.classes)
+
+    def forward(self, img, txt):
+        p = self.cfg.patch
+        b = img.shape[0]
+        patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * p * p)
+        x = torch.cat([self.word(txt), self.patch_proj(patches)], dim=1)
+        x = x + self.pos[:, : x.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x[:, 0])
+
+
+class CoBlock(nn.Module):
+    """One layer of both streams: self-attention each, then the shared ``cross`` module both ways."""
+
+    def __init__(self, width: int, heads: int, ffn: int):
+        super().__init__()
+        self.t_attn, self.v_attn = EinsumAttention(width, heads), EinsumAttention(width, heads)
+        self.cross = EinsumAttention(width, heads, width)
+        self.t_mlp = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
+        self.v_mlp = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
+
+    def forward(self, t, v):
+        t, v = t + self.t_attn(t), v + self.v_attn(v)
+        t, v = t + self.cross(t, v), v + self.cross(v, t)
+        return t + self.t_mlp(t), v + self.v_mlp(v)
+
+
+class SharedCrossVLM(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patchify = nn.Conv2d(3, cfg.t_width, cfg.patch, cfg.patch)
+        self.embed = nn.Embedding(cfg.vocab, cfg.t_width)
+        self.layers = nn.ModuleList(CoBlock(cfg.t_width, cfg.t_heads, cfg.t_ffn) for _ in range(cfg.t_layers))
+        self.head = nn.Linear(2 * cfg.t_width, cfg.classes)
+
+    def forward(self, image, tokens):
+        v = self.patchify(image).flatten(2).transpose(1, 2)
+        t = self.embed(tokens)
+        for layer in self.layers:
+            t, v = layer(t, v)
+        return self.head(torch.cat([t[:, 0], v.mean(1)], dim=-1))
+
+
+def encoder_layers(cfg: ToyConfig | None = None):
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    inputs = make_inputs(cfg, names=("img", "txt"))
+    return EncoderLayerVLM(cfg).eval(), {"img": inputs["img"], "txt": inputs["txt"]}
+
+
+def shared_cross(cfg: ToyConfig | None = None):
+    cfg = cfg or ToyConfig()
+    torch.manual_seed(0)
+    return SharedCrossVLM(cfg).eval(), make_inputs(cfg)

@@ -13,8 +13,8 @@ from trimkit.runtime.deciders import (HeadDecider, HeadDecision, ScoreDecider, S
 from trimkit.runtime.headcheck import check_sites
 from trimkit.runtime.heads import HeadRuntime, relaxed_heads
 from trimkit.runtime.probe import (REMOVE, SKIP, WHOLE, candidate_streams, capture_padded, per_token_streams,
-                                   probe_removal, probe_stream, probe_streams, split_row, stream_report, task_logits,
-                                   with_padding)
+                                   probe_removal, probe_stream, probe_streams, side_by_side, split_row, stream_report,
+                                   task_logits, with_padding)
 from trimkit.runtime.sites import LAYOUT_NAMES, SitePlan, plan_site
 from trimkit.runtime.slicing import keep_rows
 from trimkit.runtime.streams import StreamState
@@ -31,5 +31,5 @@ __all__ = [
     "TokenRuntime", "StreamState", "HeadRuntime", "SitePlan", "plan_site", "check_sites", "LAYOUT_NAMES",
     # apply-time work
     "capture_padded", "task_logits", "per_token_streams", "candidate_streams", "with_padding", "split_row",
-    "probe_removal", "probe_stream", "probe_streams", "stream_report", "WHOLE", "REMOVE", "SKIP",
+    "probe_removal", "probe_stream", "probe_streams", "stream_report", "side_by_side", "WHOLE", "REMOVE", "SKIP",
 ]

@@ -14,7 +14,7 @@ from trimkit.runtime.tokens import TokenRuntime
 
 __all__ = ["capture_padded", "task_logits", "per_token_streams", "candidate_streams", "with_padding", "split_row",
            "rows_disagree", "ProbeDecider", "probe_removal", "probe_stream", "probe_streams", "stream_report", "REMOVE",
-           "SKIP", "WHOLE"]
+           "SKIP", "WHOLE", "side_by_side"]
 
 WHOLE, REMOVE, SKIP = 0, 1, 2
 
@@ -44,11 +44,25 @@ def stream_report(trimmed: list[str], skip: list[str], skipped: list[str], per_t
             "per_token_streams": sorted(per_token)}
 
 
+def side_by_side(model_map: ModelMap) -> dict[str, str]:
+    """Streams whose layers are the modules of an earlier stream (one call runs both side by side) ->
+    that stream. The token runtime follows one stream per module call: the earlier one."""
+    owner: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for s in model_map.streams:
+        for layer in s.layers:
+            first = owner.setdefault(layer.path, s.name)
+            if first != s.name:
+                out.setdefault(s.name, first)
+    return out
+
+
 def candidate_streams(model_map: ModelMap, pattern, per_token: set[str], start_layer: int) -> list[str]:
-    """Streams matching ``pattern`` (a compiled regex) that are not per-token outputs and have a
-    layer at ``start_layer``."""
+    """Streams matching ``pattern`` (a compiled regex) that are not per-token outputs, have a layer at
+    ``start_layer`` and do not run inside another stream's layers (:func:`side_by_side`)."""
+    shared = side_by_side(model_map)
     return [s.name for s in model_map.streams if pattern.search(s.name) and s.name not in per_token
-            and len(s.layers) > start_layer]
+            and len(s.layers) > start_layer and s.name not in shared]
 
 
 def per_token_streams(model_map: ModelMap, cap, logits: torch.Tensor | None) -> set[str]:

@@ -64,11 +64,13 @@ def _inner_attrs(mod: nn.Module, skip: set[int], heads: int, head_dim: int) -> l
 def plan_site(model: nn.Module, site: AttentionSite) -> tuple[SitePlan | None, str]:
     """How to trim one site's heads, or ``(None, reason)`` when it cannot be done safely."""
     h, dh = site.heads, site.head_dim
-    if site.op == "encoder_layer":
-        return None, "runs inside the fused TransformerEncoderLayer kernel"
     if h < 2:
         return None, "a single head"
     mod = model.get_submodule(site.path)
+    if site.op == "encoder_layer" and not isinstance(mod, nn.MultiheadAttention):
+        return None, "runs inside a fused encoder-layer kernel"
+    # An nn.TransformerEncoderLayer whose attention module carries hooks (the head runtime's) runs its
+    # Python path, so its fused-kernel site is sliced as the nn.MultiheadAttention it calls.
     inner = h * dh
     if isinstance(mod, nn.MultiheadAttention):
         if mod.bias_k is not None or mod.add_zero_attn:

@@ -110,8 +110,9 @@ class TokenRuntime:
         self.axes: dict[str, dict] = {}
         for s in model_map.streams:
             for layer in s.layers:
-                self.stream_of[layer.path] = s.name
-                self.axes[layer.path] = layer_arg_axes(cap, layer.path, other_cap)
+                if layer.path not in self.stream_of:  # a module running two streams follows the first
+                    self.stream_of[layer.path] = s.name
+                    self.axes[layer.path] = layer_arg_axes(cap, layer.path, other_cap)
         wanted = set(layers)
         self.layers: dict[str, int] = {}  # trimmed layer path -> ordinal within its stream (1, 2, ...)
         for s in model_map.streams:
