@@ -137,3 +137,21 @@ def test_train_progress_in_a_log_is_plain_lines(tokens_recipe, tmp_path):
     calibration = [line.split("  ")[0] for line in lines if line.startswith("calibrating threshold")]
     assert calibration[0] == "calibrating threshold 0/17" and calibration[-1] == "calibrating threshold 17/17"
     assert "\r" not in result.stderr and "step 2/2" not in result.stdout
+
+
+@pytest.mark.parametrize("model, name", [("blip-itm-tiny", "itm_accuracy"), ("clip-tiny", "in_batch_recall@1")])
+def test_eval_names_the_retrieval_metric_by_what_it_computes(model, name):
+    result = CliRunner().invoke(cli, ["eval", "--model", model, "--data", "synthetic:retrieval?n=4&image=32",
+                                      "--samples", "1", "--no-latency", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metric"]["name"] == report["metric_untrimmed"]["name"] == name
+    # ITM scores a matched and a mismatched pair per item; recall ranks each of the 4 images' captions
+    rows = 8 if name == "itm_accuracy" else 4
+    assert report["items"] == rows
+    assert (report["metric"]["value"] * rows) == pytest.approx(round(report["metric"]["value"] * rows), abs=1e-9)
+
+
+def test_in_batch_recall_is_weighted_by_rows():
+    from trimkit.evaluate import _row_weighted
+    assert _row_weighted([(1.0, 3), (0.0, 1)]) == 0.75
