@@ -147,10 +147,11 @@ def _interrupted(out: Path, existed: bool) -> KeyboardInterrupt:
 @click.option("--no-profile", is_flag=True, help="Skip the before/after profile.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing trimkit folder at --out, once the new one is complete.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables (no progress).")
 def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | None, target_ratio: float | None,
           steps: int, threshold: float | None, batch_size: int, samples: int, no_profile: bool, overwrite: bool,
-          as_json: bool):
+          no_progress: bool, as_json: bool):
     """Apply a recipe of compression passes, optionally train them, profile and save.
 
     \b
@@ -167,19 +168,20 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     out = _check_args(model_ref, out_dir, data_spec, target_ratio, overwrite)
     console = Console(stderr=as_json, quiet=as_json)
     existed = out.exists()
+    show = not (as_json or no_progress)
     try:
         if data_spec is not None:
             _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
-                             batch_size, as_json)
+                             batch_size, as_json, show)
         else:
             _apply_only(console, model_ref, configs, out, threshold, batch_size, samples, no_profile, overwrite,
-                        as_json)
+                        as_json, show)
     except KeyboardInterrupt:
         raise _interrupted(out, existed) from None
 
 
 def _apply_only(console, model_ref, configs, out: Path, threshold, batch_size, samples, no_profile, overwrite,
-                as_json):
+                as_json, progress):
     """Apply the passes, print what went where, profile before/after and save."""
     from trimkit.backbones import load_backbone
     from trimkit.runtime import set_threshold
@@ -205,7 +207,7 @@ def _apply_only(console, model_ref, configs, out: Path, threshold, batch_size, s
         from trimkit.profile import compare
 
         profile = compare(base, model, backbone.example_inputs, batch_size=batch_size, samples=samples,
-                          progress=not as_json, name=backbone.name)
+                          progress=progress, name=backbone.name)
         result["profile"] = {side: {"flops": profile[side]["flops"], "params": profile[side]["params"],
                                     "latency_ms": profile[side]["latency_ms"]} for side in ("before", "after")}
         result["profile"]["speedup"] = profile["speedup"]
@@ -238,7 +240,7 @@ def _eval_table(report: dict):
 
 
 def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
-                     batch_size, as_json):
+                     batch_size, as_json, progress):
     """The one-stop path: fit to the data, apply, train (into a staging folder swapped in when
     complete), evaluate before/after."""
     from trimkit.runtime import set_threshold
@@ -252,14 +254,14 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
                           "smarttrim.heads)")
     with staged_out_dir(out) as staging:
         result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
-                       out_dir=staging, progress=not as_json)
+                       out_dir=staging, progress=progress)
     model = result.model
     if threshold is not None:
         set_threshold(model, threshold)
     passes = [{"name": type(r.config).name, "config": config_to_dict(r.config)["_data"], "report": r.result.report}
               for r in applied_passes(model)]
     console.print(pass_tree(f"{model_ref}: {len(passes)} pass(es), trained {steps} steps", {"passes": passes}))
-    report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size)
+    report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size, progress=progress)
     console.print(_eval_table(report))
     console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
     if as_json:

@@ -154,9 +154,10 @@ def _print(report: dict, by_block: bool, title: str) -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch.set_num_threads during latency runs.")
 @click.option("--by-block", is_flag=True, help="Also show FLOPs per block (attention, FFN, ...).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (no progress).")
 def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, counter: str,
-            threads: int, by_block: bool, as_json: bool):
+            threads: int, by_block: bool, no_progress: bool, as_json: bool):
     """Count executed FLOPs per input, parameters, latency and peak memory.
 
     \b
@@ -171,7 +172,7 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
     model_map = _model_map(backbone)
     blocks = blocks_from_map(model_map) if model_map is not None else None
     options = dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
-                   name=backbone.name)
+                   name=backbone.name, progress=not (no_progress or as_json))
     if recipe:
         after = _apply_recipe(backbone.model, recipe, model_map,
                               inputs=backbone.example_inputs(2), hints=backbone.hints)

@@ -30,7 +30,7 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--overwrite", is_flag=True,
               help="Replace a trimkit folder at --out, once the new model is complete (never a foreign folder).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch.set_num_threads.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
 def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, overwrite, threads, no_progress,
                   as_json, **settings):
@@ -118,8 +118,10 @@ def _print_eval(report: dict) -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch.set_num_threads during latency runs.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threads, no_latency, as_json):
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (no progress).")
+def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threads, no_latency, no_progress,
+                 as_json):
     """Metric, executed FLOPs and latency of a model, each against the same model with every trimmer off.
 
     \b
@@ -130,7 +132,7 @@ def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threa
     from trimkit.evaluate import evaluate
 
     report = evaluate(model_ref, data_spec, batch_size=batch_size, samples=samples, latency=not no_latency,
-                      latency_batch=latency_batch, threads=threads)
+                      latency_batch=latency_batch, threads=threads, progress=not (no_progress or as_json))
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -416,6 +416,9 @@ def test_metric_accuracy_and_recall():
     logits = torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5], [0.0, 0.0, 2.0]])
     assert metric("vqa", logits, torch.tensor([0, 1, 2, 2])) == ("accuracy", 0.75)
     assert metric("truefalse", torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1, 0, 0])) == ("accuracy", 2 / 3)
+    # matched / mismatched pairs made from retrieval data: pair accuracy, named as such
+    assert metric("itm", torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), torch.tensor([1, 0, 0])) == \
+        ("itm_accuracy", 2 / 3)
     sim = torch.eye(5) + 0.01 * torch.arange(5.0)
     assert metric("retrieval", sim) == ("recall@1", 1.0)
     swapped = 0.5 * torch.eye(5)

@@ -12,7 +12,8 @@ Data specs
       true, 0 when false; the two labels are exactly balanced over every pair of indices.
     * ``retrieval`` -- an image and a caption that lists every object; items are matched pairs
       (label 1). :func:`itm_pairs` adds a mismatched caption for every pair (label 0), and
-      :func:`metric` scores an image-by-caption similarity matrix with recall@1.
+      :func:`metric` scores an image-by-caption similarity matrix with recall@1, or the match
+      scores of those pairs with ``itm_accuracy`` (the share of pairs classified right).
 
     Options: ``n`` (samples, default 1000), ``seed`` (default 0), ``image`` (side in pixels,
     default 64; 32..1024), ``split`` (``train``/``val``/``test``), ``objects`` (``2-5`` or
@@ -1049,8 +1050,9 @@ def recall_at_k(sim: torch.Tensor, k: int = 1, targets: torch.Tensor | None = No
 
 
 def metric(task: str, logits: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[str, float]:
-    """``("accuracy", v)`` for ``vqa`` / ``truefalse`` / ``itm`` logits ``[N, C]`` (or ``[N]``
-    scores for a binary task, positive = 1); ``("recall@1", v)`` for ``retrieval`` given an
+    """``("accuracy", v)`` for ``vqa`` / ``truefalse`` logits ``[N, C]`` (or ``[N]`` scores for a
+    binary task, positive = 1); ``("itm_accuracy", v)`` for ``itm``, the same on matched and
+    mismatched image-caption pairs; ``("recall@1", v)`` for ``retrieval`` given an
     image-by-caption similarity matrix, with ``labels`` the matching caption per image
     (default: the diagonal)."""
     logits = torch.as_tensor(logits).detach()
@@ -1071,4 +1073,5 @@ def metric(task: str, logits: torch.Tensor, labels: torch.Tensor | None = None) 
         raise ValueError(f"{pred.numel()} predictions for {labels.numel()} labels")
     if labels.numel() == 0:
         raise ValueError("metric needs at least one sample")
-    return "accuracy", int((pred == labels).sum()) / labels.numel()
+    name = "itm_accuracy" if task == "itm" else "accuracy"
+    return name, int((pred == labels).sum()) / labels.numel()

@@ -20,6 +20,7 @@ from trimkit.errors import ConfigError
 from trimkit.io import read_manifest
 from trimkit.passes import applied_passes
 from trimkit.profile import compare_latency, count_flops
+from trimkit.progress import progress as progress_of
 from trimkit.tasks import Binding, adapt, binding_for, metric_of, model_batch, refreshed, resolve_data, task_dataset
 
 __all__ = ["evaluate", "executed_flops", "executed_ratio", "length_buckets", "backbone_of", "Untrimmed"]
@@ -126,12 +127,26 @@ def _fitted(model_or_backbone, data_spec: str, split: str):
     return backbone, binding, spec
 
 
-def _metrics(model, task, binding, items: list[dict], batch_size: int, device) -> tuple[str, dict]:
-    """The metric's name and its value ``{"trimmed": .., "untrimmed": ..}`` over `items`."""
+IN_BATCH_RECALL = "in_batch_recall@1"
+
+
+def _row_weighted(recalls: list[tuple[float, int]]) -> float:
+    """The share of queries ranked first, from ``(recall, rows)`` per batch."""
+    rows = sum(n for _, n in recalls)
+    return sum(r * n for r, n in recalls) / rows
+
+
+def _metrics(model, task, binding, items: list[dict], batch_size: int, device, bar) -> tuple[str, dict]:
+    """The metric's name and its value ``{"trimmed": .., "untrimmed": ..}`` over `items`.
+
+    A contrastive model on retrieval ranks each image's caption among the captions of its batch
+    (at most `batch_size`, all of one text length): ``in_batch_recall@1``, not recall over the set."""
     logits, labels = {"trimmed": [], "untrimmed": []}, []
     values: dict[str, list] = {"trimmed": [], "untrimmed": []}
+    groups = length_buckets(items, batch_size)
+    step = bar.add("evaluating (trimmed, untrimmed)", len(groups))
     with torch.no_grad():
-        for group in length_buckets(items, batch_size):
+        for group in groups:
             inputs, y = model_batch(binding, collate([items[i] for i in group]), device)
             for side in ("trimmed", "untrimmed"):
                 if side == "untrimmed":
@@ -140,41 +155,56 @@ def _metrics(model, task, binding, items: list[dict], batch_size: int, device) -
                 else:
                     out = model(**inputs)
                 if binding.metric_task == "retrieval":
-                    values[side].append(metric_of(binding, task.logits(out).cpu(), None)[1])
+                    values[side].append((metric_of(binding, task.logits(out).cpu(), None)[1], len(group)))
                 else:
                     logits[side].append(task.logits(out).float().cpu())
             if y is not None:
                 labels.append(y.cpu())
+            bar.advance(step)
     if binding.metric_task == "retrieval":
-        return "recall@1", {side: float(np.mean(v)) for side, v in values.items()}
+        return IN_BATCH_RECALL, {side: _row_weighted(v) for side, v in values.items()}
     y = torch.cat(labels)
     scored = {side: metric_of(binding, torch.cat(v), y) for side, v in logits.items()}
     return scored["trimmed"][0], {side: s[1] for side, s in scored.items()}
 
 
-def _latency(model, binding, items: list[dict], device, sizes: tuple[int, int], **timing_kw) -> tuple[dict, dict]:
+def _latency(model, binding, items: list[dict], device, sizes: tuple[int, int], bar,
+             **timing_kw) -> tuple[dict, dict]:
     """Latency ratios (trimmed / untrimmed) and times in ms per batch size, interleaved."""
     full, trimmed = Untrimmed(model), model
     if device.type == "cuda":
         full, trimmed = _Synced(full), _Synced(model)
     ratios, ms = {}, {}
+    step = bar.add("measuring latency (interleaved)", len(sizes))
     for size in sizes:
         inputs, _ = model_batch(binding, collate(_same_length_rows(items, size)), device)
         timing = compare_latency(full, trimmed, inputs, **timing_kw)
         ratios[f"batch_{size}"] = timing["b_ms"] / timing["a_ms"] if timing["a_ms"] else None
         ms[f"batch_{size}"] = {"trimmed": timing["b_ms"], "untrimmed": timing["a_ms"]}
+        bar.advance(step)
     return ratios, ms
+
+
+def _counted(model, binding, items: list[dict], count: int, device, bar) -> list[tuple[float, float]]:
+    """Executed FLOPs ``(trimmed, untrimmed)`` of the first `count` items, one at a time."""
+    step = bar.add("counting FLOPs per sample", count)
+    counted = []
+    for i in range(count):
+        counted.append(executed_flops(model, model_batch(binding, collate([items[i]]), device)[0]))
+        bar.advance(step)
+    return counted
 
 
 def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples: int = 32, latency: bool = True,
              latency_batch: int = 8, threads: int = 1, warmup: int = 3, repeats: int = 10,
-             split: str = "val") -> dict:
+             split: str = "val", progress: bool = False) -> dict:
     """The ``trimkit eval --json`` report of a model on a data set.
 
     The metric runs over the whole data set (the spec's split, `split` when it names none) in
     batches of `batch_size`; executed FLOPs are counted one sample at a time over the first
     `samples` items, trimmed and untrimmed; latency is interleaved against the same model with
-    every trimmer off at batch 1 and `latency_batch`. Ratios are trimmed / untrimmed.
+    every trimmer off at batch 1 and `latency_batch`. Ratios are trimmed / untrimmed. `progress`
+    shows each phase on stderr (:mod:`trimkit.progress`).
     """
     for label, value in (("batch_size", batch_size), ("samples", samples), ("latency_batch", latency_batch),
                          ("threads", threads)):
@@ -185,9 +215,12 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
     dataset = task_dataset(spec, binding)
     items = [dataset[i] for i in range(len(dataset))]
     device = next(model.parameters()).device
-    name, metric = _metrics(model, task, binding, items, batch_size, device)
     count = min(samples, len(items))
-    counted = [executed_flops(model, model_batch(binding, collate([items[i]]), device)[0]) for i in range(count)]
+    with progress_of(progress) as bar:
+        name, metric = _metrics(model, task, binding, items, batch_size, device, bar)
+        counted = _counted(model, binding, items, count, device, bar)
+        ratios, ms = _latency(model, binding, items, device, (1, latency_batch), bar, threads=threads, warmup=warmup,
+                              repeats=repeats) if latency else ({}, {})
     report = {"model": backbone.name, "data": format_data_spec(spec), "items": len(items),
               "metric": {"name": name, "value": metric["trimmed"]},
               "metric_untrimmed": {"name": name, "value": metric["untrimmed"]},
@@ -195,11 +228,7 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
               "flops_samples": count}
     report["flops_ratio"] = report["flops"]["mean"] / report["flops_untrimmed"]["mean"]
     report["latency_ratio"] = {"batch_1": None, f"batch_{latency_batch}": None}
-    report["latency_ms"] = {}
-    if latency:
-        ratios, ms = _latency(model, binding, items, device, (1, latency_batch), threads=threads, warmup=warmup,
-                              repeats=repeats)
-        report["latency_ratio"].update(ratios)
-        report["latency_ms"] = ms
+    report["latency_ratio"].update(ratios)
+    report["latency_ms"] = ms
     report["threads"] = threads
     return report

@@ -75,6 +75,7 @@ def test_json_report_has_the_contract_keys(factory_ref):
     layer = 2 * d * d * 3 * n + 4 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * 16
     assert report["flops"]["mean"] == layer + 2 * d * 2
     assert all({"path", "flops"} <= set(b) for b in report["blocks"])
+    assert result.stderr == ""  # no progress with --json
 
 
 def test_table_output_and_by_block(factory_ref):
@@ -84,6 +85,10 @@ def test_table_output_and_by_block(factory_ref):
     assert "FLOPs / sample (mean)" in result.stdout
     assert "latency batch 2" in result.stdout
     assert "blocks" in result.stdout
+    phases = [line.split("  ")[0] for line in result.stderr.splitlines()]  # plain progress lines in a log
+    assert phases == ["counting FLOPs (fvcore) 0/1", "counting FLOPs (fvcore) 1/1",
+                      "measuring latency 0/2", "measuring latency 1/2", "measuring latency 2/2"]
+    assert "counting" not in result.stdout
 
 
 def test_unknown_model_is_one_line_error():

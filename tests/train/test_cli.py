@@ -1,5 +1,7 @@
-import pytest
 import json
+import math
+
+import pytest
 
 from click.testing import CliRunner
 
@@ -21,11 +23,16 @@ def test_train_then_eval_json(tokens_recipe, tmp_path):
                                  "--latency-batch", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
-    assert report["metric"]["name"] == "accuracy" and 0.0 <= report["metric"]["value"] <= 1.0
+    assert report["items"] == 12 and report["metric"]["name"] == report["metric_untrimmed"]["name"] == "accuracy"
+    # fixed seeds: 1 of the 12 validation answers right with the trimmers on, 2 with them off
+    assert report["metric"]["value"] == pytest.approx(1 / 12, abs=1e-12)
+    assert report["metric_untrimmed"]["value"] == pytest.approx(2 / 12, abs=1e-12)
     assert set(report["flops"]) >= {"mean", "p50", "p95"}
     assert report["flops_ratio"] == report["flops"]["mean"] / report["flops_untrimmed"]["mean"]
-    assert set(report["latency_ratio"]) == {"batch_1", "batch_2"}
-    assert all(v > 0 for v in report["latency_ratio"].values())
+    assert set(report["latency_ratio"]) == set(report["latency_ms"]) == {"batch_1", "batch_2"}
+    for key, ratio in report["latency_ratio"].items():  # trimmed / untrimmed of the times it reports
+        ms = report["latency_ms"][key]
+        assert ratio == pytest.approx(ms["trimmed"] / ms["untrimmed"], rel=1e-12) and math.isfinite(ratio)
     assert "split=val" in report["data"]
 
 
@@ -99,3 +106,52 @@ def test_eval_table_has_no_nan_and_shows_speedups(monkeypatch):
     assert "nan" not in text
     speedups = [line.split("│")[-2].strip() for line in text.splitlines() if line.startswith(("│ FLOPs", "│ latency"))]
     assert speedups == ["2.000", "3.000", "1.000", "-", "1.250"]
+
+
+def test_eval_progress_goes_to_stderr_as_plain_lines():
+    args = ["eval", "--model", "vilt-vqa-tiny", "--data", "synthetic:vqa?n=6", "--samples", "2", "--batch-size", "4",
+            "--no-latency"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    heads = [line.split("  ")[0].rsplit(" ", 1) for line in result.stderr.splitlines()]
+    evaluating = [done for phase, done in heads if phase == "evaluating (trimmed, untrimmed)"]
+    groups = len(evaluating) - 1  # one line per length bucket of the 6 items, after the opening one
+    assert 2 <= groups <= 6 and evaluating == [f"{n}/{groups}" for n in range(groups + 1)]
+    assert heads[groups + 1:] == [["counting FLOPs per sample", f"{n}/2"] for n in range(3)]
+    assert "evaluating" not in result.stdout and "accuracy" in result.stdout
+    quiet = CliRunner().invoke(cli, args + ["--json"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and json.loads(quiet.stdout)["items"] == 6
+    assert CliRunner().invoke(cli, args + ["--no-progress"]).stderr == ""
+
+
+@pytest.mark.slow
+def test_train_progress_in_a_log_is_plain_lines(tokens_recipe, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--model", "vilt-vqa-tiny", "--recipe", tokens_recipe, "--data",
+                                      "synthetic:vqa?n=16", "--target-ratio", "0.7", "--steps", "2", "--batch-size",
+                                      "4", "--measure-every", "0", "--out", str(tmp_path / "trained")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in steps] == ["step 0/2", "step 1/2", "step 2/2"]
+    assert " ratio " in steps[-1] and steps[-1].endswith(("it/s", "s/it"))
+    calibration = [line.split("  ")[0] for line in lines if line.startswith("calibrating threshold")]
+    assert calibration[0] == "calibrating threshold 0/17" and calibration[-1] == "calibrating threshold 17/17"
+    assert "\r" not in result.stderr and "step 2/2" not in result.stdout
+
+
+@pytest.mark.parametrize("model, name", [("blip-itm-tiny", "itm_accuracy"), ("clip-tiny", "in_batch_recall@1")])
+def test_eval_names_the_retrieval_metric_by_what_it_computes(model, name):
+    result = CliRunner().invoke(cli, ["eval", "--model", model, "--data", "synthetic:retrieval?n=4&image=32",
+                                      "--samples", "1", "--no-latency", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metric"]["name"] == report["metric_untrimmed"]["name"] == name
+    # ITM scores a matched and a mismatched pair per item; recall ranks each of the 4 images' captions
+    rows = 8 if name == "itm_accuracy" else 4
+    assert report["items"] == rows
+    assert (report["metric"]["value"] * rows) == pytest.approx(round(report["metric"]["value"] * rows), abs=1e-9)
+
+
+def test_in_batch_recall_is_weighted_by_rows():
+    from trimkit.evaluate import _row_weighted
+    assert _row_weighted([(1.0, 3), (0.0, 1)]) == 0.75

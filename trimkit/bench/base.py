@@ -32,6 +32,7 @@ from trimkit.bench.models import FAMILIES, ModelConfig, build_model, model_confi
 from trimkit.data import (COLOURS, SHAPES, SIZES, collate, format_data_spec, metric,
                           parse_data_spec)
 from trimkit.errors import ConfigError, DataError
+from trimkit.progress import progress as progress_of
 from trimkit.train import Batch, Loop, run_loop
 from trimkit.train.losses import CrossEntropy
 
@@ -359,15 +360,6 @@ def base_metrics(model: nn.Module, dataset, task: str, batch_size: int = 128) ->
     return {name: value, "loss": float(F.cross_entropy(logits_t, labels_t)), "n": int(labels_t.numel())}
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
-
-
 @dataclass
 class SceneLoss:
     """The scene probe's loss on the batch's ``scene`` targets (a loss term of the training loop)."""
@@ -413,7 +405,8 @@ class _LossLog:
             if self.log is not None:
                 self.log(step + 1, self.losses[-1])
         window = self.window[-20:]
-        self.bar.update(self.task_id, advance=1, loss=sum(window) / len(window) if window else self.losses[-1])
+        loss = sum(window) / len(window) if window else self.losses[-1]
+        self.bar.advance(self.task_id, info=f"loss {loss:.3f}")
 
     def scene_means(self) -> list[float]:
         every = self.every
@@ -441,9 +434,8 @@ def train_model(model: nn.Module, train_set, train: BaseTrainConfig, *, descript
                 clip=(list(model.parameters()), train.grad_clip), schedule=schedule)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        with _progress(progress) as bar:
-            logged = _LossLog(train.steps, log_every, bar, bar.add_task(description, total=train.steps,
-                                                                        loss=float("nan")), log)
+        with progress_of(progress) as bar:
+            logged = _LossLog(train.steps, log_every, bar, bar.add(description, train.steps), log)
             run_loop(loop, train.steps, after_step=logged)
     finally:
         if probe is not None:

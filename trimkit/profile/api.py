@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from trimkit.errors import ConfigError, TrimkitError
+from trimkit.progress import progress as progress_of
 from trimkit.profile.blocks import count_params, resolve_blocks, trimmer_paths
 from trimkit.profile.counter import OTHER, BlockCost, FlopRecorder, FlopReport
 from trimkit.profile.fvcore_counter import FvcoreUnavailable, family_of, fvcore_count
@@ -179,39 +180,6 @@ def _merge_counts(reports: Sequence[FlopReport], attr: str) -> dict[str, float]:
     return {k: v / len(reports) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class _NoProgress:
-    def add(self, description: str, total: int) -> int:
-        return 0
-
-    def advance(self, task: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield _NoProgress()
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-
-    class _Bar:
-        def add(self, description: str, total: int) -> int:
-            return bar.add_task(description, total=total)
-
-        def advance(self, task: int) -> None:
-            bar.advance(task)
-
-    with bar:
-        yield _Bar()
-
-
 # --------------------------------------------------------------------------- profile
 
 
@@ -282,7 +250,7 @@ def profile_model(model: torch.nn.Module, inputs: Source, *,
     chosen = resolve_blocks(model, blocks, name)
     per_sample = samples_from(inputs, samples)
     latency_ms: dict[str, float | None] = {"batch_1": None, f"batch_{batch_size}": None}
-    with _progress(progress) as bar:
+    with progress_of(progress) as bar:
         reports, stats = _count_samples(model, per_sample, chosen, counter, name, bar, "")
         if latency:
             task = bar.add("measuring latency", 2)
@@ -312,7 +280,7 @@ def compare(model_before: torch.nn.Module, model_after: torch.nn.Module, inputs:
     name = name or model_name(model_before)
     per_sample = samples_from(inputs, samples)
     result = {}
-    with _progress(progress) as bar:
+    with progress_of(progress) as bar:
         for label, model, blocks in (("before", model_before, blocks_before),
                                      ("after", model_after, blocks_after)):
             chosen = resolve_blocks(model, blocks, f"{name} ({label})")

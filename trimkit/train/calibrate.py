@@ -13,6 +13,7 @@ from trimkit.runtime import set_threshold
 from trimkit.cost import expected_ratio
 from trimkit.data import collate
 from trimkit.evaluate import length_buckets
+from trimkit.progress import progress as progress_of
 from trimkit.tasks import model_batch
 
 __all__ = ["hard_ratio", "calibrate_threshold", "calibration_batches", "unpadded_rows", "with_threshold"]
@@ -33,29 +34,32 @@ def hard_ratio(model: nn.Module, batches: list[dict]) -> float:
 
 
 def calibrate_threshold(model: nn.Module, batches: list[dict], target: float, *,
-                        iterations: int = 16) -> tuple[float, float]:
+                        iterations: int = 16, progress: bool = False) -> tuple[float, float]:
     """The shared inference threshold whose executed ratio on `batches` (unpadded model inputs) is
     closest to `target`, set on every runtime; ``(threshold, ratio)``. Ratios fall as it rises.
 
     The search bisects the threshold's log-odds in ``[-24, 24]``, starting at 0.5: trained
     trimmers often give the tokens they like keep-logits far above 9 (probabilities that a search in
     probability space, halving ``[0, 1]``, never gets past), and those would stay kept at any
-    threshold it can reach."""
+    threshold it can reach. `progress` shows the search on stderr (:mod:`trimkit.progress`)."""
     was = model.training
     model.eval()
     tried: list[tuple[float, float]] = []
     try:
-        lo, hi = -_LOGIT_SPAN, _LOGIT_SPAN
-        for z in (0.0, *([None] * iterations)):
-            z = (lo + hi) / 2 if z is None else z
-            th = 1.0 / (1.0 + math.exp(-z))
-            set_threshold(model, th)
-            ratio = hard_ratio(model, batches)
-            tried.append((th, ratio))
-            if ratio > target:
-                lo = z
-            else:
-                hi = z
+        with progress_of(progress) as bar:
+            task = bar.add("calibrating threshold", iterations + 1)
+            lo, hi = -_LOGIT_SPAN, _LOGIT_SPAN
+            for z in (0.0, *([None] * iterations)):
+                z = (lo + hi) / 2 if z is None else z
+                th = 1.0 / (1.0 + math.exp(-z))
+                set_threshold(model, th)
+                ratio = hard_ratio(model, batches)
+                tried.append((th, ratio))
+                bar.advance(task, info=f"threshold {th:.4f}  ratio {ratio:.3f} (target {target:.3f})")
+                if ratio > target:
+                    lo = z
+                else:
+                    hi = z
         best = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0] - 0.5)))
         set_threshold(model, best[0])
     finally:

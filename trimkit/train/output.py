@@ -14,8 +14,9 @@ from transformers import PreTrainedModel
 
 from trimkit.runtime import runtimes, state
 from trimkit.io import hf_base_writer, save_folder
+from trimkit.progress import progress
 
-__all__ = ["HiddenStates", "survivor_masks", "ProgressBar", "write_folder"]
+__all__ = ["HiddenStates", "survivor_masks", "ProgressBar", "step_info", "write_folder"]
 
 
 class HiddenStates:
@@ -53,35 +54,32 @@ def survivor_masks(model: nn.Module) -> dict:
     return masks
 
 
+def step_info(row: dict, executed: float | None) -> str:
+    """The progress text of one training step: its losses, the expected and target ratios, and the
+    last executed ratio measured."""
+    return (f"loss {row['loss']:.3f} (task {row['task']:.3f} distill {row['distill']:.3f} "
+            f"cost {row['cost']:.4f})  ratio {row['ratio']:.3f} -> {row['target']:.3f}  "
+            f"executed {'-' if executed is None else f'{executed:.3f}'}")
+
+
 class ProgressBar:
-    """A rich progress bar on stderr with the last row's losses (nothing when disabled)."""
+    """The training steps' progress (see :mod:`trimkit.progress`) with the last row's losses."""
 
     def __init__(self, enabled: bool, steps: int, start: int):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-            self.task = self.bar.add_task("train", total=steps, completed=start, info="")
+        self.block, self.steps, self.start = progress(enabled), steps, start
+        self.bar, self.task = None, 0
 
     def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
+        self.bar = self.block.__enter__()
+        self.task = self.bar.add("step", self.steps, self.start)
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        return self.block.__exit__(*exc)
 
     def update(self, row: dict, executed: float | None) -> None:
-        if self.bar is None:
-            return
-        info = (f"loss {row['loss']:.3f} (task {row['task']:.3f} distill {row['distill']:.3f} "
-                f"cost {row['cost']:.4f})  r {row['ratio']:.3f} -> {row['target']:.3f}  "
-                f"executed {'-' if executed is None else f'{executed:.3f}'}")
-        self.bar.update(self.task, advance=1, info=info)
+        if self.bar.active:
+            self.bar.advance(self.task, info=step_info(row, executed))
 
 
 def _base_writer(model: nn.Module):

@@ -339,7 +339,8 @@ class _Run:
         if config.calibrate:
             calib = calibration_batches(self.batches.dataset, self.binding, config.calibrate, config.batch_size,
                                         self.device)
-            threshold, calibrated = calibrate_threshold(self.model, calib, self.target)
+            threshold, calibrated = calibrate_threshold(self.model, calib, self.target,
+                                                            progress=self.progress)
         if self.out is not None:
             self.checkpoint = self.save(self.steps, rng_state())
             extra = {"train": {"binding": self.binding.to_dict(), "adapted": self.changes, **_meta(
