@@ -334,15 +334,17 @@ class _Run:
             self.model.eval()
 
     def finish(self) -> TrainResult:
-        """Calibrate the inference threshold, write the output folder and sum up."""
+        """Checkpoint the last step, calibrate the inference threshold, write the output folder and
+        sum up (the checkpoint comes first, so an interrupted calibration loses no training)."""
         config, threshold, calibrated = self.config, None, None
+        if self.out is not None:
+            self.checkpoint = self.save(self.steps, rng_state())
         if config.calibrate:
             calib = calibration_batches(self.batches.dataset, self.binding, config.calibrate, config.batch_size,
                                         self.device)
             threshold, calibrated = calibrate_threshold(self.model, calib, self.target,
                                                             progress=self.progress)
         if self.out is not None:
-            self.checkpoint = self.save(self.steps, rng_state())
             extra = {"train": {"binding": self.binding.to_dict(), "adapted": self.changes, **_meta(
                 config, self.target, self.steps, self.spec, self.binding, [], self.ref, self.cost_scale),
                 "history": self.history[-1:], "threshold": threshold, "calibrated_ratio": calibrated}}
