@@ -257,22 +257,14 @@ def child_loop(cfg: ToyConfig | None = None):
 class EncoderLayerVLM(nn.Module):
     def __init__(self, cfg: ToyConfig):
         super().__init__()
-        self.cfg = cfg
-        n_patch = (cfg.image // cfg.patch) ** 2
-        self.patch_proj = nn.Linear(3 * cfg.patch * cfg.patch, cfg.t_width)
-        self.word = nn.Embedding(cfg.vocab, cfg.t_width)
-        self.pos = nn.Parameter(torch.randn(1, n_patch + 64, cfg.t_width) * 0.02)
+        self.embed = FusedEmbedding(cfg)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(cfg.t_width, cfg.t_heads, cfg.t_ffn, dropout=0.0, batch_first=True)
             for _ in range(cfg.t_layers))
         self.head = nn.Linear(cfg.t_width, cfg.classes)
 
     def forward(self, img, txt):
-        p = self.cfg.patch
-        b = img.shape[0]
-        patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * p * p)
-        x = torch.cat([self.word(txt), self.patch_proj(patches)], dim=1)
-        x = x + self.pos[:, : x.shape[1]]
+        x = self.embed(txt, img)
         for blk in self.blocks:
             x = blk(x)
         return self.head(x[:, 0])
