@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch.nn.modules import module as torch_module
 
-from toy_vlms import EncoderLayerVLM, ToyConfig, encoder_layers, make_inputs
+from toy_vlms import EncoderLayerVLM, ToyConfig, encoder_layers, make_inputs, spread_trimmer_scores
 from trimkit.cli import cli
 from trimkit.errors import CaptureError
 from trimkit.graph import capture
@@ -97,12 +97,7 @@ def test_tokens_and_heads_trim_fused_layers_exactly_at_threshold_zero():
     assert results[1].report["trimmed_sites"] == [f"blocks.{i}.self_attn" for i in range(ToyConfig().t_layers)]
     with torch.no_grad():
         assert (model(**inputs) - expected).abs().max().item() <= 1e-5
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in model.trimkit_token_trimmers.values():
-            t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=g) * 3)
-        for t in model.trimkit_head_trimmers.values():
-            t.fc2.weight.copy_(torch.randn(t.fc2.weight.shape, generator=g) * 3)
+    spread_trimmer_scores(model)
     token_runtime(model).threshold = head_runtime(model).threshold = 1.0
     assert count_flops(model, inputs).flops < before
 

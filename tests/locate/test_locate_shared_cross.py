@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from toy_vlms import SharedCrossVLM, ToyConfig, make_inputs, shared_cross
+from toy_vlms import SharedCrossVLM, ToyConfig, make_inputs, shared_cross, spread_trimmer_scores
 from trimkit.cli import cli
 from trimkit.locate import ModelMap, locate
 from trimkit.passes import apply_
@@ -79,12 +79,7 @@ def test_tokens_and_heads_stay_exact_and_cut_flops():
     assert {f"layers.{i}.cross" for i in range(ToyConfig().t_layers)} <= set(heads["trimmed_sites"])
     with torch.no_grad():
         assert (model(**inputs) - expected).abs().max().item() <= 1e-5
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in model.trimkit_token_trimmers.values():
-            t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=g) * 3)
-        for t in model.trimkit_head_trimmers.values():
-            t.fc2.weight.copy_(torch.randn(t.fc2.weight.shape, generator=g) * 3)
+    spread_trimmer_scores(model)
     trt, hrt = token_runtime(model), head_runtime(model)
     trt.threshold = hrt.threshold = 1.0
     assert count_flops(model, inputs).flops < before

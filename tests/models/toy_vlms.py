@@ -314,3 +314,14 @@ def shared_cross(cfg: ToyConfig | None = None):
     cfg = cfg or ToyConfig()
     torch.manual_seed(0)
     return SharedCrossVLM(cfg).eval(), make_inputs(cfg)
+
+
+def spread_trimmer_scores(model: nn.Module, seed: int = 1) -> None:
+    """Give the token and head trimmers of `model` large random score weights, so their decisions
+    differ from token to token and head to head (a fresh trimmer keeps almost everything)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.trimkit_token_trimmers.values():
+            t.score.weight.copy_(torch.randn(t.score.weight.shape, generator=g) * 3)
+        for t in model.trimkit_head_trimmers.values():
+            t.fc2.weight.copy_(torch.randn(t.fc2.weight.shape, generator=g) * 3)
