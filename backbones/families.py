@@ -205,7 +205,7 @@ _TINY: dict[str, dict] = {
                               num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8,
                               projection_dim=16),
         "text_config": dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                             max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                             use_cache=False),
         "image_token_index": 127,

@@ -21,7 +21,7 @@ from trimkit.errors import ConfigError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
 from trimkit.passes.registry import register_pass
-from trimkit.runtime import (REMOVE, SKIP, ScoreDecider, TokenRuntime, TokenStep, candidate_streams, capture_padded,
+from trimkit.runtime import (REMOVE, DecoderRuntime, SKIP, ScoreDecider, TokenRuntime, TokenStep, candidate_streams, capture_padded,
                              per_token_streams, probe_streams, side_by_side, state, stream_report, task_logits)
 
 __all__ = ["SmartTrimTokensConfig", "TokenTrimmer", "SmartTrimDecider", "token_runtime"]
@@ -38,6 +38,8 @@ class SmartTrimTokensConfig(PassConfig):
     guidance: "cross" (other modality's global vector) or "self" (same modality only).
     hidden: width of the trimmer MLP (0 = width // 8, at least 8).
     tau: Gumbel temperature used in training.
+    decoder_start: decoder VLMs: first language-model layer with a trimmer (-1: about 1/16 of the
+    depth, at least 1, as FastV); image tokens only are trimmed there, text tokens always stay.
     """
 
     name: ClassVar[str] = "smarttrim.tokens"
@@ -51,6 +53,7 @@ class SmartTrimTokensConfig(PassConfig):
     guidance: str = "cross"
     hidden: int = 0
     tau: float = 1.0
+    decoder_start: int = -1
 
     def validate(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
@@ -62,6 +65,9 @@ class SmartTrimTokensConfig(PassConfig):
         if self.start_layer < 0 or self.hidden < 0 or self.tau <= 0:
             raise ConfigError("smarttrim.tokens: start_layer and hidden must be >= 0 and tau > 0, got "
                               f"start_layer={self.start_layer}, hidden={self.hidden}, tau={self.tau}")
+        if self.decoder_start < -1:
+            raise ConfigError(f"smarttrim.tokens: decoder_start must be >= 0 (or -1: automatic), "
+                              f"got {self.decoder_start}")
         try:
             re.compile(self.streams)
         except re.error as exc:
@@ -191,6 +197,8 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     if state.get(model, state.TOKEN_TRIMMERS) is not None:
         raise ConfigError("smarttrim.tokens is already applied to this model")
     cap = capture_padded(model, context.inputs)
+    if model_map.image_span:
+        return _decoder_tokens(model, model_map, config, cap)
     per_token = per_token_streams(model_map, cap, task_logits(context.hints, cap.output))
     trimmed = candidate_streams(model_map, re.compile(config.streams), per_token, config.start_layer)
     text_embed = _text_embedding(model, cap, model_map.inputs)
@@ -226,6 +234,44 @@ def smarttrim_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTok
     report = {**stream_report(kept, skip, skipped, per_token), "trimmers": len(by_path), "guidance": dict(other),
               "notes": notes, "trimmer_params": sum(p.numel() for p in trimmers.parameters())}
     return PassResult(model, report, undo, trainable=bool(by_path))
+
+
+def decoder_start(config: SmartTrimTokensConfig, depth: int) -> int:
+    """The first trimmed layer of a language model of ``depth`` layers."""
+    start = config.decoder_start if config.decoder_start >= 0 else max(1, round(depth / 16))
+    return min(start, depth - 1)
+
+
+def _decoder_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTokensConfig, cap) -> PassResult:
+    """Image-token trimming inside the language model of a decoder VLM (see trimkit.runtime.decoder)."""
+    span = model_map.image_span
+    lm = model_map.stream(span["stream"])
+    vision = [s for s in model_map.streams if s.modality == "vision"]
+    start = decoder_start(config, len(lm.layers))
+    by_path = {la.path: TokenTrimmer(la.width, la.width, hidden=config.hidden or None) for la in lm.layers[start:]}
+    trimmers = state.Trimmers({p.replace(".", "__"): t for p, t in by_path.items()})
+    trimmers.train(model.training)
+    state.attach(model, state.TOKEN_TRIMMERS, trimmers)
+    runtime = DecoderRuntime(model, model_map, cap, SmartTrimDecider(by_path), lm.name, [la.path for la in lm.layers],
+                             by_path, [la.path for s in vision for la in s.layers], threshold=config.threshold,
+                             tau=config.tau)
+    state.put(model, state.TOKEN_RUNTIME, runtime)
+
+    def undo():
+        runtime.remove()
+        state.drop(model, state.TOKEN_TRIMMERS)
+        state.drop(model, state.TOKEN_RUNTIME)
+
+    notes = [f"decoder VLM: image features are spliced into stream '{lm.name}' by {', '.join(span['ops']) or 'a splice'}; "
+             f"its image tokens are trimmed from layer {start} on, guided by the text tokens of the same row; "
+             "text tokens are never dropped"]
+    notes += [f"stream '{s.name}' (vision tower) left whole: its output is spliced position by position"
+              for s in vision]
+    skipped = [s.name for s in model_map.streams if s.name != lm.name]
+    report = {**stream_report([lm.name], [], skipped, set()), "trimmers": len(by_path), "guidance": {lm.name: "text"},
+              "notes": notes, "trimmer_params": sum(p.numel() for p in trimmers.parameters()),
+              "decoder": {"stream": lm.name, "start_layer": start, "splice": list(span["ops"])}}
+    return PassResult(model, report, undo, trainable=True)
 
 
 def token_runtime(model: nn.Module) -> TokenRuntime | None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from trimkit.attention import AttentionKind, kind_of_op
 from trimkit.graph import LEAF_MODULES, Capture, ModuleCall, capture
+from trimkit.splice import find_image_span
 
 __all__ = ["ModelMap", "Stream", "Layer", "AttentionSite", "FFN", "locate", "locate_capture",
            "input_modalities"]
@@ -122,11 +123,17 @@ class ModelMap:
     inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # input name -> role
     unclassified: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # decoder VLMs: the stream whose input holds spliced vision features, the splicing operations and,
+    # on the located example, each row's image positions (see trimkit.splice)
+    image_span: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "class": self.cls, "inputs": dict(self.inputs),
-                "streams": [s.to_dict() for s in self.streams],
-                "unclassified": list(self.unclassified), "notes": list(self.notes)}
+        out = {"model": self.model, "class": self.cls, "inputs": dict(self.inputs),
+               "streams": [s.to_dict() for s in self.streams],
+               "unclassified": list(self.unclassified), "notes": list(self.notes)}
+        if self.image_span:
+            out["image_span"] = dict(self.image_span)
+        return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -142,7 +149,7 @@ class ModelMap:
                 layers.append(Layer(lay["path"], sites, ffn, index=lay.get("index", 0), width=lay.get("width", 0)))
             streams.append(Stream(s["name"], s["modality"], layers, list(s.get("inputs", []))))
         return cls(d["model"], d["class"], streams, dict(d.get("inputs", {})),
-                   list(d.get("unclassified", [])), list(d.get("notes", [])))
+                   list(d.get("unclassified", [])), list(d.get("notes", [])), dict(d.get("image_span", {})))
 
     # convenience -------------------------------------------------------------------------
     def sites(self) -> list[AttentionSite]:
@@ -823,5 +830,16 @@ def locate_capture(cap: Capture, *, name: str = "", hints: dict | None = None) -
 
 
 def locate(model: nn.Module, inputs: dict[str, Any], *, name: str = "", hints: dict | None = None) -> ModelMap:
-    """Capture one forward of ``model(**inputs)`` and build its :class:`ModelMap`."""
-    return locate_capture(capture(model, inputs, name=name), name=name, hints=hints)
+    """Capture one forward of ``model(**inputs)`` and build its :class:`ModelMap`.
+
+    When vision streams feed a later stream through a splice (a decoder VLM), a second forward traces
+    which positions of that stream's input hold image features (``image_span``).
+    """
+    model_map = locate_capture(capture(model, inputs, name=name), name=name, hints=hints)
+    vision = [la.path for s in model_map.streams if s.modality == "vision" for la in s.layers]
+    candidates = [(s.name, s.layers[0].path) for s in model_map.streams
+                  if s.modality != "vision" and s.layers and any(r == "vision" for r in
+                                                                   (model_map.inputs.get(i) for i in s.inputs))]
+    if vision and candidates:
+        model_map.image_span = find_image_span(model, inputs, vision, candidates) or {}
+    return model_map

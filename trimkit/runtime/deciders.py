@@ -52,6 +52,8 @@ class TokenStep:
     real tokens (False: padding of a batch whose rows keep different counts; in skip mode: the
     tokens still alive); ``mask`` the cumulative relaxed keep mask of training (None outside it).
     ``special`` are the configured special positions (negative: from the end), never to drop.
+    ``candidates`` ``[B, Lc]`` (None: every token) are the only tokens that may be dropped: a
+    decoder's image tokens, while its text tokens always stay.
     """
 
     stream: str
@@ -69,6 +71,7 @@ class TokenStep:
     skip: bool
     pool: Callable[[], torch.Tensor] = dataclasses.field(repr=False, default=None)
     guide: Callable[[], torch.Tensor | None] = dataclasses.field(repr=False, default=None)
+    candidates: torch.Tensor | None = None
 
     def positions(self) -> torch.Tensor:
         """``[B, Lc]`` original positions of the current tokens."""
@@ -188,6 +191,8 @@ def threshold_keep(step: TokenStep, logits: torch.Tensor) -> torch.Tensor:
         keep[:, specials] = True
     else:
         keep |= torch.isin(step.index, torch.tensor(specials, device=logits.device))
+    if step.candidates is not None:
+        keep |= ~step.candidates
     if step.valid is not None:
         keep &= step.valid
     counts = keep.sum(1)
@@ -205,6 +210,8 @@ def relaxed_decision(step: TokenStep, logits: torch.Tensor) -> TokenDecision:
     positions = step.index if step.index is not None else torch.arange(length, device=logits.device).expand(b, -1)
     for p in step.special:
         special |= positions == (p % step.length)
+    if step.candidates is not None:
+        special |= ~step.candidates
     sample = ops.gumbel_sigmoid(logits, tau=step.tau)
     sample = torch.where(special, torch.ones_like(sample), sample)
     prev = step.mask if step.mask is not None else torch.ones_like(sample)
