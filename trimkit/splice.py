@@ -22,6 +22,7 @@ only the few operations of the projector and the splice.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -56,23 +57,39 @@ class ShadowMode(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self._shadow: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # id -> (weak reference to the tensor, its shadow): a tensor's shadow lives as long as the tensor,
+        # so features computed once and spliced in several forwards (uncached generation) stay known
+        self._shadow: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self.splices: list[str] = []  # functions that wrote tainted values into a clean tensor
         self.active = False
+        self.budget = 100_000  # operations observed before giving up (vision features never spliced)
+        self._seen = 0
 
     # -- shadows ----------------------------------------------------------------------------------
     def taint(self, t: torch.Tensor, shadow: torch.Tensor | None = None) -> None:
         if shadow is None:
             shadow = torch.ones(t.shape, dtype=torch.bool, device=t.device)
-        self._shadow[id(t)] = (t, shadow)
+        if len(self._shadow) > 4096:
+            self._shadow = {k: v for k, v in self._shadow.items() if v[0]() is not None}
+        self._shadow[id(t)] = (weakref.ref(t), shadow)
 
     def shadow(self, t: Any) -> torch.Tensor | None:
         entry = self._shadow.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return entry[1] if entry is not None and entry[0] is t else None
+        return entry[1] if entry is not None and entry[0]() is t else None
 
     def clear(self) -> None:
         self._shadow.clear()
         self.splices.clear()
+        self._seen = 0
+
+    def new_forward(self) -> None:
+        self.splices.clear()
+        self._seen = 0
+
+    @property
+    def pending(self) -> bool:
+        """Tainted tensors are alive: vision features computed before a forward may be spliced in it."""
+        return any(ref() is not None for ref, _ in self._shadow.values())
 
     # -- the mode ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +105,12 @@ class ShadowMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self._seen += 1
+        if self._seen > self.budget:  # the features went elsewhere: stop observing
+            self.clear()
+            self.__exit__(None, None, None)
+            self.active = False
+            return out
         flat_in = tree_flatten((args, kwargs))[0]
         if not any(self.shadow(v) is not None for v in flat_in):
             return out
@@ -197,6 +220,10 @@ class SpliceTracker:
     ``vision_layers``: the layers of the vision streams (their outputs are tainted); ``lm_first``: the
     first layer of the language model. After a forward with images, ``positions`` is ``[B, L]`` bool;
     it is None for forwards without images (decoding steps, text-only prompts).
+
+    The vision features may be computed inside the model's forward or before it (``generate``
+    encodes images first and hands the features to the forward): the shadows then stay pending
+    until the next forward splices them.
     """
 
     def __init__(self, model: nn.Module, vision_layers: list[str], lm_first: str, main_arg=None):
@@ -227,9 +254,13 @@ class SpliceTracker:
         self.handles.clear()
 
     def _reset(self, module, args) -> None:
-        self.mode.pause()
-        self.mode.clear()
         self.positions = None
+        self.mode.new_forward()
+        if self.mode.pending and self.enabled:
+            self.mode.start()  # the vision features were computed before this call (generate does so)
+        else:
+            self.mode.pause()
+            self.mode.clear()
 
     def _pause(self, module, args) -> None:
         self.mode.pause()
@@ -251,11 +282,9 @@ class SpliceTracker:
         hidden = self._main_arg(args, kwargs)
         self.positions = image_positions(self.mode.shadow(hidden), hidden) if isinstance(hidden, torch.Tensor) else None
         self.splices = list(dict.fromkeys(self.mode.splices))
-        self.mode.clear()
 
     def _finish(self, module, args, output) -> None:
         self.mode.pause()
-        self.mode.clear()
 
 
 

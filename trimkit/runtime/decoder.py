@@ -324,9 +324,10 @@ class DecoderRuntime:
             return None
         b = index.shape[0]
         q = self._q
-        new_pos = gen.length + gen.seen + torch.arange(q, device=index.device)
-        k_pos = torch.cat([index, new_pos.expand(b, -1)], 1)
-        k_valid = torch.cat([valid, torch.ones(b, q, dtype=torch.bool, device=index.device)], 1)
+        appended = gen.length + torch.arange(gen.seen + q, device=index.device)  # every token since the prefill
+        k_pos = torch.cat([index, appended.expand(b, -1)], 1)
+        k_valid = torch.cat([valid, torch.ones(b, gen.seen + q, dtype=torch.bool, device=index.device)], 1)
+        new_pos = appended[gen.seen:]
         mask_name = self._mask_name(module, spec, args, kwargs)
         if mask_name is None:
             return None
