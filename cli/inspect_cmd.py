@@ -17,6 +17,18 @@ def _params(model, path: str) -> int:
         return 0
 
 
+def _ranges(positions: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3,7"``."""
+    out, start = [], None
+    for i, p in enumerate(positions):
+        if start is None:
+            start = p
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            out.append(str(start) if start == p else f"{start}-{p}")
+            start = None
+    return ",".join(out) or "-"
+
+
 def _tree(model_map, model):
     from rich.tree import Tree
 
@@ -35,6 +47,11 @@ def _tree(model_map, model):
                 lt.add(f"[magenta]ffn[/] {f.path}  {f.width}->{f.hidden}->{f.width} ({f.activation})")
     if not any(layer.attention for s in model_map.streams for layer in s.layers):
         root.add("[yellow]nothing to trim:[/] no attention site found")
+    span = model_map.image_span
+    if span:
+        rows = "; ".join(_ranges(r) for r in span["positions"][:2]) + ("; ..." if len(span["positions"]) > 2 else "")
+        root.add(f"[cyan]image span[/] vision features enter stream {span['stream']} by "
+                 f"{', '.join(span['ops']) or 'a splice'} at positions {rows} (per row of the example)")
     for u in model_map.unclassified:
         root.add(f"[yellow]unclassified[/] {u}")
     for n in model_map.notes:

@@ -40,6 +40,9 @@ class SmartTrimTokensConfig(PassConfig):
     tau: Gumbel temperature used in training.
     decoder_start: decoder VLMs: first language-model layer with a trimmer (-1: about 1/16 of the
     depth, at least 1, as FastV); image tokens only are trimmed there, text tokens always stay.
+    vision: decoder VLMs: "whole" leaves the vision tower whole; "skip" trims its tokens in skip mode
+    (a dropped patch skips the remaining vision layers and is carried through, so the splice into the
+    language model still lines up), guided by the text input's embedding.
     """
 
     name: ClassVar[str] = "smarttrim.tokens"
@@ -54,6 +57,7 @@ class SmartTrimTokensConfig(PassConfig):
     hidden: int = 0
     tau: float = 1.0
     decoder_start: int = -1
+    vision: str = "whole"
 
     def validate(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
@@ -65,6 +69,8 @@ class SmartTrimTokensConfig(PassConfig):
         if self.start_layer < 0 or self.hidden < 0 or self.tau <= 0:
             raise ConfigError("smarttrim.tokens: start_layer and hidden must be >= 0 and tau > 0, got "
                               f"start_layer={self.start_layer}, hidden={self.hidden}, tau={self.tau}")
+        if self.vision not in ("whole", "skip"):
+            raise ConfigError(f"smarttrim.tokens: vision must be 'whole' or 'skip', got {self.vision!r}")
         if self.decoder_start < -1:
             raise ConfigError(f"smarttrim.tokens: decoder_start must be >= 0 (or -1: automatic), "
                               f"got {self.decoder_start}")
@@ -242,35 +248,61 @@ def decoder_start(config: SmartTrimTokensConfig, depth: int) -> int:
     return min(start, depth - 1)
 
 
+def _vision_skip(model: nn.Module, model_map: ModelMap, config: SmartTrimTokensConfig, cap, vision: list,
+                 by_path: dict) -> TokenRuntime | None:
+    """Skip-mode trimming of a decoder VLM's vision tower (the splice keeps every position)."""
+    text_embed = _text_embedding(model, cap, model_map.inputs)
+    guide = "embed:" + text_embed[0] if text_embed is not None else None
+    ow = _other_width(model_map, model, guide, text_embed)
+    layers = {la.path: TokenTrimmer(la.width, ow, hidden=config.hidden or None)
+              for s in vision for la in s.layers[max(config.start_layer, 1):]}
+    if not layers:
+        return None
+    by_path.update(layers)
+    return TokenRuntime(model, model_map, cap, SmartTrimDecider(layers), layers, {s.name: guide for s in vision},
+                        threshold=config.threshold, special={s.name: [0] for s in vision}, tau=config.tau,
+                        text_embed=text_embed, skip=[s.name for s in vision])
+
+
 def _decoder_tokens(model: nn.Module, model_map: ModelMap, config: SmartTrimTokensConfig, cap) -> PassResult:
     """Image-token trimming inside the language model of a decoder VLM (see trimkit.runtime.decoder)."""
     span = model_map.image_span
     lm = model_map.stream(span["stream"])
     vision = [s for s in model_map.streams if s.modality == "vision"]
     start = decoder_start(config, len(lm.layers))
-    by_path = {la.path: TokenTrimmer(la.width, la.width, hidden=config.hidden or None) for la in lm.layers[start:]}
+    lm_trimmers = {la.path: TokenTrimmer(la.width, la.width, hidden=config.hidden or None) for la in lm.layers[start:]}
+    by_path = dict(lm_trimmers)
+    side = _vision_skip(model, model_map, config, cap, vision, by_path) if config.vision == "skip" else None
     trimmers = state.Trimmers({p.replace(".", "__"): t for p, t in by_path.items()})
     trimmers.train(model.training)
     state.attach(model, state.TOKEN_TRIMMERS, trimmers)
-    runtime = DecoderRuntime(model, model_map, cap, SmartTrimDecider(by_path), lm.name, [la.path for la in lm.layers],
-                             by_path, [la.path for s in vision for la in s.layers], threshold=config.threshold,
-                             tau=config.tau)
+    runtime = DecoderRuntime(model, model_map, cap, SmartTrimDecider(lm_trimmers), lm.name,
+                             [la.path for la in lm.layers], lm_trimmers, [la.path for s in vision for la in s.layers],
+                             threshold=config.threshold, tau=config.tau)
     state.put(model, state.TOKEN_RUNTIME, runtime)
 
     def undo():
         runtime.remove()
+        if side is not None:
+            side.remove()
         state.drop(model, state.TOKEN_TRIMMERS)
         state.drop(model, state.TOKEN_RUNTIME)
 
     notes = [f"decoder VLM: image features are spliced into stream '{lm.name}' by {', '.join(span['ops']) or 'a splice'}; "
              f"its image tokens are trimmed from layer {start} on, guided by the text tokens of the same row; "
              "text tokens are never dropped"]
-    notes += [f"stream '{s.name}' (vision tower) left whole: its output is spliced position by position"
-              for s in vision]
-    skipped = [s.name for s in model_map.streams if s.name != lm.name]
-    report = {**stream_report([lm.name], [], skipped, set()), "trimmers": len(by_path), "guidance": {lm.name: "text"},
+    if side is not None:
+        notes += [f"stream '{s.name}' (vision tower): skip mode, so the splice keeps every position: a dropped patch "
+                  "skips the remaining vision layers and is carried through" for s in vision]
+    else:
+        notes += [f"stream '{s.name}' (vision tower) left whole (vision=\"skip\" trims it in skip mode)" for s in vision]
+    skip = [s.name for s in vision] if side is not None else []
+    skipped = [s.name for s in model_map.streams if s.name != lm.name and s.name not in skip]
+    report = {**stream_report([lm.name] + skip, skip, skipped, set()), "trimmers": len(by_path),
+              "guidance": {lm.name: "text", **({s.name: side.guidance[s.name] for s in vision} if side else {})},
               "notes": notes, "trimmer_params": sum(p.numel() for p in trimmers.parameters()),
-              "decoder": {"stream": lm.name, "start_layer": start, "splice": list(span["ops"])}}
+              "decoder": {"stream": lm.name, "start_layer": start, "splice": list(span["ops"]),
+                          "vision": config.vision}}
     return PassResult(model, report, undo, trainable=True)
 
 

@@ -218,3 +218,23 @@ def test_threshold_validation_and_stats_outlive_decoding(llava):
     set_threshold(model, 0.0)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, bb.model(**inputs).logits)
+
+
+def test_vision_tower_in_skip_mode_keeps_the_splice_aligned(llava):
+    bb, inputs = llava
+    model = _trimmed(llava, threshold=0.0, vision="skip")
+    with torch.no_grad():
+        assert (model(**inputs).logits - bb.model(**inputs).logits).abs().max().item() <= 1e-5
+        set_threshold(model, 1.0)
+        model(**inputs)
+    tokens = trim_stats(model)["tokens"]
+    assert tokens["model.vision_tower.encoder.layers"]["kept"][-1] == 1.0  # the [CLS] token only
+    assert tokens["model.language_model.layers"]["kept"] == [8.0, 8.0, 8.0]
+    vision = {f"model.vision_tower.encoder.layers.{i}": "layer" for i in range(3)}
+
+    def vision_flops(m):
+        return sum(b.flops for b in count_flops(m, inputs, blocks=vision).blocks if b.path in vision)
+
+    assert vision_flops(model) < 0.5 * vision_flops(bb.model)
+    generated = model.generate(**inputs, **GEN)
+    assert generated.shape == (2, 24 + 5)

@@ -94,5 +94,9 @@ def trim_stats(model: nn.Module) -> dict:
     """Every runtime's ``stats()`` of the last forward, merged."""
     out: dict = {}
     for rt in runtimes(model):
-        out.update(rt.stats())
+        for key, value in rt.stats().items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}  # two runtimes reporting tokens of different streams
+            else:
+                out[key] = value
     return out

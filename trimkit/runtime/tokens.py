@@ -138,7 +138,9 @@ class TokenRuntime:
                 continue
             mod = m.get_submodule(path)
             self.handles.append(mod.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
-            self.handles.append(mod.register_forward_hook(self._make_post(path)))
+            # first among the forward hooks: hooks that record layer outputs (transformers' output
+            # recorders) then see the full-length states of a skip-mode stream
+            self.handles.append(mod.register_forward_hook(self._make_post(path), prepend=True))
         for s in self.map.streams:
             if s.name in self.trimmed_streams:
                 for layer in s.layers:
