@@ -238,3 +238,15 @@ def test_vision_tower_in_skip_mode_keeps_the_splice_aligned(llava):
     assert vision_flops(model) < 0.5 * vision_flops(bb.model)
     generated = model.generate(**inputs, **GEN)
     assert generated.shape == (2, 24 + 5)
+
+
+def test_gather_seq_follows_the_batch_dim_of_mrope_ids():
+    from trimkit.runtime.decoder import gather_seq
+
+    ids = torch.arange(3 * 2 * 5).view(3, 2, 5)
+    index = torch.tensor([[0, 2], [1, 4]])
+    got = gather_seq(ids, index, 2)
+    assert got.shape == (3, 2, 2)
+    assert got[:, 0].tolist() == ids[:, 0, [0, 2]].tolist() and got[:, 1].tolist() == ids[:, 1, [1, 4]].tolist()
+    cos = torch.randn(1, 5, 4)
+    assert torch.equal(gather_seq(cos, index, 1)[1], cos[0, [1, 4]])

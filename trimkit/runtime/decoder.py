@@ -42,22 +42,25 @@ from trimkit.runtime.control import register_runtime, unregister_runtime
 from trimkit.runtime.deciders import TokenDecider, TokenStep
 from trimkit.splice import SpliceTracker
 
-__all__ = ["DecoderRuntime", "cache_length", "decoder_mask"]
+__all__ = ["DecoderRuntime", "cache_length", "decoder_mask", "gather_seq"]
 
 
-def cache_length(args: tuple, kwargs: dict) -> int:
-    """Tokens already held by the KV cache passed to a forward (0: none, or an empty one).
+def cache_length(args: tuple, kwargs: dict) -> int | None:
+    """Tokens already held by the KV cache passed to a forward (None: no cache object recognised).
 
-    Works for objects with ``get_seq_length()`` (transformers caches and look-alikes) and for
-    legacy tuples of per-layer ``(key, value)`` tensors.
+    Recognises objects with ``get_seq_length()`` (transformers caches and look-alikes) and legacy
+    tuples of per-layer ``(key, value)`` tensors; an explicit ``None`` cache argument counts as empty.
     """
+    for name in ("past_key_values", "cache", "past_key_value"):
+        if name in kwargs and kwargs[name] is None:
+            return 0
     for value in list(kwargs.values()) + list(args):
         if hasattr(value, "get_seq_length"):
             return int(value.get_seq_length())
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)) and value[0] \
                 and isinstance(value[0][0], torch.Tensor) and value[0][0].dim() == 4:
             return int(value[0][0].shape[-2])
-    return 0
+    return None
 
 
 def decoder_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, q_valid: torch.Tensor | None,
@@ -75,6 +78,15 @@ def decoder_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor
     if like is not None and like.is_floating_point():
         return ops.additive_mask(allowed, like.dtype).clamp_min(torch.finfo(like.dtype).min)
     return allowed
+
+
+def gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`trimkit.ops.gather_along` for tensors with one leading dim before the batch dim too,
+    such as Qwen2-VL's 3-D M-RoPE position ids ``[3, B, L]``."""
+    b = index.shape[0]
+    if t.shape[0] in (1, b) or t.dim() < 3 or t.shape[1] not in (1, b):
+        return ops.gather_along(t, index, dim)
+    return ops.gather_along(t.transpose(0, 1), index, dim).transpose(0, 1)
 
 
 @dataclasses.dataclass
@@ -134,6 +146,7 @@ class DecoderRuntime:
         self._fresh = True
         self._pad: torch.Tensor | None = None
         self._q = 0
+        self._cache_len: int | None = None
         self._modes: list = []
         self.tracker = SpliceTracker(model, vision_layers, self.lm_layers[0])
         self.handles: list = []
@@ -176,9 +189,8 @@ class DecoderRuntime:
         self.decider.close()
         self._close_modes()
         self.pre = None
-        self._fresh = cache_length(args, kwargs) == 0
-        if self._fresh:
-            self.gen = None
+        self._fresh = True
+        self._cache_len = cache_length(args, kwargs)
         mask = kwargs.get("attention_mask")
         self._pad = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.tracker.enabled = self.enabled
@@ -188,6 +200,15 @@ class DecoderRuntime:
         self._close_modes()
         if self.gen is not None and not self._fresh:
             self.gen.seen += self._q
+
+    def _is_fresh(self, module, spec: dict, args, kwargs) -> bool:
+        """A prefill (images spliced in this forward, or no generation to continue) rather than a
+        decoding step of the last prefill's generation."""
+        if self.tracker.positions is not None or self.gen is None or self._cache_len == 0:
+            return True
+        name = self._mask_name(module, spec, args, kwargs)
+        mask = get_arg(args, kwargs, name) if name is not None else None
+        return mask is not None and mask.shape[-1] != self.gen.length + self.gen.seen + self._q
 
     def _start(self, hidden: torch.Tensor) -> _Prefill | None:
         """The prefill state at the first trimmed layer (None: no image in this forward)."""
@@ -210,7 +231,9 @@ class DecoderRuntime:
             hidden = get_arg(args, kwargs, spec["main"])
             if is_first:
                 self._q = hidden.shape[1]
+                self._fresh = self._is_fresh(module, spec, args, kwargs)
                 if self._fresh:
+                    self.gen = None
                     self.pre = self._start(hidden)
             if not self._fresh:
                 return self._decode_args(module, path, spec, args, kwargs)
@@ -301,7 +324,7 @@ class DecoderRuntime:
                 continue
             for d in dims:
                 if t.shape[d] == st.length:
-                    t = ops.gather_along(t, st.index, d)
+                    t = gather_seq(t, st.index, d)
             args, kwargs = set_arg(args, kwargs, name, t)
         if mask_name is None:
             return args, kwargs
@@ -346,14 +369,16 @@ class DecoderRuntime:
 
     @staticmethod
     def _mask_name(module, spec: dict, args, kwargs) -> str | None:
+        """The argument holding the attention mask: ``attention_mask`` by name or position, else the
+        4-D argument recorded with both its last dims sequence-aligned."""
         if "attention_mask" in kwargs:
             return "attention_mask"
         pos = mask_position(module)
         if pos is not None and pos < len(args):
             return str(pos)
-        for name in spec["axes"]:
+        for name, dims in spec["axes"].items():
             t = get_arg(args, kwargs, name)
-            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2] > 1:
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and {2, 3} <= set(dims):
                 return name
         return None
 
