@@ -152,6 +152,31 @@ def _llava_task(config: Any) -> TaskAdapter:
     return TaskAdapter("lm", ignore_ids=_ids(config.image_token_index, config.text_config.pad_token_id))
 
 
+# ---- Qwen2-VL -----------------------------------------------------------------------------------
+
+QWEN2_VL_IMAGE_SIZE = 448  # the hub checkpoints take any multiple of 28 px; the tiny config sets 112
+
+
+def _qwen2_vl_inputs(config: Any) -> InputMaker:
+    text, vision = config.text_config, config.vision_config
+    image = ImageSpec(getattr(vision, "image_size", QWEN2_VL_IMAGE_SIZE), vision.patch_size, "native",
+                      channels=vision.in_channels, cls_token=False, temporal_patch=vision.temporal_patch_size,
+                      merge=vision.spatial_merge_size)
+    n_image = image.placeholders(None)
+    eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
+    return InputMaker(
+        TextSpec(text.vocab_size, text.max_position_embeddings - n_image, first_id=None,
+                 reserved=_ids(text.pad_token_id, text.bos_token_id, *eos, config.video_token_id),
+                 image_token_id=config.image_token_id, image_tokens=n_image,
+                 image_open_id=config.vision_start_token_id, image_close_id=config.vision_end_token_id,
+                 token_types="mm_token_type_ids"),
+        image)
+
+
+def _qwen2_vl_task(config: Any) -> TaskAdapter:
+    return TaskAdapter("lm", ignore_ids=_ids(config.image_token_id, config.text_config.pad_token_id))
+
+
 # ---- tiny configs -------------------------------------------------------------------------------
 
 _BLIP_TINY = {
@@ -211,6 +236,20 @@ _TINY: dict[str, dict] = {
         "image_token_index": 127,
         "image_seq_length": 16,
     },
+    "qwen2-vl": {
+        # 112 px images in 14 px patches: an 8x8 patch grid, merged 2x2 into 16 language-model tokens.
+        "vision_config": dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, patch_size=14,
+                              temporal_patch_size=2, spatial_merge_size=2, in_channels=3, image_size=112),
+        # head_dim 16: M-RoPE splits its 8 frequencies into 2 temporal, 3 height and 3 width ones.
+        "text_config": dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False),
+        "vision_start_token_id": 150,
+        "image_token_id": 151,
+        "video_token_id": 152,
+        "vision_end_token_id": 153,
+    },
 }
 
 
@@ -256,6 +295,8 @@ FAMILIES: tuple[Family, ...] = (
            lambda c: TaskAdapter("contrastive", key="logits_per_image", contrastive="sigmoid")),
     Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", TINY_CONFIGS["llava-tiny"],
            _llava_inputs, _llava_task),
+    Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration",
+           TINY_CONFIGS["qwen2-vl-tiny"], _qwen2_vl_inputs, _qwen2_vl_task),
 )
 
 _BY_NAME = {f.name: f for f in FAMILIES}

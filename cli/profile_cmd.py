@@ -140,6 +140,56 @@ def _print(report: dict, by_block: bool, title: str) -> None:
         console.print(f"[dim]note:[/] {note}")
 
 
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1024:.1f} KiB"
+
+
+def _generation_rows(g: dict) -> list[tuple[str, str]]:
+    cache = g["kv_cache_bytes"]
+    return [
+        ("prompt tokens / batch", f"{g['prompt_tokens']} / {g['batch_size']}"),
+        ("prefill FLOPs / sample", _si(g["prefill_flops"], "FLOPs")),
+        ("decode FLOPs / token / sample", _si(g["decode_flops_per_token"], "FLOPs")),
+        ("KV cache after prefill", _bytes(cache["prefill"])),
+        (f"KV cache after {g['new_tokens']} tokens", _bytes(cache["final"])),
+        ("time to first token", _ms(g["ttft_ms"])),
+        ("per-token latency (median)", _ms(g["per_token_ms"])),
+    ]
+
+
+def _print_generation(report: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sides = ["before", "after"] if "before" in report else [None]
+    table = Table(title=title, caption="speedup = before / after (> 1 is faster or smaller)"
+                  if sides[0] else None)
+    table.add_column("")
+    for side in sides:
+        table.add_column(side or "value", justify="right")
+    if sides[0]:
+        table.add_column("speedup", justify="right")
+    keys = [None, "prefill_flops", "decode_flops_per_token", None, "kv_cache_bytes", "ttft", "per_token"]
+    rows = [_generation_rows(report[s] if s else report) for s in sides]
+    for i, (label, _) in enumerate(rows[0]):
+        cells = [r[i][1] for r in rows]
+        if sides[0]:
+            ratio = report["speedup"].get(keys[i]) if keys[i] else None
+            cells.append("" if ratio is None else f"{ratio:.3f}x")
+        table.add_row(label, *cells)
+    Console().print(table)
+
+
+def _generation(backbone, after, new_tokens: int, threads: int) -> dict:
+    from trimkit.profile import compare_generation, profile_generation
+
+    inputs = backbone.example_inputs(1)
+    if after is None:
+        return profile_generation(backbone.model, inputs, new_tokens, threads=threads,
+                                  name=backbone.name).to_dict()
+    return compare_generation(backbone.model, after, inputs, new_tokens, threads=threads)
+
+
 @command("profile")
 @click.option("--model", "model_ref", required=True,
               help="Backbone name, hub id, folder or file.py:factory.")
@@ -154,10 +204,13 @@ def _print(report: dict, by_block: bool, title: str) -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch.set_num_threads during latency runs.")
 @click.option("--by-block", is_flag=True, help="Also show FLOPs per block (attention, FFN, ...).")
+@click.option("--generate", "new_tokens", type=click.IntRange(min=1), default=None,
+              help="Decoders: also run greedy generation of N new tokens (batch 1) and report prefill and "
+                   "per-token decode FLOPs, KV-cache bytes, time to first token and per-token latency.")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (no progress).")
 def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, counter: str,
-            threads: int, by_block: bool, no_progress: bool, as_json: bool):
+            threads: int, by_block: bool, new_tokens: int | None, no_progress: bool, as_json: bool):
     """Count executed FLOPs per input, parameters, latency and peak memory.
 
     \b
@@ -165,6 +218,7 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
       trimkit profile --model vilt-vqa-tiny --json
       trimkit profile --model blip-vqa-tiny --by-block --samples 16
       trimkit profile --model blip-vqa-tiny --recipe smarttrim.toml
+      trimkit profile --model llava-tiny --generate 16
     """
     from trimkit.profile import blocks_from_map, compare, profile_model
 
@@ -173,6 +227,7 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
     blocks = blocks_from_map(model_map) if model_map is not None else None
     options = dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
                    name=backbone.name, progress=not (no_progress or as_json))
+    after = None
     if recipe:
         after = _apply_recipe(backbone.model, recipe, model_map,
                               inputs=backbone.example_inputs(2), hints=backbone.hints)
@@ -181,7 +236,11 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
                          blocks_after=kept, **options)
     else:
         report = profile_model(backbone.model, backbone.example_inputs, blocks=blocks, **options)
+    if new_tokens is not None:
+        report["generate"] = _generation(backbone, after, new_tokens, threads)
     if as_json:
         click.echo(json.dumps(report))
         return
     _print(report, by_block, f"{backbone.name} ({counter} counter, {samples} samples)")
+    if new_tokens is not None:
+        _print_generation(report["generate"], f"greedy generation of {new_tokens} tokens")

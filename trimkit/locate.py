@@ -561,8 +561,10 @@ def _layer_sources(start: fx.Node, outputs: dict[fx.Node, str], limit: int = 400
 
 def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_RawSite], list[FFN]]:
     """Attention sites at the ops of the registered attention kinds, in graph order, and the FFNs of
-    fused encoder layers."""
+    fused encoder layers. Attention ops whose outputs meet in one output-projection call are one
+    site computed in chunks (e.g. one chunk per image of a packed batch)."""
     raw: list[_RawSite] = []
+    by_out: set[fx.Node] = set()
     for n in g.nodes:
         if n.op != "call_function":
             continue
@@ -577,9 +579,12 @@ def _raw_sites(g: _Graph, batch: int, unclassified: list[str]) -> tuple[list[_Ra
             rs = _native_site(g, n, kind.name)
         else:
             rs = _encoder_layer_site(g, n, kind.name)
-        if rs is not None:
-            rs.site.call = len(raw)
-            raw.append(rs)
+        if rs is None or (rs.out is not None and rs.out in by_out):
+            continue
+        if rs.out is not None:
+            by_out.add(rs.out)
+        rs.site.call = len(raw)
+        raw.append(rs)
     return raw, [r.ffn for r in raw if r.ffn is not None]
 
 

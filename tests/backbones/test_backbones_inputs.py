@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from trimkit.backbones import TINY_CONFIGS, ImageSpec, InputMaker, RepeatBatch, TextSpec, list_backbones
 from trimkit.errors import ConfigError
+from trimkit.rows import take_rows
 
 TINY_NAMES = [name for name in list_backbones() if name.endswith("-tiny")]
 FIXED_IMAGE = {"llava-tiny"}
@@ -31,7 +32,14 @@ def test_image_size_changes_pixels_where_the_model_allows(tiny, name):
         assert inputs["pixel_values"].shape[-1] == native
         return
     assert bb.hints["image_size"]["variable"]
-    assert inputs["pixel_values"].shape == (2, 3, big, big)
+    if bb.hints["image_size"]["packed"]:  # Qwen2-VL: patch rows of every image, and their grids
+        cells = big // bb.hints["image_size"]["patch"]
+        assert inputs["image_grid_thw"].tolist() == [[1, cells, cells]] * 2
+        assert inputs["pixel_values"].shape[0] == 2 * cells * cells
+        merged = (big // bb.hints["image_size"]["step"]) ** 2
+        assert ((inputs["input_ids"] == bb.hints["image_token_id"]).sum(1) == merged).all()
+    else:
+        assert inputs["pixel_values"].shape == (2, 3, big, big)
     assert ("interpolate_pos_encoding" in inputs) == (bb.hints["image_size"]["via"] == "interpolate_pos_encoding")
     assert "interpolate_pos_encoding" not in bb.example_inputs(2)
     if "pixel_mask" in inputs:
@@ -47,8 +55,10 @@ def test_inputs_are_deterministic_by_seed_and_row(tiny, name):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pixel_values"], other["pixel_values"])
     assert not torch.equal(a["input_ids"], other["input_ids"])
-    assert all(torch.equal(a[k], three[k][:2]) for k in a)
-    assert not torch.equal(a["pixel_values"][0], a["pixel_values"][1])
+    first_two = take_rows(three, [0, 1])
+    assert all(torch.equal(a[k], first_two[k]) for k in a)
+    row0, row1 = take_rows(a, [0]), take_rows(a, [1])
+    assert not torch.equal(row0["pixel_values"], row1["pixel_values"])
     assert not torch.equal(a["input_ids"][0], a["input_ids"][1])
 
 
@@ -118,3 +128,44 @@ def test_repeat_batch_repeats_and_slices_batched_tensors_only():
     assert five["x"].tolist() == [example["x"][i % 2].tolist() for i in range(5)]
     assert five["scale"] is example["scale"] and five["flag"] is True
     assert make(1)["x"].tolist() == [[0.0, 1.0, 2.0]]
+
+
+def test_qwen2_vl_text_wraps_merged_placeholders_in_vision_tokens(tiny):
+    bb, cfg = tiny("qwen2-vl-tiny"), TINY_CONFIGS["qwen2-vl-tiny"]
+    vision = cfg["vision_config"]
+    inputs = bb.example_inputs(2, text_len=5)
+    ids = inputs["input_ids"]
+    merged = (vision["image_size"] // vision["patch_size"] // vision["spatial_merge_size"]) ** 2
+    assert ids.shape == (2, 5 + merged) and bb.hints["image_tokens"] == merged
+    assert (ids[:, 0] == cfg["vision_start_token_id"]).all()
+    assert (ids[:, 1:1 + merged] == cfg["image_token_id"]).all()
+    assert (ids[:, 1 + merged] == cfg["vision_end_token_id"]).all()
+    assert torch.equal(inputs["mm_token_type_ids"], (ids == cfg["image_token_id"]).int())
+    assert list(inputs)[:2] == ["input_ids", "attention_mask"]  # batch-carrying inputs first
+
+
+def test_packed_patches_hold_every_pixel_once_in_merge_window_order():
+    spec = ImageSpec(8, 2, "native", channels=1, temporal_patch=2, merge=2)
+    image = torch.arange(64.0).reshape(1, 8, 8)
+    rows, grid = spec._packed(image)
+    assert grid.tolist() == [1, 4, 4] and rows.shape == (16, 1 * 2 * 2 * 2)
+    assert torch.equal(rows[:, :4], rows[:, 4:])  # the image repeated along time
+    assert rows[:, :4].flatten().sort().values.tolist() == list(range(64))
+    # the first merge window holds the top-left 2x2 patches, each patch row-major
+    assert rows[:4, :4].tolist() == [[0, 1, 8, 9], [2, 3, 10, 11], [16, 17, 24, 25], [18, 19, 26, 27]]
+    assert spec.placeholders(None) == 4 and spec.placeholders(16) == 16
+    with pytest.raises(ConfigError, match="merge size 2"):
+        spec.placeholders(6)
+
+
+def test_take_rows_selects_packed_patch_rows_per_image():
+    grid = torch.tensor([[1, 2, 2], [1, 2, 3], [1, 1, 1]])
+    inputs = {"input_ids": torch.arange(6).reshape(3, 2), "pixel_values": torch.arange(11.0)[:, None],
+              "image_grid_thw": grid}
+    picked = take_rows(inputs, [2, 0, 2])
+    assert picked["input_ids"].tolist() == [[4, 5], [0, 1], [4, 5]]
+    assert picked["pixel_values"].flatten().tolist() == [10, 0, 1, 2, 3, 10]
+    assert picked["image_grid_thw"].tolist() == [[1, 1, 1], [1, 2, 2], [1, 1, 1]]
+    assert RepeatBatch(inputs)(4)["pixel_values"].flatten().tolist() == list(range(11)) + [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="one image per row"):
+        take_rows({**inputs, "image_grid_thw": grid[:2]}, [0])

@@ -8,7 +8,8 @@ from trimkit.errors import ConfigError, UnknownModelError
 
 
 TINY_NAMES = [name for name in list_backbones() if name.endswith("-tiny")]
-FAMILIES = ["blip-vqa", "blip-itm", "blip-caption", "bridgetower-itm", "vilt-vqa", "clip", "siglip", "llava"]
+FAMILIES = ["blip-vqa", "blip-itm", "blip-caption", "bridgetower-itm", "vilt-vqa", "clip", "siglip", "llava",
+            "qwen2-vl"]
 
 CLASSES = {
     "blip-vqa-tiny": "BlipForQuestionAnswering",
@@ -19,6 +20,7 @@ CLASSES = {
     "clip-tiny": "CLIPModel",
     "siglip-tiny": "SiglipModel",
     "llava-tiny": "LlavaForConditionalGeneration",
+    "qwen2-vl-tiny": "Qwen2VLForConditionalGeneration",
 }
 
 # layer list -> the tiny config entry giving its length
@@ -41,6 +43,8 @@ LAYER_LISTS = {
                     "text_model.encoder.layers": ("text_config", "num_hidden_layers")},
     "llava-tiny": {"model.vision_tower.encoder.layers": ("vision_config", "num_hidden_layers"),
                    "model.language_model.layers": ("text_config", "num_hidden_layers")},
+    "qwen2-vl-tiny": {"model.visual.blocks": ("vision_config", "depth"),
+                      "model.language_model.layers": ("text_config", "num_hidden_layers")},
 }
 
 
@@ -87,8 +91,9 @@ def test_tiny_layer_counts_follow_config(tiny, name):
 def test_tiny_streams_differ(name):
     cfg = TINY_CONFIGS[name]
     vision, text = cfg["vision_config"], cfg["text_config"]
-    shape = lambda c: (c["num_hidden_layers"], c.get("num_attention_heads", c["hidden_size"] // 64),
-                       c.get("intermediate_size", 4 * c["hidden_size"]))
+    shape = lambda c: (c.get("num_hidden_layers", c.get("depth")),
+                       c.get("num_attention_heads", c.get("num_heads", c["hidden_size"] // 64)),
+                       c.get("intermediate_size", c.get("mlp_ratio", 4) * c.get("embed_dim", c["hidden_size"])))
     assert shape(vision) != shape(text)
 
 

@@ -39,6 +39,11 @@ def _expected(name, c):
                  v.intermediate_size, [("self", "model.vision_tower.encoder.layers")]),
                 ("model.language_model.layers", "fused", t.num_hidden_layers, t.num_attention_heads,
                  t.intermediate_size, [("self", "model.language_model.layers")])]
+    if name == "qwen2-vl-tiny":  # vision blocks attend within each image (one SDPA call per image): one site
+        return [("model.visual.blocks", "vision", v.depth, v.num_heads, v.embed_dim * v.mlp_ratio,
+                 [("self", "model.visual.blocks")]),
+                ("model.language_model.layers", "fused", t.num_hidden_layers, t.num_attention_heads,
+                 t.intermediate_size, [("self", "model.language_model.layers")])]
     if name == "bridgetower-itm-tiny":
         pre = "bridgetower."
         return [(pre + "text_model.encoder.layer", "text", t.num_hidden_layers, t.num_attention_heads,
@@ -53,7 +58,7 @@ def _expected(name, c):
 
 
 TINY = ["blip-vqa-tiny", "blip-itm-tiny", "blip-caption-tiny", "vilt-vqa-tiny", "clip-tiny", "siglip-tiny",
-        "llava-tiny", "bridgetower-itm-tiny"]
+        "llava-tiny", "qwen2-vl-tiny", "bridgetower-itm-tiny"]
 
 
 @pytest.mark.parametrize("name", TINY)

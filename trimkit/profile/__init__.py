@@ -10,10 +10,12 @@ Example::
     from trimkit.profile import profile_model, count_flops
     report = profile_model(model, inputs, blocks=blocks_from_map(model_map))
     count_flops(model, inputs).flops          # FLOPs per sample of one forward
+    profile_generation(model, inputs, 16)     # decoders: prefill / decode FLOPs, KV cache, TTFT
 """
 from trimkit.profile.api import compare, count_flops, flop_disagreement, profile_model
 from trimkit.profile.blocks import blocks_from_map, count_params
 from trimkit.profile.counter import BlockCost, FlopReport
+from trimkit.profile.generation import GenerationProfile, cache_bytes, compare_generation, profile_generation
 from trimkit.profile.timing import compare_latency, measure_latency
 
 __all__ = [
@@ -25,6 +27,10 @@ __all__ = [
     "flop_disagreement",
     "blocks_from_map",
     "count_params",
+    "profile_generation",
+    "compare_generation",
+    "GenerationProfile",
+    "cache_bytes",
     "FlopReport",
     "BlockCost",
 ]

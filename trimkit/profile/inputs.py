@@ -15,46 +15,13 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 
 from trimkit.errors import ConfigError
+from trimkit.rows import batch_size_of, take_rows
 
 __all__ = ["Inputs", "batch_size_of", "split_samples", "take_rows", "samples_from", "batch_from",
            "call_model"]
 
 Inputs = Union[Mapping[str, Any], Sequence[Any], torch.Tensor]
 Maker = Callable[..., Inputs]
-
-
-def _values(inputs: Inputs) -> list[Any]:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    if isinstance(inputs, Mapping):
-        return list(inputs.values())
-    return list(inputs)
-
-
-def batch_size_of(inputs: Inputs) -> int:
-    """The first dimension of the first tensor with at least one dimension."""
-    for v in _values(inputs):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ConfigError("inputs hold no tensor with a batch dimension")
-
-
-def take_rows(inputs: Inputs, rows: Sequence[int] | torch.Tensor) -> Inputs:
-    """Select batch rows (repeats allowed) from every batched tensor; the rest passes unchanged."""
-    batch = batch_size_of(inputs)
-    index = torch.as_tensor(rows, dtype=torch.long)
-
-    def pick(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
-            return v.index_select(0, index.to(v.device))
-        return v
-
-    if isinstance(inputs, torch.Tensor):
-        return pick(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: pick(v) for k, v in inputs.items()}
-    picked = [pick(v) for v in inputs]
-    return tuple(picked) if isinstance(inputs, tuple) else picked
 
 
 def split_samples(inputs: Inputs) -> list[Inputs]:

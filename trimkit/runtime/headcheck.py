@@ -8,6 +8,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from trimkit.runtime.heads import HeadRuntime
 from trimkit.runtime.sites import LAYOUT_ATTRS, LAYOUT_LINEAR, LAYOUT_LINEAR_ATTRS, LAYOUT_RESHAPE, SitePlan
+from trimkit.rows import batch_size_of, take_rows
 
 __all__ = ["check_sites"]
 
@@ -19,11 +20,11 @@ def _floats(out) -> dict:
 
 
 def _row(inputs: dict, i: int) -> dict:
-    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
+    return take_rows(inputs, [i])
 
 
 def _batch(inputs: dict) -> int:
-    return next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    return batch_size_of(inputs) if any(isinstance(v, torch.Tensor) and v.dim() for v in inputs.values()) else 1
 
 
 def _head_axis_only(a: torch.Size, b: torch.Size, heads: set[int]) -> bool:

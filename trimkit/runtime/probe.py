@@ -11,6 +11,7 @@ from trimkit.graph import Capture, capture
 from trimkit.locate import ModelMap
 from trimkit.runtime.deciders import ScoreDecider, TokenStep
 from trimkit.runtime.tokens import TokenRuntime
+from trimkit.rows import batch_size_of, take_rows
 
 __all__ = ["capture_padded", "task_logits", "per_token_streams", "candidate_streams", "with_padding", "split_row",
            "rows_disagree", "ProbeDecider", "probe_removal", "probe_stream", "probe_streams", "stream_report", "REMOVE",
@@ -93,13 +94,13 @@ def with_padding(inputs: dict) -> dict:
 
 
 def split_row(inputs: dict, i: int) -> dict:
-    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
+    return take_rows(inputs, [i])
 
 
 def rows_disagree(model: nn.Module, inputs: dict, batched, tol: float = 1e-4) -> str:
     """Name of the first output that differs between the batch and its rows run one by one ('' if none)."""
     flat_b = [t for t in tree_flatten(batched)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    n = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    n = batch_size_of(inputs) if any(isinstance(v, torch.Tensor) and v.dim() for v in inputs.values()) else 1
     if n < 2:
         return ""
     rows = [[t for t in tree_flatten(model(**split_row(inputs, i)))[0]
