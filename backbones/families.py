@@ -241,7 +241,7 @@ _TINY: dict[str, dict] = {
         "vision_config": dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, patch_size=14,
                               temporal_patch_size=2, spatial_merge_size=2, in_channels=3, image_size=112),
         # head_dim 16: M-RoPE splits its 8 frequencies into 2 temporal, 3 height and 3 width ones.
-        "text_config": dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        "text_config": dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
                             bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False),

@@ -39,7 +39,7 @@ class ToyDecoderConfig:
     v_ffn: int = 96
     vocab: int = 96
     width: int = 48
-    layers: int = 2
+    layers: int = 4
     heads: int = 4
     kv_heads: int = 2
     ffn: int = 128

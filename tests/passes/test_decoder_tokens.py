@@ -1,8 +1,10 @@
-"""Image-token trimming inside the language model of decoder VLMs: exactness, removal, batching,
-KV-cache-consistent generation, save and load."""
+"""Image-token trimming inside the language model of decoder VLMs (LLaVA, Qwen2-VL and a plain-PyTorch
+decoder with its own attention, rotary positions, KV cache and greedy loop): exactness, removal,
+batching, KV-cache-consistent generation, save and load."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,28 +14,69 @@ from trimkit.locate import locate
 from trimkit.passes import apply_
 from trimkit.passes.smarttrim import SmartTrimTokensConfig
 from trimkit.profile import count_flops
+from trimkit.rows import take_rows
 from trimkit.runtime import (DecoderRuntime, TokenDecider, TokenDecision, capture_padded, decoder_mask,
                              runtimes, set_threshold, trim_stats)
 
-GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
+NEW = 5
+TOY = str(Path(__file__).resolve().parents[1] / "models" / "toy_decoder.py") + ":toy_decoder_factory"
+MODELS = ["llava-tiny", "qwen2-vl-tiny", TOY]
+
+
+def _ids(ref: str) -> str:
+    return "toy-decoder" if ref == TOY else ref
+
+
+def _hf(model) -> bool:
+    return hasattr(model, "generation_config")
+
+
+def _generate(model, inputs: dict, use_cache: bool = True, scores: bool = False):
+    """Greedy generation of NEW tokens through the model's own loop: the sequences (and HF's scores)."""
+    if _hf(model):
+        out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=use_cache,
+                             output_scores=scores, return_dict_in_generate=True)
+        return (out.sequences, out.scores) if scores else out.sequences
+    seq = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], max_new_tokens=NEW,
+                         use_cache=use_cache)
+    return (seq, None) if scores else seq
+
+
+def _forward(model, inputs: dict) -> torch.Tensor:
+    """Logits of one forward; LLaVA's forward takes left-padded positions from the caller."""
+    extra = {}
+    if getattr(getattr(model, "config", None), "model_type", "") == "llava":
+        extra["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return model(**inputs, **extra).logits
+
+
+def _seq_aligned(inputs: dict) -> list[str]:
+    shape = inputs["input_ids"].shape
+    return [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == shape]
 
 
 def _left_padded(inputs: dict, short: int = 3) -> dict:
     """Row 1 loses ``short`` text tokens from its end and is left-padded back to the batch length."""
-    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
-    ids[1] = torch.cat([torch.zeros(short, dtype=ids.dtype), ids[1, :-short]])
-    mask[1, :short] = 0
-    return {**inputs, "input_ids": ids, "attention_mask": mask}
+    out = dict(inputs)
+    for k in _seq_aligned(inputs):
+        t = inputs[k].clone()
+        t[1] = torch.cat([torch.zeros(short, dtype=t.dtype), t[1, :-short]])
+        out[k] = t
+    return out
 
 
 def _row(inputs: dict, i: int) -> dict:
     real = inputs["attention_mask"][i].bool()
-    return {"pixel_values": inputs["pixel_values"][i:i + 1], "input_ids": inputs["input_ids"][i:i + 1, real],
-            "attention_mask": inputs["attention_mask"][i:i + 1, real]}
+    row = take_rows(inputs, [i])
+    return {k: v[:, real] if k in _seq_aligned(inputs) else v for k, v in row.items()}
 
 
-def _positions(inputs: dict) -> torch.Tensor:
-    return (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
+def _image_id(model) -> int:
+    cfg = getattr(model, "config", None)
+    for name in ("image_token_index", "image_token_id"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return model.cfg.image_id
 
 
 def _spread(model, inputs: dict, seed: int = 0) -> None:
@@ -56,81 +99,94 @@ def _spread(model, inputs: dict, seed: int = 0) -> None:
 
         rt.decider.logits = spy
         with torch.no_grad():
-            model(**inputs)
+            _forward(model, inputs)
             if seen and seen[0].numel():
                 trimmer.score.bias -= seen[0].median() + 0.05  # no logit exactly at the threshold
     rt.decider.logits = score
 
 
-@pytest.fixture(scope="module")
-def llava():
-    bb = load_backbone("llava-tiny")
-    return bb, bb.example_inputs(2)
+_CACHE: dict = {}
 
 
-def _trimmed(llava, threshold=0.5, **kw):
-    bb, inputs = llava
+def _setup(ref: str):
+    if ref not in _CACHE:
+        bb = load_backbone(ref)
+        _CACHE[ref] = (bb, bb.example_inputs(2) if ref != TOY else bb.example_inputs(2))
+    return _CACHE[ref]
+
+
+def _trimmed(ref: str, threshold=0.5, **kw):
+    bb, inputs = _setup(ref)
     model = copy.deepcopy(bb.model)
     apply_(model, SmartTrimTokensConfig(threshold=threshold, **kw), inputs=inputs, hints=bb.hints)
     return model
 
 
-def test_image_span_is_found_from_dataflow(llava):
-    bb, inputs = llava
+def _lm(model, inputs, hints=None):
+    mm = locate(model, inputs, hints=hints)
+    return mm, mm.stream(mm.image_span["stream"])
+
+
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
+def test_image_span_is_found_from_dataflow(ref):
+    bb, inputs = _setup(ref)
     span = locate(bb.model, inputs, hints=bb.hints).image_span
-    placeholders = inputs["input_ids"] == bb.model.config.image_token_index
-    assert span["stream"] == "model.language_model.layers"
-    assert span["ops"] == ["masked_scatter"]
+    placeholders = inputs["input_ids"] == _image_id(bb.model)
+    assert span["ops"]
     assert span["positions"] == [row.nonzero().view(-1).tolist() for row in placeholders]
 
 
-def test_threshold_zero_reproduces_logits_and_generation(llava):
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=0.0)
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
+def test_threshold_zero_reproduces_logits_and_generation(ref):
+    bb, inputs = _setup(ref)
+    model = _trimmed(ref, threshold=0.0)
     batch = _left_padded(inputs)
     with torch.no_grad():
-        for x in (inputs, batch):
-            ref = bb.model(**x, position_ids=_positions(x)).logits
-            got = model(**x, position_ids=_positions(x)).logits
-            assert (ref - got).abs().max().item() <= 1e-5
-    assert torch.equal(bb.model.generate(**batch, **GEN), model.generate(**batch, **GEN))
+        for x in (inputs, batch, _row(batch, 1)):
+            assert (_forward(bb.model, x) - _forward(model, x)).abs().max().item() <= 1e-5
+    for x in (batch, _row(batch, 0)):
+        assert torch.equal(_generate(bb.model, x), _generate(model, x))
 
 
-def test_threshold_one_removes_every_image_token_and_their_flops(llava):
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=1.0)
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
+def test_threshold_one_removes_every_image_token_and_their_flops(ref):
+    bb, inputs = _setup(ref)
+    model = _trimmed(ref, threshold=1.0)
+    _, lm = _lm(bb.model, inputs, bb.hints)
     with torch.no_grad():
-        model(**inputs)
-    stats = trim_stats(model)["tokens"]["model.language_model.layers"]
-    assert stats["image_tokens"] == 16 and stats["kept"] == [8.0, 8.0, 8.0]
-
-    layers = {f"model.language_model.layers.{i}": "layer" for i in range(4)}
+        _forward(model, inputs)
+    stats = trim_stats(model)["tokens"][lm.name]
+    real = inputs["attention_mask"].sum(1).float().mean().item()
+    images = (inputs["input_ids"] == _image_id(bb.model)).sum(1).float().mean().item()
+    assert stats["image_tokens"] == images and len(stats["kept"]) == len(lm.layers) - 1
+    assert all(abs(k - (inputs["input_ids"].shape[1] - images)) < 1e-6 for k in stats["kept"])
+    layers = {la.path: "layer" for la in lm.layers}
 
     def lm_flops(m):
-        report = count_flops(m, inputs, blocks=layers)
-        return sum(b.flops for b in report.blocks if b.path in layers)
+        return sum(b.flops for b in count_flops(m, inputs, blocks=layers).blocks if b.path in layers)
 
     before, after = lm_flops(bb.model), lm_flops(model)
-    share = 16 / 24
-    assert after <= before * (1 - share / 2), (before, after)
+    share = images / real
+    assert after <= before * (1 - share / 2), (before, after, share)
 
 
-def test_padded_batch_equals_its_rows(llava):
-    model = _trimmed(llava, threshold=0.5)
-    batch = _left_padded(llava[1])
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
+def test_padded_batch_equals_its_rows(ref):
+    bb, inputs = _setup(ref)
+    model = _trimmed(ref, threshold=0.5)
+    batch = _left_padded(inputs)
     _spread(model, batch)
     with torch.no_grad():
-        out = model(**batch, position_ids=_positions(batch)).logits
+        out = _forward(model, batch)
         kept = [k.tolist() for k in runtimes(model)[0].pre.kept]
         assert any(len(set(k)) > 1 for k in kept), kept  # the rows keep different counts
         for i in range(2):
-            row = _row(batch, i)
-            alone = model(**row, position_ids=_positions(row)).logits
+            alone = _forward(model, _row(batch, i))
             real = batch["attention_mask"][i].bool()
             assert (out[i, real] - alone[0]).abs().max().item() <= 1e-4
-    generated = model.generate(**batch, **GEN)[:, -5:]
+    generated = _generate(model, batch)[:, -NEW:]
     for i in range(2):
-        assert torch.equal(generated[i], model.generate(**_row(batch, i), **GEN)[0, -5:])
+        assert torch.equal(generated[i], _generate(model, _row(batch, i))[0, -NEW:])
 
 
 class _EveryThird(TokenDecider):
@@ -142,47 +198,48 @@ class _EveryThird(TokenDecider):
         return TokenDecision(keep=keep if step.valid is None else keep & step.valid)
 
 
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
 @pytest.mark.parametrize("layers", [[1], [1, 2]], ids=["one", "two"])
-def test_cached_decoding_attends_to_what_the_prefill_kept(llava, layers):
-    bb, inputs = llava
+def test_cached_decoding_attends_to_what_the_prefill_kept(ref, layers):
+    bb, inputs = _setup(ref)
     model = copy.deepcopy(bb.model)
-    mm = locate(model, inputs, hints=bb.hints)
-    lm = mm.stream(mm.image_span["stream"])
+    mm, lm = _lm(model, inputs, bb.hints)
     vision = [la.path for s in mm.streams if s.modality == "vision" for la in s.layers]
     rt = DecoderRuntime(model, mm, capture_padded(model, inputs), _EveryThird(), lm.name,
                         [la.path for la in lm.layers], [lm.layers[i].path for i in layers], vision)
     batch = _left_padded(inputs)
-    cached = model.generate(**batch, output_scores=True, return_dict_in_generate=True, **GEN)
-    assert rt.gen is not None and rt.gen.seen == 4  # the prefill kept a layout, four decoding steps used it
-    fresh = model.generate(**batch, output_scores=True, return_dict_in_generate=True, **{**GEN, "use_cache": False})
-    assert torch.equal(cached.sequences, fresh.sequences)
-    for a, b in zip(cached.scores, fresh.scores):
+    cached, cached_scores = _generate(model, batch, scores=True)
+    assert rt.gen is not None and rt.gen.seen == NEW - 1  # the prefill kept a layout; every decoding step used it
+    fresh, fresh_scores = _generate(model, batch, use_cache=False, scores=True)
+    assert torch.equal(cached, fresh)
+    for a, b in zip(cached_scores or [], fresh_scores or []):
         finite = torch.isfinite(a) & torch.isfinite(b)
         assert (a[finite] - b[finite]).abs().max().item() <= 1e-4
-    untrimmed = bb.model.generate(**batch, output_scores=True, return_dict_in_generate=True, **GEN)
-    assert (cached.scores[0] - untrimmed.scores[0]).nan_to_num().abs().max().item() > 1e-3  # it did trim
+    with torch.no_grad():  # it did trim: the prefill's logits differ from the untrimmed model's
+        assert (_forward(model, batch) - _forward(bb.model, batch)).abs().max().item() > 1e-3
     rt.remove()
 
 
-def test_save_load_generate_is_exact(llava, tmp_path):
+@pytest.mark.parametrize("ref", MODELS, ids=_ids)
+def test_save_load_generate_is_exact(ref, tmp_path):
     import trimkit
-    from trimkit.io import hf_base_writer, save_folder
+    from trimkit.io import base_writer, save_folder
 
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=0.5)
+    bb, inputs = _setup(ref)
+    model = _trimmed(ref, threshold=0.5)
     _spread(model, inputs, seed=1)
-    save_folder(tmp_path / "m", base_ref="llava-tiny", model=model, base_model_dir_writer=hf_base_writer(bb.model))
+    save_folder(tmp_path / "m", base_ref=ref, model=model, base_model_dir_writer=base_writer(bb.model))
     loaded = trimkit.load(str(tmp_path / "m")).model
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
-    assert torch.equal(model.generate(**inputs, **GEN), loaded.generate(**inputs, **GEN))
+        assert torch.equal(_forward(model, inputs), _forward(loaded, inputs))
+    assert torch.equal(_generate(model, inputs), _generate(loaded, inputs))
 
 
-def test_training_forward_relaxes_and_reaches_the_trimmers(llava):
+def test_training_forward_relaxes_and_reaches_the_trimmers():
     from trimkit.cost import cost_model, expected_ratio
 
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=0.5)
+    bb, inputs = _setup("llava-tiny")
+    model = _trimmed("llava-tiny", threshold=0.5)
     cost_model(model)
     model.train()
     torch.manual_seed(0)
@@ -208,11 +265,11 @@ def test_decoder_mask_is_causal_over_original_positions():
     assert add.dtype == torch.float32 and bool((add[0, 0][m] == 0).all()) and bool((add[0, 0][~m] < -1e30).all())
 
 
-def test_threshold_validation_and_stats_outlive_decoding(llava):
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=0.5)
+def test_stats_outlive_decoding():
+    bb, inputs = _setup("llava-tiny")
+    model = _trimmed("llava-tiny", threshold=0.5)
     _spread(model, inputs)
-    model.generate(**inputs, **GEN)
+    _generate(model, inputs)
     stats = trim_stats(model)["tokens"]["model.language_model.layers"]
     assert stats["length"] == 24 and len(stats["kept"]) == 3
     set_threshold(model, 0.0)
@@ -220,9 +277,9 @@ def test_threshold_validation_and_stats_outlive_decoding(llava):
         assert torch.equal(model(**inputs).logits, bb.model(**inputs).logits)
 
 
-def test_vision_tower_in_skip_mode_keeps_the_splice_aligned(llava):
-    bb, inputs = llava
-    model = _trimmed(llava, threshold=0.0, vision="skip")
+def test_vision_tower_in_skip_mode_keeps_the_splice_aligned():
+    bb, inputs = _setup("llava-tiny")
+    model = _trimmed("llava-tiny", threshold=0.0, vision="skip")
     with torch.no_grad():
         assert (model(**inputs).logits - bb.model(**inputs).logits).abs().max().item() <= 1e-5
         set_threshold(model, 1.0)
@@ -236,8 +293,7 @@ def test_vision_tower_in_skip_mode_keeps_the_splice_aligned(llava):
         return sum(b.flops for b in count_flops(m, inputs, blocks=vision).blocks if b.path in vision)
 
     assert vision_flops(model) < 0.5 * vision_flops(bb.model)
-    generated = model.generate(**inputs, **GEN)
-    assert generated.shape == (2, 24 + 5)
+    assert _generate(model, inputs).shape == (2, 24 + NEW)
 
 
 def test_gather_seq_follows_the_batch_dim_of_mrope_ids():
