@@ -306,3 +306,27 @@ def test_gather_seq_follows_the_batch_dim_of_mrope_ids():
     assert got[:, 0].tolist() == ids[:, 0, [0, 2]].tolist() and got[:, 1].tolist() == ids[:, 1, [1, 4]].tolist()
     cos = torch.randn(1, 5, 4)
     assert torch.equal(gather_seq(cos, index, 1)[1], cos[0, [1, 4]])
+
+
+def test_two_images_anywhere_in_the_prompt():
+    bb, _ = _setup("llava-tiny")
+    image, n = bb.model.config.image_token_index, 16
+    g = torch.Generator().manual_seed(3)
+
+    def text(k):
+        return torch.randint(3, 100, (k,), generator=g).tolist()
+
+    rows = [[1] + text(3) + [image] * n + text(2) + [image] * n + text(3),
+            [1] + [image] * n + text(5) + [image] * n + text(3)]
+    ids = torch.tensor(rows)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
+    span = locate(bb.model, inputs, hints=bb.hints).image_span
+    assert span["positions"] == [(ids[i] == image).nonzero().view(-1).tolist() for i in range(2)]
+    model = copy.deepcopy(bb.model)
+    apply_(model, SmartTrimTokensConfig(threshold=0.0), inputs=inputs, hints=bb.hints)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, bb.model(**inputs).logits)
+        set_threshold(model, 1.0)
+        model(**inputs)
+    assert trim_stats(model)["tokens"]["model.language_model.layers"]["kept"] == [9.0, 9.0, 9.0]
