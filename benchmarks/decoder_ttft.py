@@ -102,15 +102,45 @@ def ttft(model, x: dict) -> float:
     return time.perf_counter() - start
 
 
+def where_time_goes(model, x: dict, repeats: int = 3) -> dict:
+    """Seconds per part of one ``generate(max_new_tokens=1)``: vision tower, projector, each language
+    model layer, the trimmers, the head, and the rest (embeddings, masks, rotary, generate itself);
+    medians of ``repeats`` calls, from module hooks."""
+    inner = model.model
+    parts = {"vision tower": inner.vision_tower, "projector": inner.multi_modal_projector, "lm head": model.lm_head}
+    parts.update({f"lm layer {i}": layer for i, layer in enumerate(inner.language_model.layers)})
+    trimmers = getattr(model, "trimkit_token_trimmers", None)
+    runs: list[dict] = []
+    for _ in range(repeats):
+        spent = {k: 0.0 for k in parts}
+        starts: dict = {}
+        handles = []
+        for name, mod in parts.items():
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter())))
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - starts[n])))
+        total = ttft(model, x)
+        for h in handles:
+            h.remove()
+        spent["total"] = total
+        runs.append(spent)
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["rest"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    if trimmers is not None:
+        out["trimmer params"] = sum(p.numel() for p in trimmers.parameters())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lm-layers", type=int, default=8)
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--decoder-start", type=int, default=0, help="first language-model layer with a trimmer")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 1 / 3])
     ap.add_argument("--out", default="benchmarks/results/decoder_ttft")
+    ap.add_argument("--where", action="store_true", help="also split one batch-1 TTFT by part (hooks)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     clean = build(args.lm_layers, args.vision_layers)
@@ -149,10 +179,16 @@ def main() -> None:
                          "times_clean": times["clean"], "times_trimmed": times[name], "kept": stats})
             print(f"batch {batch} {name}: TTFT {base:.3f}s -> {med:.3f}s, speedup {base / med:.2f}x for "
                   f"{1 / ratio:.2f}x fewer FLOPs ({base / med * ratio:.2f})", flush=True)
+    where = {}
+    if args.where:
+        models = {"clean": clean, **{f"{1 / t:.0f}x": v[0] for t, v in trimmed.items()}}
+        where = {name: where_time_goes(m, x1) for name, m in models.items()}
+        for name, parts in where.items():
+            print(name, {k: round(v, 3) for k, v in parts.items()}, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"config": vars(args), "full_prefill_flops_batch1": full, "rows": rows,
+    record = {"config": vars(args), "full_prefill_flops_batch1": full, "rows": rows, "where_time_goes": where,
               "model": {"vision": "CLIP ViT-B, 336 px, patch 14 (576 image tokens)",
                         "lm": "Qwen2-0.5B shape (896 wide, 14 heads, 2 kv heads, FFN 4864)"},
               "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}}
