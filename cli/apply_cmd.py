@@ -11,7 +11,7 @@ import click
 from trimkit.cli import command
 from trimkit.errors import ConfigError
 
-__all__ = ["apply", "DEFAULT_RECIPE", "default_configs", "pass_tree"]
+__all__ = ["apply", "DEFAULT_RECIPE", "default_configs", "decoder_configs", "pass_tree"]
 
 DEFAULT_RECIPE = """\
 # SmartTrim: per-input token and head trimming
@@ -165,6 +165,7 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     from trimkit.passes import parse_recipe
 
     configs = parse_recipe(recipe) if recipe else default_configs()
+    default = recipe is None
     out = _check_args(model_ref, out_dir, data_spec, target_ratio, overwrite)
     console = Console(stderr=as_json, quiet=as_json)
     existed = out.exists()
@@ -172,7 +173,7 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     try:
         if data_spec is not None:
             _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
-                             batch_size, as_json, show)
+                             batch_size, as_json, show, default)
         else:
             _apply_only(console, model_ref, configs, out, threshold, batch_size, samples, no_profile, overwrite,
                         as_json, show)
@@ -239,10 +240,22 @@ def _eval_table(report: dict):
     return table
 
 
+def decoder_configs(configs: list) -> tuple[list, list[str]]:
+    """The default recipe for a decoder VLM: its token pass only (head trimming decides per forward,
+    so decoding steps would meet a KV cache holding other heads' keys); the notes that say so."""
+    kept = [c for c in configs if type(c).name != "smarttrim.heads"]
+    if len(kept) == len(configs):
+        return configs, []
+    return kept, ["decoder VLM: the default recipe leaves out smarttrim.heads (generation reuses the prefill's "
+                  "KV cache, which must hold every head); image tokens are trimmed inside the language model"]
+
+
 def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
-                     batch_size, as_json, progress):
+                     batch_size, as_json, progress, default: bool = False):
     """The one-stop path: fit to the data, apply, train (into a staging folder swapped in when
-    complete), evaluate before/after."""
+    complete), evaluate before/after. A decoder VLM (``lm`` task) trains on text answers, and the
+    default recipe trims its image tokens only (:func:`decoder_configs`)."""
+    from trimkit.backbones import load_backbone
     from trimkit.runtime import set_threshold
     from trimkit.io import staged_out_dir
     from trimkit.passes import applied_passes
@@ -252,9 +265,16 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
     if not any(getattr(c, "tags", ()) and "trim" in c.tags for c in configs):
         raise ConfigError("--data trains trimming passes, but the recipe has none (add smarttrim.tokens / "
                           "smarttrim.heads)")
+    model = model_ref
+    if default:
+        model = load_backbone(model_ref)
+        if model.task.kind == "lm":
+            configs, notes = decoder_configs(configs)
+            for note in notes:
+                console.print(f"[yellow]note:[/] {note}")
     with staged_out_dir(out) as staging:
-        result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
-                       out_dir=staging, progress=progress)
+        result = train(model, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
+                       out_dir=staging, progress=progress, base_ref=model_ref)
     model = result.model
     if threshold is not None:
         set_threshold(model, threshold)
