@@ -394,7 +394,8 @@ def adapt(backbone, data) -> tuple[Binding, dict]:
     if kind == "lm":
         _metric_task(kind, data.task, backbone.name)
         ids_key = _role_keys(backbone)["input_ids"]
-        changes.update(_fit_vocabulary(backbone, _answer_layout(backbone, data, ids_key, _vocab_size(backbone.model))[1]))
+        need = _answer_layout(backbone, data, ids_key, _vocab_size(backbone.model))[1]
+        changes.update(_fit_vocabulary(backbone, need))
     else:
         changes.update(_fit_vocabulary(backbone, data.vocab_size))
     probe = binding_for(backbone, data)

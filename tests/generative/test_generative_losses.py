@@ -40,7 +40,6 @@ def test_decoders_get_the_answer_distillation_term():
     assert type(smarttrim_terms(TrainConfig(), TaskAdapter("classification", num_labels=3))[1]) is Distillation
 
 
-@pytest.mark.slow
 def test_the_terms_reach_the_trimmers_on_llava_tiny():
     from trimkit.cost import calibrate, expected_ratio
     from trimkit.data import collate

@@ -21,7 +21,8 @@ from trimkit.errors import TrimkitError
 from trimkit.train.config import TrainConfig
 
 __all__ = ["LossTerm", "Batch", "cost_loss", "distill_loss", "logit_penalty", "hidden_mse", "TaskLoss",
-           "CrossEntropy", "Distillation", "AnswerDistillation", "answer_positions", "CostLoss", "LogitPenalty", "LagrangeMultiplier", "smarttrim_terms"]
+           "CrossEntropy", "Distillation", "AnswerDistillation", "answer_positions",
+           "CostLoss", "LogitPenalty", "LagrangeMultiplier", "smarttrim_terms"]
 
 
 class LossTerm(Protocol):
