@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from trimkit.backbones import load_backbone
 from trimkit.data import collate, load_dataset
 from trimkit.errors import DataError
 from trimkit.generative import IGNORE_INDEX, exact_match, free_ids, left_pad, prompt_batch
@@ -11,9 +10,23 @@ from trimkit.tasks import Binding, adapt, model_batch, resolve_data, task_datase
 DATA = "synthetic:vqa?n=12"
 
 
+def _tiny_llava(**changes):
+    """llava-tiny's class and config (built directly: quicker than the registry's loader)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from trimkit.backbones import backbone_for_model
+    from trimkit.backbones.families import tiny_kwargs
+
+    kw = tiny_kwargs("llava")
+    kw["text_config"].update(changes.pop("text", {}))
+    kw.update(changes)
+    torch.manual_seed(0)
+    return backbone_for_model(LlavaForConditionalGeneration(LlavaConfig(**kw)), name="llava-tiny")
+
+
 @pytest.fixture(scope="module")
 def llava():
-    backbone = load_backbone("llava-tiny")
+    backbone = _tiny_llava()
     spec = resolve_data(DATA, backbone)
     binding, changes = adapt(backbone, load_dataset(spec))
     return backbone, binding, changes, task_dataset(spec, binding)
@@ -101,3 +114,16 @@ def test_exact_match_reads_up_to_the_first_eos():
     assert exact_match(generated, answers, eos) == [True, False, True, False, False]
     with pytest.raises(DataError):
         exact_match([[7]], [], eos)
+
+
+def test_a_small_vocabulary_grows_to_hold_the_words():
+    backbone = _tiny_llava(text={"vocab_size": 48}, image_token_index=47)
+    data = load_dataset(resolve_data(DATA, backbone))
+    binding, changes = adapt(backbone, data)
+    grown = changes["vocab_size"]
+    assert grown[0] == 48 and grown[1] > 48
+    assert backbone.model.get_input_embeddings().num_embeddings == grown[1]
+    words = binding.token_ids[3:]
+    assert len(set(words)) == len(words) and max(words) == grown[1] - 1 and not set(words) & {0, 1, 2, 3, 47}
+    inputs, labels = model_batch(binding, collate([task_dataset(data.spec, binding)[i] for i in range(2)]))
+    assert backbone.model(**inputs).logits.shape[-1] == grown[1]
