@@ -11,7 +11,7 @@ import click
 from trimkit.cli import command
 from trimkit.errors import ConfigError
 
-__all__ = ["apply", "DEFAULT_RECIPE", "default_configs", "pass_tree"]
+__all__ = ["apply", "DEFAULT_RECIPE", "default_configs", "decoder_configs", "pass_tree"]
 
 DEFAULT_RECIPE = """\
 # SmartTrim: per-input token and head trimming
@@ -138,6 +138,8 @@ def _interrupted(out: Path, existed: bool) -> KeyboardInterrupt:
               help="Executed-FLOPs ratio the training steers to (default: the recipe's).")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Training steps (with --data).")
+@click.option("--lr-backbone", type=click.FloatRange(min=0.0), default=None,
+              help="Learning rate of the backbone while the passes train (with --data; default: trimkit train's).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Override every trimming pass's inference threshold.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -150,8 +152,8 @@ def _interrupted(out: Path, existed: bool) -> KeyboardInterrupt:
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables (no progress).")
 def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | None, target_ratio: float | None,
-          steps: int, threshold: float | None, batch_size: int, samples: int, no_profile: bool, overwrite: bool,
-          no_progress: bool, as_json: bool):
+          steps: int, lr_backbone: float | None, threshold: float | None, batch_size: int, samples: int,
+          no_profile: bool, overwrite: bool, no_progress: bool, as_json: bool):
     """Apply a recipe of compression passes, optionally train them, profile and save.
 
     \b
@@ -159,12 +161,15 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
       trimkit apply --model blip-vqa-tiny --out blip-trimmed
       trimkit apply --model vilt-vqa-tiny --data synthetic:vqa --target-ratio 0.5 --out vilt-trimmed
       trimkit apply --model blip-itm-tiny --recipe recipe.toml --out blip-itm-int8
+      trimkit apply --model llava-tiny --data "synthetic:vqa?n=400" --target-ratio 0.5 \\
+                    --lr-backbone 1e-3 --out llava-trimmed
     """
     from rich.console import Console
 
     from trimkit.passes import parse_recipe
 
     configs = parse_recipe(recipe) if recipe else default_configs()
+    default = recipe is None
     out = _check_args(model_ref, out_dir, data_spec, target_ratio, overwrite)
     console = Console(stderr=as_json, quiet=as_json)
     existed = out.exists()
@@ -172,7 +177,7 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     try:
         if data_spec is not None:
             _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
-                             batch_size, as_json, show)
+                             batch_size, as_json, show, default, lr_backbone)
         else:
             _apply_only(console, model_ref, configs, out, threshold, batch_size, samples, no_profile, overwrite,
                         as_json, show)
@@ -239,22 +244,42 @@ def _eval_table(report: dict):
     return table
 
 
+def decoder_configs(configs: list) -> tuple[list, list[str]]:
+    """The default recipe for a decoder VLM: its token pass only (head trimming decides per forward,
+    so decoding steps would meet a KV cache holding other heads' keys); the notes that say so."""
+    kept = [c for c in configs if type(c).name != "smarttrim.heads"]
+    if len(kept) == len(configs):
+        return configs, []
+    return kept, ["decoder VLM: the default recipe leaves out smarttrim.heads (generation reuses the prefill's "
+                  "KV cache, which must hold every head); image tokens are trimmed inside the language model"]
+
+
 def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
-                     batch_size, as_json, progress):
+                     batch_size, as_json, progress, default: bool = False, lr_backbone: float | None = None):
     """The one-stop path: fit to the data, apply, train (into a staging folder swapped in when
-    complete), evaluate before/after."""
+    complete), evaluate before/after. A decoder VLM (``lm`` task) trains on text answers, and the
+    default recipe trims its image tokens only (:func:`decoder_configs`)."""
+    from trimkit.backbones import load_backbone
     from trimkit.runtime import set_threshold
     from trimkit.io import staged_out_dir
     from trimkit.passes import applied_passes
     from trimkit.passes.registry import config_to_dict
-    from trimkit.train import evaluate, train
+    from trimkit.train import TrainConfig, evaluate, train
 
     if not any(getattr(c, "tags", ()) and "trim" in c.tags for c in configs):
         raise ConfigError("--data trains trimming passes, but the recipe has none (add smarttrim.tokens / "
                           "smarttrim.heads)")
+    model = model_ref
+    if default:
+        model = load_backbone(model_ref)
+        if model.task.kind == "lm":
+            configs, notes = decoder_configs(configs)
+            for note in notes:
+                console.print(f"[yellow]note:[/] {note}")
     with staged_out_dir(out) as staging:
-        result = train(model_ref, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
-                       out_dir=staging, progress=progress)
+        result = train(model, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
+                       out_dir=staging, progress=progress, base_ref=model_ref,
+                       config=TrainConfig() if lr_backbone is None else TrainConfig(lr_backbone=lr_backbone))
     model = result.model
     if threshold is not None:
         set_threshold(model, threshold)

@@ -17,6 +17,7 @@ from trimkit.backbones import Backbone, backbone_for_model, load_backbone
 from trimkit.runtime import trimming_off
 from trimkit.data import collate, format_data_spec, load_dataset
 from trimkit.errors import ConfigError
+from trimkit.generative import exact_match, generate_answers, prompt_batch
 from trimkit.io import read_manifest
 from trimkit.passes import applied_passes
 from trimkit.profile import compare_latency, count_flops
@@ -128,6 +129,34 @@ def _fitted(model_or_backbone, data_spec: str, split: str):
 
 
 IN_BATCH_RECALL = "in_batch_recall@1"
+EXACT_MATCH = "exact_match"
+
+
+def eval_inputs(binding, batch: dict, device) -> dict:
+    """The model inputs a batch is measured on: a decoder's prompts (its prefill, answers cut off)."""
+    inputs, labels = model_batch(binding, batch, device)
+    return prompt_batch(inputs, labels, binding.pad_id)[0] if binding.generative else inputs
+
+
+def _generative_metrics(model, binding, items: list[dict], batch_size: int, device, bar) -> tuple[str, dict]:
+    """Exact match of greedy generations (at most the longest answer plus one token per batch) with
+    the answers, trimmed and untrimmed."""
+    hits: dict[str, list[bool]] = {"trimmed": [], "untrimmed": []}
+    groups = [list(range(lo, min(lo + batch_size, len(items)))) for lo in range(0, len(items), batch_size)]
+    step = bar.add("generating answers (trimmed, untrimmed)", len(groups))
+    for group in groups:
+        inputs, labels = model_batch(binding, collate([items[i] for i in group]), device)
+        prompts, answers = prompt_batch(inputs, labels, binding.pad_id)
+        budget = max(len(a) for a in answers) + 1
+        for side in ("trimmed", "untrimmed"):
+            if side == "untrimmed":
+                with trimming_off(model):
+                    made = generate_answers(model, prompts, budget, binding.eos_id, binding.pad_id)
+            else:
+                made = generate_answers(model, prompts, budget, binding.eos_id, binding.pad_id)
+            hits[side] += exact_match(made, answers, binding.eos_id)
+        bar.advance(step)
+    return EXACT_MATCH, {side: sum(v) / len(v) for side, v in hits.items()}
 
 
 def _row_weighted(recalls: list[tuple[float, int]]) -> float:
@@ -140,7 +169,10 @@ def _metrics(model, task, binding, items: list[dict], batch_size: int, device, b
     """The metric's name and its value ``{"trimmed": .., "untrimmed": ..}`` over `items`.
 
     A contrastive model on retrieval ranks each image's caption among the captions of its batch
-    (at most `batch_size`, all of one text length): ``in_batch_recall@1``, not recall over the set."""
+    (at most `batch_size`, all of one text length): ``in_batch_recall@1``, not recall over the set.
+    A decoder generates its answers: ``exact_match``."""
+    if binding.generative:
+        return _generative_metrics(model, binding, items, batch_size, device, bar)
     logits, labels = {"trimmed": [], "untrimmed": []}, []
     values: dict[str, list] = {"trimmed": [], "untrimmed": []}
     groups = length_buckets(items, batch_size)
@@ -177,7 +209,7 @@ def _latency(model, binding, items: list[dict], device, sizes: tuple[int, int], 
     ratios, ms = {}, {}
     step = bar.add("measuring latency (interleaved)", len(sizes))
     for size in sizes:
-        inputs, _ = model_batch(binding, collate(_same_length_rows(items, size)), device)
+        inputs = eval_inputs(binding, collate(_same_length_rows(items, size)), device)
         timing = compare_latency(full, trimmed, inputs, **timing_kw)
         ratios[f"batch_{size}"] = timing["b_ms"] / timing["a_ms"] if timing["a_ms"] else None
         ms[f"batch_{size}"] = {"trimmed": timing["b_ms"], "untrimmed": timing["a_ms"]}
@@ -190,7 +222,7 @@ def _counted(model, binding, items: list[dict], count: int, device, bar) -> list
     step = bar.add("counting FLOPs per sample", count)
     counted = []
     for i in range(count):
-        counted.append(executed_flops(model, model_batch(binding, collate([items[i]]), device)[0]))
+        counted.append(executed_flops(model, eval_inputs(binding, collate([items[i]]), device)))
         bar.advance(step)
     return counted
 
@@ -203,7 +235,9 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
     The metric runs over the whole data set (the spec's split, `split` when it names none) in
     batches of `batch_size`; executed FLOPs are counted one sample at a time over the first
     `samples` items, trimmed and untrimmed; latency is interleaved against the same model with
-    every trimmer off at batch 1 and `latency_batch`. Ratios are trimmed / untrimmed. `progress`
+    every trimmer off at batch 1 and `latency_batch`. Ratios are trimmed / untrimmed. A decoder VLM
+    (generative binding) is scored by exact match of its greedy answers; its FLOPs and latency are
+    those of the prefill of the prompts (image, question). `progress`
     shows each phase on stderr (:mod:`trimkit.progress`).
     """
     for label, value in (("batch_size", batch_size), ("samples", samples), ("latency_batch", latency_batch),

@@ -16,7 +16,11 @@ Rules, by task kind of the backbone's adapter:
   answers (``config.num_labels``), a plain PyTorch head must already have at least that many;
 * ``matching`` (image-text matching): ``truefalse`` labels are the match labels; ``retrieval``
   data becomes matched and mismatched pairs (:func:`trimkit.data.itm_pairs`);
-* ``contrastive``: ``retrieval`` data, no labels (the pairs on the diagonal match).
+* ``contrastive``: ``retrieval`` data, no labels (the pairs on the diagonal match);
+* ``lm`` (decoder VLMs): ``vqa`` / ``truefalse`` answers become text (:mod:`trimkit.generative`):
+  each row is the model's image placeholders, the question and the answer words plus an
+  end-of-sequence token, left-padded; the data's words take ids the model does not reserve (the
+  vocabulary grows where there are too few) and the labels are the answer tokens.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torch import nn
 from trimkit.backbones.families import family_by_architecture
 from trimkit.data import format_data_spec, itm_pairs, load_dataset, metric, parse_data_spec
 from trimkit.errors import DataError
+from trimkit.generative import AnswerLayout, GenerativeItems, data_words, free_ids, generative_batch
 
 __all__ = ["Binding", "adapt", "refreshed", "binding_for", "model_batch", "resolve_data", "task_dataset", "metric_of",
            "bound_task", "check_task"]
@@ -51,6 +56,8 @@ class Binding:
     metric_task: the task name of :func:`trimkit.data.metric` (``vqa``, ``truefalse``, ``itm``,
       ``retrieval``).
     pairs: the data set is turned into image-text matching pairs.
+    prefix / token_ids / eos_id / pad_id: a decoder's answer layout (:class:`AnswerLayout`; empty
+      `token_ids` for every other task).
     """
 
     keys: tuple[tuple[str, str], ...]
@@ -61,17 +68,38 @@ class Binding:
     label_ids: tuple[int, ...] = ()
     metric_task: str = "vqa"
     pairs: bool = False
+    prefix: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    eos_id: int = -1
+    pad_id: int = 0
+
+    @property
+    def generative(self) -> bool:
+        """The model answers by generating text (a decoder VLM)."""
+        return bool(self.token_ids)
+
+    @property
+    def layout(self) -> AnswerLayout:
+        return AnswerLayout(self.prefix, self.token_ids, self.eos_id, self.pad_id)
 
     def to_dict(self) -> dict:
-        return {"keys": [list(k) for k in self.keys], "constants": [[k, list(v)] for k, v in self.constants],
+        data = {"keys": [list(k) for k in self.keys], "constants": [[k, list(v)] for k, v in self.constants],
                 "flags": [list(f) for f in self.flags], "pixel_mask": self.pixel_mask,
                 "max_text_len": self.max_text_len, "label_ids": list(self.label_ids),
                 "metric_task": self.metric_task, "pairs": self.pairs}
+        if self.generative:
+            data["generative"] = {"prefix": list(self.prefix), "token_ids": list(self.token_ids),
+                                  "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Binding":
         try:
-            return cls(keys=tuple((str(a), str(b)) for a, b in data["keys"]),
+            gen = data.get("generative") or {}
+            return cls(prefix=tuple(int(i) for i in gen.get("prefix", [])),
+                       token_ids=tuple(int(i) for i in gen.get("token_ids", [])),
+                       eos_id=int(gen.get("eos_id", -1)), pad_id=int(gen.get("pad_id", 0)),
+                       keys=tuple((str(a), str(b)) for a, b in data["keys"]),
                        constants=tuple((str(k), tuple(int(i) for i in v)) for k, v in data.get("constants", [])),
                        flags=tuple((str(k), bool(v)) for k, v in data.get("flags", [])),
                        pixel_mask=str(data.get("pixel_mask", "")),
@@ -129,6 +157,8 @@ def task_dataset(spec, binding: Binding):
     `DataError` when its task is not the one `binding` was made for."""
     data = load_dataset(spec)
     check_task(binding, data)
+    if binding.generative:
+        return GenerativeItems(data, binding.layout)
     return itm_pairs(data) if binding.pairs else data
 
 
@@ -281,8 +311,52 @@ def _metric_task(kind: str, data_task: str, name: str) -> tuple[str, bool]:
             raise DataError(f"{name!r} answers with classes: use synthetic:vqa or synthetic:truefalse, "
                             "not retrieval")
         return data_task, False
-    raise DataError(f"{name!r} has a {kind!r} task head; trimkit trains classification, matching and "
-                    "contrastive heads")
+    if kind == "lm":
+        if data_task not in ("vqa", "truefalse"):
+            raise DataError(f"{name!r} is a decoder that answers in text: use synthetic:vqa or synthetic:truefalse, "
+                            f"not {data_task}")
+        return data_task, False
+    raise DataError(f"{name!r} has a {kind!r} task head; trimkit trains classification, matching, contrastive "
+                    "and language-model (decoder) heads")
+
+
+def _first_int(value) -> int | None:
+    value = value[0] if isinstance(value, (list, tuple)) and value else value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _decoder_ids(backbone, ids_key: str) -> tuple[tuple[int, ...], int, int]:
+    """``(prefix, eos, pad)``: the example row up to its last image placeholder, and the text config's
+    end-of-sequence and padding ids."""
+    model, hints = backbone.model, backbone.hints or {}
+    image = hints.get("image_token_id")
+    row = [int(i) for i in _example(backbone)[ids_key][0]]
+    if not isinstance(image, int) or image not in row:
+        raise DataError(f"cannot tell where {backbone.name!r} takes its image placeholders (no image_token_id "
+                        "hint found in its example inputs)")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    eos = _first_int(getattr(text, "eos_token_id", None))
+    if eos is None:
+        eos = _first_int(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    if eos is None:
+        raise DataError(f"{backbone.name!r} names no end-of-sequence token; a decoder's answers need one")
+    pad = _first_int(getattr(text, "pad_token_id", None))
+    return tuple(row[: len(row) - row[::-1].index(image)]), eos, eos if pad is None else pad
+
+
+def _answer_layout(backbone, data, ids_key: str, vocab: int | None) -> tuple[AnswerLayout, int]:
+    """The decoder's answer layout for `data` within a vocabulary of `vocab` ids, and the vocabulary
+    size it needs (larger than `vocab` when too few ids are free)."""
+    prefix, eos, pad = _decoder_ids(backbone, ids_key)
+    reserved = {*_SPECIAL_IDS, *prefix, eos, pad}
+    wanted = len(data_words(data)) - 3  # every word but [PAD], [CLS], [SEP]
+    vocab = vocab or 0
+    free = free_ids(vocab, reserved, wanted)
+    missing = wanted - len(free)
+    free += [i for i in range(vocab, vocab + missing + len(reserved)) if i not in reserved][:missing]
+    need = max(vocab, max(free, default=-1) + 1)
+    return AnswerLayout(prefix, (pad, prefix[0], eos, *free), eos, pad), need
 
 
 def binding_for(backbone, data) -> Binding:
@@ -294,6 +368,15 @@ def binding_for(backbone, data) -> Binding:
     label_ids: tuple[int, ...] = ()
     if kind == "classification" and any(k == "decoder_input_ids" or "decoder" in k for k, _ in constants):
         label_ids = _decoder_label_ids(backbone, data.vocab_size, data.num_labels)
+    if kind == "lm":
+        vocab = _vocab_size(backbone.model)
+        layout, need = _answer_layout(backbone, data, keys["input_ids"], vocab)
+        if vocab is not None and need > vocab:
+            raise DataError(f"{backbone.name!r} has {vocab} tokens: too few free ids for the data's "
+                            f"{len(data_words(data)) - 3} words")
+        return Binding(keys=tuple(sorted(keys.items())), constants=constants, flags=_flags(backbone, data.spec.image),
+                       pixel_mask=pixel_mask, metric_task=metric_task, prefix=layout.prefix,
+                       token_ids=layout.token_ids, eos_id=layout.eos_id, pad_id=layout.pad_id)
     return Binding(keys=tuple(sorted(keys.items())), constants=constants,
                    flags=_flags(backbone, data.spec.image), pixel_mask=pixel_mask,
                    max_text_len=_text_limit(backbone), label_ids=label_ids, metric_task=metric_task,
@@ -307,8 +390,14 @@ def adapt(backbone, data) -> tuple[Binding, dict]:
     returned backbone of :func:`refreshed`.
     """
     changes: dict[str, Any] = {}
-    changes.update(_fit_vocabulary(backbone, data.vocab_size))
     kind = backbone.task.kind
+    if kind == "lm":
+        _metric_task(kind, data.task, backbone.name)
+        ids_key = _role_keys(backbone)["input_ids"]
+        need = _answer_layout(backbone, data, ids_key, _vocab_size(backbone.model))[1]
+        changes.update(_fit_vocabulary(backbone, need))
+    else:
+        changes.update(_fit_vocabulary(backbone, data.vocab_size))
     probe = binding_for(backbone, data)
     if kind in ("classification", "features") and not probe.label_ids:
         changes.update(_resize_head(backbone, data.num_labels, data.answers))
@@ -340,7 +429,15 @@ def _cut_text(t: torch.Tensor, limit: int | None) -> torch.Tensor:
 
 def model_batch(binding: Binding, batch: Mapping[str, torch.Tensor],
                 device: torch.device | None = None) -> tuple[dict, torch.Tensor | None]:
-    """``(model inputs, labels)`` of a collated data batch (labels mapped to logit columns)."""
+    """``(model inputs, labels)`` of a collated data batch (labels mapped to logit columns; a decoder's
+    rows left-padded with token labels, see :func:`trimkit.generative.generative_batch`)."""
+    if binding.generative:
+        inputs, labels = generative_batch(dict(binding.keys), batch, binding.pad_id)
+        inputs.update(binding.flags)
+        if device is not None:
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            labels = labels.to(device)
+        return inputs, labels
     inputs: dict[str, Any] = {}
     for data_key, model_key in binding.keys:
         value = batch[data_key]

@@ -21,7 +21,8 @@ from trimkit.errors import TrimkitError
 from trimkit.train.config import TrainConfig
 
 __all__ = ["LossTerm", "Batch", "cost_loss", "distill_loss", "logit_penalty", "hidden_mse", "TaskLoss",
-           "CrossEntropy", "Distillation", "CostLoss", "LogitPenalty", "LagrangeMultiplier", "smarttrim_terms"]
+           "CrossEntropy", "Distillation", "AnswerDistillation", "answer_positions",
+           "CostLoss", "LogitPenalty", "LagrangeMultiplier", "smarttrim_terms"]
 
 
 class LossTerm(Protocol):
@@ -153,6 +154,32 @@ class Distillation:
         return value
 
 
+def answer_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, T]`` bool: the positions whose next-token logits predict a labelled token (``labels[:, t + 1]``
+    not `ignore_index`); the last position predicts nothing."""
+    where = torch.zeros_like(labels, dtype=torch.bool)
+    where[:, :-1] = labels[:, 1:] != ignore_index
+    return where
+
+
+@dataclass
+class AnswerDistillation(Distillation):
+    """:class:`Distillation` of token logits ``[B, T, V]`` at the positions that predict a labelled token
+    only (a decoder's answer tokens, :func:`answer_positions`); None for a batch without any."""
+
+    def __call__(self, outputs, batch: Batch) -> torch.Tensor | None:
+        where = answer_positions(batch.labels).to(batch.labels.device)
+        if not bool(where.any()):
+            return None
+        student, teacher = self.logits(outputs.student), outputs.teacher_logits()
+        value = distill_loss(student[where], teacher[where], self.temperature)
+        if self.hidden_weight:
+            mse = hidden_mse(*outputs.hidden())
+            if mse is not None:
+                value = value + self.hidden_weight * mse
+        return value
+
+
 @dataclass
 class CostLoss:
     """:func:`cost_loss` of the expected-FLOPs ratio ``outputs.ratio`` against the step's target."""
@@ -202,7 +229,8 @@ def smarttrim_terms(config: TrainConfig, task, *, self_teacher: bool = True, dua
     value (from a resumed history)."""
     full = config.full_task if self_teacher and config.full_task > 0 and not config.freeze_backbone else 0.0
     terms = [TaskLoss(task, full_weight=full),
-             Distillation(config.alpha, config.temperature, logits=task.logits, hidden_weight=config.hidden_weight),
+             (AnswerDistillation if task.kind == "lm" else Distillation)(
+                 config.alpha, config.temperature, logits=task.logits, hidden_weight=config.hidden_weight),
              CostLoss(config.beta, config.cost)]
     if config.logit_penalty:
         terms.append(LogitPenalty(config.logit_penalty, config.logit_margin))
