@@ -44,6 +44,9 @@ class SmartTrimHeadsConfig(PassConfig):
       with sliced projections and zeroes each row's dropped heads before the output projection
       (cheap on CPU); "rows" computes each row's own heads with per-row weights (batched matmuls;
       fewer FLOPs, more memory traffic). Both equal running the rows one by one.
+    decoder_lm: also trim the heads of a decoder VLM's language model. Off by default: its KV cache
+      keeps the heads of the prefill, so heads chosen anew at each decoding step would not line up with
+      it (``generate`` with a cache fails); on, for models run one forward at a time.
     """
 
     name: ClassVar[str] = "smarttrim.heads"
@@ -56,6 +59,7 @@ class SmartTrimHeadsConfig(PassConfig):
     hidden: int = 0
     tau: float = 1.0
     batched: str = "union"
+    decoder_lm: bool = False
 
     def validate(self) -> None:
         if self.batched not in ("union", "rows"):
@@ -129,6 +133,14 @@ class SmartTrimHeadDecider:
         return self.trimmers[site].layout
 
 
+def _kv_cached_sites(model_map: ModelMap) -> set[str]:
+    """Attention sites of a decoder VLM's language model (the stream its image span enters)."""
+    stream = (model_map.image_span or {}).get("stream")
+    if not stream:
+        return set()
+    return {a.path for layer in model_map.stream(stream).layers for a in layer.attention}
+
+
 @register_pass(SmartTrimHeadsConfig)
 def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHeadsConfig,
                     context: PassContext) -> PassResult:
@@ -136,10 +148,16 @@ def smarttrim_heads(model: nn.Module, model_map: ModelMap, config: SmartTrimHead
         raise ConfigError("smarttrim.heads is already applied to this model")
     pattern = re.compile(config.sites)
     plans, skipped, seen = {}, {}, set()
+    cached = set() if config.decoder_lm else _kv_cached_sites(model_map)
     for site in model_map.sites():
         if site.path in seen or not pattern.search(site.path):
             continue
         seen.add(site.path)
+        if site.path in cached:
+            skipped[site.path] = ("decoder language model: its KV cache holds every head of the prefill, so heads "
+                                  "chosen per forward would not line up with it in decoding (decoder_lm=true trims them for single "
+                                  "forwards)")
+            continue
         plan, reason = plan_site(model, site)
         if plan is None:
             skipped[site.path] = reason

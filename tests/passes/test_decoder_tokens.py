@@ -330,3 +330,16 @@ def test_two_images_anywhere_in_the_prompt():
         set_threshold(model, 1.0)
         model(**inputs)
     assert trim_stats(model)["tokens"]["model.language_model.layers"]["kept"] == [9.0, 9.0, 9.0]
+
+
+def test_head_trimming_leaves_a_decoder_language_model_whole_so_generation_works():
+    from trimkit.passes.smarttrim_heads import SmartTrimHeadsConfig
+
+    bb, inputs = _setup("llava-tiny")
+    model = copy.deepcopy(bb.model)
+    report = apply_(model, [SmartTrimTokensConfig(threshold=0.5), SmartTrimHeadsConfig(threshold=0.5)],
+                    inputs=inputs, hints=bb.hints).results[1].report
+    assert report["trimmed_sites"] and not any(p.startswith("model.language_model.") for p in report["trimmed_sites"])
+    assert any("KV cache" in why for p, why in report["skipped_sites"].items() if p.startswith("model.language_model."))
+    _spread(model, inputs)
+    assert _generate(model, inputs).shape == (2, 24 + NEW)

@@ -2,6 +2,7 @@
 gradients in training, undo, saved folders, and composition with smarttrim.tokens."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def _half(model):
 
 
 def _apply(bb, inputs, *configs):
-    return apply_(bb.model, list(configs), inputs=inputs, hints=bb.hints)
+    """Head mechanics are tested on every site, a decoder's language model included (single forwards)."""
+    configs = [dataclasses.replace(c, decoder_lm=True) if isinstance(c, SmartTrimHeadsConfig) else c for c in configs]
+    return apply_(bb.model, configs, inputs=inputs, hints=bb.hints)
 
 
 @pytest.mark.parametrize("ref", ALL, ids=_ids)
