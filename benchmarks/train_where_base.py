@@ -24,12 +24,59 @@ from dataclasses import asdict
 
 import torch
 
-from trimkit.bench.base import BaseTrainConfig, base_metrics, data_specs, train_model
+from trimkit.bench.base import BaseTrainConfig, base_metrics, data_specs, lr_factor, train_model
 from trimkit.bench.models import build_model, model_config
-from trimkit.bench.where import blind_prior, by_type, export_vilt, ship
-from trimkit.data import load_dataset
+from trimkit.bench.where import ViltGroundingProbe, blind_prior, by_type, export_vilt, grounding_targets, ship
+from trimkit.data import collate, load_dataset
 
 SPEC = "synthetic:vqa?image=48&objects=2-3&grid=3&jitter=0&questions=where"
+
+
+def _batches(parts, batch_size: int, patch: int):
+    items, targets = [], []
+    for part in parts:
+        for i in range(len(part)):
+            rec = part.record(i)
+            items.append(part.encode_item(rec.image, rec.text, rec.label))
+            targets.append(grounding_targets(rec.objects, rec.text, part.image_size, patch, part.source.grid))
+            if len(items) == batch_size:
+                yield collate(items), torch.stack(targets)
+                items, targets = [], []
+
+
+def train_grounded(net, parts, recipe: BaseTrainConfig, weight: float, on_log) -> dict:
+    """The task loss plus `weight` x the grounding read-outs' loss (the probe is dropped after)."""
+    probe = ViltGroundingProbe(net.vilt)
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "embedding" not in n] + [probe.heads.weight]
+    rest = [p for n, p in net.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)] + [probe.heads.bias]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
+    side = net.config.image // net.config.patch
+    start, cpu = time.perf_counter(), time.process_time()
+    window, ground = [], []
+    net.train()
+    try:
+        for step, (batch, targets) in enumerate(_batches(parts, recipe.batch_size, net.config.patch)):
+            if step == recipe.steps:
+                break
+            logits = net(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            task = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            aux = probe.loss(targets, side)
+            (task + weight * aux).backward()
+            torch.nn.utils.clip_grad_norm_(list(net.parameters()) + list(probe.parameters()), recipe.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            window.append(task.item())
+            ground.append(aux.item())
+            if (step + 1) % 250 == 0 or step + 1 == recipe.steps:
+                print(json.dumps({"step": step + 1, "ground_loss": round(sum(ground) / len(ground), 4)}), flush=True)
+                on_log(step + 1, sum(window) / len(window))
+                window, ground = [], []
+    finally:
+        probe.remove()
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
 
 
 def main(argv: list[str]) -> None:
@@ -46,6 +93,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--check", type=int, default=1000)
     ap.add_argument("--spec", default=SPEC)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ground", type=float, default=0.0,
+                    help="weight of the grounding read-outs of the image tokens (ViltGroundingProbe)")
     ap.add_argument("--ship", default=None, help="also copy the result to trimkit's shipped models under this name")
     args = ap.parse_args(argv)
     from pathlib import Path
@@ -77,8 +126,11 @@ def main(argv: list[str]) -> None:
         log.append(row)
         print(json.dumps(row), flush=True)
 
-    history = train_model(net, torch.utils.data.ConcatDataset(parts), recipe, progress=False, log_every=250,
-                          log=on_log)
+    if args.ground:
+        history = train_grounded(net, parts, recipe, args.ground, on_log)
+    else:
+        history = train_model(net, torch.utils.data.ConcatDataset(parts), recipe, progress=False, log_every=250,
+                              log=on_log)
     net.eval()
     test = load_dataset(specs["test"])
     record = {"spec": args.spec, "data": specs, "model": config.to_dict(), "train": asdict(recipe),

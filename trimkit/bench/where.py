@@ -143,3 +143,88 @@ def ship(run_dir: str | Path, target: str | Path, command: str) -> dict:
             "train_cpu_seconds": record["train_cpu_seconds"], "command": command}
     (target / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return info
+
+
+# ----------------------------------------------------------------------------- grounding targets
+
+
+def referents(objects, text: str) -> list:
+    """The objects a ``where`` question names: the object of the named colour (``shape``
+    questions), of the named shape (``colour``), or of both (``exists``; none for a "no")."""
+    words = text.split()
+    kind = question_type(text)
+    if kind == "exists":
+        return [o for o in objects if o.colour == words[3] and o.shape == words[4]]
+    if kind == "shape":
+        return [o for o in objects if o.colour == words[4]]
+    if kind == "colour":
+        return [o for o in objects if o.shape == words[4]]
+    raise ValueError(f"not a where question: {text!r}")
+
+
+def patch_cells(image: int, patch: int, grid: int) -> torch.Tensor:
+    """``[side]``: the grid row (or column) that holds the centre of each patch row (or column)."""
+    side = image // patch
+    return ((torch.arange(side) + 0.5) * patch * grid / image).long().clamp(max=grid - 1)
+
+
+def grounding_targets(objects, text: str, image: int, patch: int, grid: int) -> torch.Tensor:
+    """``[P, 3]`` long, patches in row-major order: 1 where the patch's grid cell holds an object the
+    question names (see `referents`), else 0; then the colour and shape index + 1 of the object in
+    the cell (0 where it is empty)."""
+    from trimkit.data import COLOURS, SHAPES
+
+    cells = patch_cells(image, patch, grid)
+    table = torch.zeros(grid, grid, 3, dtype=torch.long)
+    named = {(o.row, o.col) for o in referents(objects, text)}
+    for o in objects:
+        table[o.row, o.col] = torch.tensor([int((o.row, o.col) in named), list(COLOURS).index(o.colour) + 1,
+                                            SHAPES.index(o.shape) + 1])
+    side = len(cells)
+    return table[cells[:, None], cells[None, :]].reshape(side * side, 3)
+
+
+class ViltGroundingProbe(torch.nn.Module):
+    """Linear read-outs of a ViLT's last-layer image tokens, trained with it: does the token's cell
+    hold an object the question names, and that object's colour and shape. ViLT feeds its patches
+    in a random order; the probe records the order of every forward (``patch_index``) and reads the
+    targets in it. :meth:`remove` restores the model."""
+
+    CLASSES = (2, 7, 5)
+
+    def __init__(self, vilt: torch.nn.Module):
+        super().__init__()
+        self.heads = torch.nn.Linear(vilt.config.hidden_size, sum(self.CLASSES))
+        self._embeddings = vilt.vilt.embeddings
+        original = self._embeddings.visual_embed
+        self._index: torch.Tensor | None = None
+        self._states: torch.Tensor | None = None
+
+        def visual_embed(*args, **kwargs):
+            x, mask, (index, size) = original(*args, **kwargs)
+            self._index = index
+            return x, mask, (index, size)
+
+        self._embeddings.visual_embed = visual_embed
+        self._handle = vilt.vilt.layernorm.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._states = output
+
+    def loss(self, targets: torch.Tensor, side: int) -> torch.Tensor:
+        """Mean cross-entropy of the three read-outs; `targets` ``[B, P, 3]`` in row-major order."""
+        index, states = self._index, self._states
+        if index is None or states is None:
+            raise ConfigError("the grounding probe saw no forward")
+        patches = index.shape[1]
+        image = states[:, -patches:]
+        order = (index[..., 0] * side + index[..., 1]).long()
+        picked = torch.gather(targets, 1, order[..., None].expand(-1, -1, targets.shape[-1]))
+        logits = self.heads(image.float()).split(self.CLASSES, dim=-1)
+        self._index = self._states = None
+        return sum(torch.nn.functional.cross_entropy(z.flatten(0, 1), picked[..., k].flatten())
+                   for k, z in enumerate(logits)) / len(logits)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        del self._embeddings.visual_embed
