@@ -7,10 +7,11 @@ and answer classes it expects, the SHA-256 of the weights (checked on every load
 validation accuracy and the command that reproduces it.
 
 ``vilt-vqa-where``
-    A ViLT (width 128, 4 layers, 8-pixel patches on 64-pixel images) trained on
-    ``synthetic:vqa?questions=where`` scenes of 2-3 objects on a 3x3 grid: questions that name
+    A ViLT (width 128, 4 layers, 8-pixel patches on 48-pixel images) trained on
+    ``synthetic:vqa?image=48&objects=2-3&grid=3&jitter=0&questions=where``: questions that name
     one object among the others ("what shape is the red object ?", "what colour is the circle ?",
-    "is there a blue triangle ?").
+    "is there a blue triangle ?"); 0.999 on 1000 validation questions, where the question alone
+    gives 0.300 (``trimkit/bench/README.md``).
 """
 from __future__ import annotations
 
