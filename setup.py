@@ -16,4 +16,7 @@ def _packages() -> list[str]:
     return found
 
 
-setup(package_dir=dict(ROOTS), packages=_packages())
+# Shipped trained models (trimkit.backbones.trained): weights, config and their record.
+PACKAGE_DATA = {"trimkit.backbones": ["trained/*/*.json", "trained/*/*.safetensors"]}
+
+setup(package_dir=dict(ROOTS), packages=_packages(), package_data=PACKAGE_DATA)

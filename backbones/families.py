@@ -105,10 +105,12 @@ def _bridgetower_inputs(config: Any) -> InputMaker:
 
 
 def _vilt_inputs(config: Any) -> InputMaker:
-    cls = _bert_cls(config.vocab_size, None)
+    # A small vocabulary (no BERT ids) may name its own first and last token ids in the config.
+    cls = _bert_cls(config.vocab_size, getattr(config, "cls_token_id", None))
+    sep = BERT_SEP if cls == BERT_CLS else getattr(config, "sep_token_id", None)
     return InputMaker(
         TextSpec(config.vocab_size, config.max_position_embeddings, first_id=cls,
-                 last_id=BERT_SEP if cls is not None else None,
+                 last_id=sep if cls is not None else None,
                  reserved=_ids(config.pad_token_id, *(i for i in BERT_SPECIALS if i < config.vocab_size))),
         ImageSpec(config.image_size, config.patch_size, "native", pixel_mask=True))
 

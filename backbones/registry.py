@@ -1,6 +1,7 @@
 """Model references -> `Backbone`: registry names, hub ids, folders and factories.
 
-A reference is tried as, in order: a registry name (``clip``, ``clip-tiny``, ...), a
+A reference is tried as, in order: a shipped trained model (``vilt-vqa-where``, see
+:mod:`trimkit.backbones.trained`), a registry name (``clip``, ``clip-tiny``, ...), a
 ``module:function`` / ``file.py:function`` factory, a local folder (``save_pretrained`` output, or
 a ``trimkit apply`` folder holding ``trimkit.json``), then a Hugging Face hub id. Hub ids are read
 from the local cache first; the network is tried only when ``HF_HUB_OFFLINE`` is unset and the hub
@@ -28,6 +29,7 @@ from trimkit.backbones.factory import backbone_from_factory, is_factory_ref
 from trimkit.backbones.families import FAMILIES, family_by_architecture, family_by_name, generic_inputs, tiny_kwargs
 from trimkit.backbones.inputs import RepeatBatch
 from trimkit.backbones.saved import BASE_DIR, MANIFEST, WEIGHTS, load_folder, read_manifest
+from trimkit.backbones.trained import list_trained, trained_folder, trained_info
 from trimkit.errors import ConfigError, UnknownModelError
 
 __all__ = ["list_backbones", "load_backbone", "load_saved", "tiny_config", "backbone_for_model"]
@@ -44,7 +46,7 @@ def list_backbones() -> list[str]:
 
 def _unknown(ref: str, reason: str) -> UnknownModelError:
     return UnknownModelError(
-        f"unknown model {ref!r}: {reason}. Known backbones: {', '.join(list_backbones())}; "
+        f"unknown model {ref!r}: {reason}. Known backbones: {', '.join(list_backbones() + list_trained())}; "
         "or give a Hugging Face hub id, a save_pretrained folder, or module:factory / file.py:factory")
 
 
@@ -216,6 +218,14 @@ def _load_hub(ref: str, hub_id: str, attn_implementation: str | None, name: str)
     return backbone_for_model(model, name=name, source="hub")
 
 
+def _load_trained(name: str, attn_implementation: str | None) -> Backbone:
+    """A shipped trained model, from its package folder; ``hints["data"]`` names the data spec it
+    was trained on (its vocabulary and answers are that spec's)."""
+    backbone = _load_folder(name, trained_folder(name), attn_implementation)
+    return dataclasses.replace(backbone, hints={**backbone.hints, "data": trained_info(name)["data"]},
+                               source="registry")
+
+
 def load_backbone(ref: str, *, attn_implementation: str | None = None, seed: int = 0) -> Backbone:
     """Resolve a model reference (see the module docstring) to a Backbone in eval mode.
 
@@ -225,6 +235,8 @@ def load_backbone(ref: str, *, attn_implementation: str | None = None, seed: int
     if not isinstance(ref, str) or not ref.strip():
         raise _unknown(str(ref), "empty reference")
     ref = ref.strip()
+    if ref in list_trained():
+        return _load_trained(ref, attn_implementation)
     if ref in list_backbones():
         if ref.endswith("-tiny"):
             return _build_tiny(ref, attn_implementation, seed)

@@ -21,7 +21,7 @@ Data specs
     plain ones), ``jitter`` (``1`` each object shifted at random inside its grid cell, ``0``
     centred in it; the scenes are otherwise the same), ``grid`` (objects sit on the cells of a
     ``grid`` x ``grid`` layout and are sized to them, 2..16, default 4), ``questions`` (VQA
-    only: ``yesno``, the default, or ``open``, see :func:`vqa_question`). Splits draw from
+    only: ``yesno``, the default, ``open`` or ``where``, see :func:`vqa_question`). Splits draw from
     separate seed streams, so they never share a scene.
 
 ``folder:PATH[?opt=value&...]`` or a plain ``PATH`` to a folder
@@ -73,7 +73,7 @@ from trimkit.errors import DataError
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "TASKS", "VQA_ANSWERS", "IMAGE_MEAN", "IMAGE_STD",
     "SceneObject", "Scene", "generate_scene", "render_scene",
-    "vqa_question", "truefalse_statement", "caption", "negative_caption",
+    "vqa_question", "where_question", "WHERE_TYPES", "WHERE_ODDS", "truefalse_statement", "caption", "negative_caption",
     "WordTokenizer", "DataSpec", "parse_data_spec", "format_data_spec",
     "Record", "VLDataset", "load_dataset", "itm_pairs", "collate", "metric", "recall_at_k",
     "normalize_image",
@@ -278,7 +278,9 @@ def _relation_holds(a: SceneObject, b: SceneObject, word: str) -> bool:
             "above": a.row < b.row, "below": a.row > b.row}[word]
 
 
-QUESTION_SETS: tuple[str, ...] = ("yesno", "open")
+QUESTION_SETS: tuple[str, ...] = ("yesno", "open", "where")
+WHERE_TYPES: tuple[str, ...] = ("shape", "colour", "exists")
+WHERE_ODDS: tuple[float, ...] = (0.4, 0.4, 0.2)
 
 
 def _relation_target(rng: np.random.Generator, objects: Sequence[SceneObject], keys: list, kind: str):
@@ -325,9 +327,13 @@ def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject],
     of the object left of / right of / above / below / closest to a named one. (A yes/no relation
     hides its answer behind the relation word *and* two objects; the open form names what to
     look at. It did not make the bench's small models learn faster, see ``trimkit/bench/README.md``.)
+    ``where``: every question names one object among the others and asks what only the image
+    shows, see :func:`where_question`.
     """
     if questions not in QUESTION_SETS:
         raise ValueError(f"unknown question set {questions!r}; expected one of {', '.join(QUESTION_SETS)}")
+    if questions == "where":
+        return where_question(rng, objects)
     kinds = ["colour", "shape", "size", "count", "h", "v"] if questions == "yesno" else \
         ["colour", "shape", "size", "count", "direction", "closest"]
     keys = _unique_keys(objects)
@@ -357,6 +363,50 @@ def vqa_question(rng: np.random.Generator, objects: Sequence[SceneObject],
                 word = _pick(rng, _RELATION_WORDS[kind])
                 return f"is {pa} {word} {pb} ?", "yes" if _relation_holds(a, b, word) else "no"
     raise ValueError(f"no question fits a scene of {len(objects)} objects; counts stop at five")
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def _exists_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str]:
+    """"is there a <colour> <shape> ?", yes or no with equal odds. A "no" pairs a colour and a shape
+    that are both in the scene but never on one object when the scene has such a pair."""
+    present = {(o.colour, o.shape) for o in objects}
+    if rng.integers(2):
+        colour, shape = _pick(rng, sorted(present))
+        answer = "yes"
+    else:
+        hard = [(c, s) for c in sorted({o.colour for o in objects}) for s in sorted({o.shape for o in objects})
+                if (c, s) not in present]
+        colour, shape = _pick(rng, hard or [p for p in product(COLOURS, SHAPES) if p not in present])
+        answer = "no"
+    return f"is there {_article(colour)} {colour} {shape} ?", answer
+
+
+def where_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str]:
+    """A question that names one object and asks for what only the image shows (question set
+    ``where``), one of :data:`WHERE_TYPES` drawn with odds :data:`WHERE_ODDS`:
+
+    * ``shape``: "what shape is the red object ?" -- the only red object; the answer is its shape;
+    * ``colour``: "what colour is the circle ?" -- the only circle; the answer is its colour;
+    * ``exists``: "is there a blue triangle ?" -- yes or no with equal odds (see `_exists_question`).
+
+    The other objects are distractors: they may share the named object's shape (for ``shape``) or
+    colour (for ``colour``), so the answer is read at the named object's place. The question alone
+    gives 1/4 (shape), 1/6 (colour) and 1/2 (exists). `ValueError` when the drawn type does not fit
+    the scene (no object with a colour, or a shape, of its own), so that the types keep their odds
+    over redrawn scenes.
+    """
+    kind = WHERE_TYPES[int(rng.choice(len(WHERE_TYPES), p=WHERE_ODDS))]
+    if kind == "exists":
+        return _exists_question(rng, objects)
+    named = "colour" if kind == "shape" else "shape"
+    candidates = [o for o in objects if sum(getattr(p, named) == getattr(o, named) for p in objects) == 1]
+    if not candidates:
+        raise ValueError(f"no object has a {named} of its own")
+    obj = _pick(rng, candidates)
+    return f"what {kind} is {_phrase(obj, (named,))} ?", getattr(obj, kind)
 
 
 def _count_sentence(n: int, noun_singular: str, noun_plural: str) -> str:
@@ -440,6 +490,8 @@ def _task_words(task: str, questions: str = "yesno") -> list[str]:
                   "left", "right", "of", "above", "below", "?", *_PLURAL.values()}
         if questions == "open":
             words |= {"closest", "to"}
+        elif questions == "where":
+            words |= {"an"}
     elif task == "truefalse":
         words |= {"there", "is", "are", "an", "exactly", "left", "right", "of", "above", "below",
                   *_NUMBERS, *_PLURAL.values()}

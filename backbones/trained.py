@@ -1,0 +1,72 @@
+"""Trained models shipped with trimkit: registry names for ``save_pretrained`` folders in the package.
+
+Each name is a folder under ``trimkit/backbones/trained/`` holding ``config.json`` and
+``model.safetensors`` (a Hugging Face model, loaded with ``from_pretrained``) and
+``trained.json``: the data spec the model was trained on (``data``), the tokenizer's vocabulary
+and answer classes it expects, the SHA-256 of the weights (checked on every load), its
+validation accuracy and the command that reproduces it.
+
+``vilt-vqa-where``
+    A ViLT (width 128, 4 layers, 8-pixel patches on 48-pixel images) trained on
+    ``synthetic:vqa?image=48&objects=2-3&grid=3&jitter=0&questions=where``: questions that name
+    one object among the others ("what shape is the red object ?", "what colour is the circle ?",
+    "is there a blue triangle ?"); 0.999 on 1000 validation questions, where the question alone
+    gives 0.300 (``trimkit/bench/README.md``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from trimkit.errors import ConfigError
+
+__all__ = ["TRAINED_DIR", "INFO_FILE", "list_trained", "trained_folder", "trained_info", "weights_sha256"]
+
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+INFO_FILE = "trained.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def list_trained() -> list[str]:
+    """The names of the shipped trained models (folders holding :data:`INFO_FILE`)."""
+    if not TRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in TRAINED_DIR.iterdir() if (p / INFO_FILE).is_file())
+
+
+def weights_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def trained_info(name: str) -> dict:
+    """The :data:`INFO_FILE` record of a shipped model (`ConfigError` when there is none)."""
+    path = TRAINED_DIR / name / INFO_FILE
+    if name not in list_trained():
+        raise ConfigError(f"no shipped trained model {name!r}; shipped: {', '.join(list_trained()) or 'none'}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err.msg})") from None
+
+
+def trained_folder(name: str) -> Path:
+    """The folder of shipped model `name`, after checking its weights against the recorded SHA-256."""
+    info = trained_info(name)
+    folder = TRAINED_DIR / name
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"shipped model {name!r} has no {WEIGHTS_FILE} in {folder} (a broken install?)")
+    expected = info.get("sha256", {}).get(WEIGHTS_FILE)
+    actual = weights_sha256(weights)
+    if expected != actual:
+        raise ConfigError(f"shipped model {name!r}: {weights} has SHA-256 {actual[:12]}..., expected "
+                          f"{str(expected)[:12]}... (a broken install?)")
+    return folder
