@@ -322,3 +322,16 @@ def test_saved_folder_restores_exactly(tmp_path, method):
     assert float(restored.model.trimkit_baseline_tokens.keep_ratio) == report["keep"]
     assert torch.equal(_logits(restored.model, inputs), expected)
     assert torch.equal(_greedy(restored.model, inputs), tokens)
+
+
+@pytest.mark.slow
+def test_visionzip_falls_back_to_language_model_attention(monkeypatch):
+    import trimkit.passes.visionzip as vz
+    monkeypatch.setattr(vz, "vision_layout", lambda *args: None)  # a tower whose tokens do not map
+    bb, inputs = _setup()
+    ref = _logits(bb.model, inputs)
+    report = _apply(bb, inputs, VisionZipTokensConfig(keep=0.25))
+    assert report["scores"] == "language" and report["layer"] == 1
+    assert "model.language_model.layers.0.self_attn" in report["notes"][0], report["notes"]
+    assert (_logits(bb.model, inputs) - ref).abs().max().item() > 1e-3
+    assert baseline_runtime(bb.model).stats()["tokens"][report["stream"]]["kept"] == [12.0]  # 8 + round(16 / 4)
