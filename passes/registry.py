@@ -37,7 +37,8 @@ __all__ = ["register_pass", "registered_passes", "pass_config", "handler_for", "
 
 ENTRY_POINT_GROUP = "trimkit.passes"
 BUILTIN_MODULES = ("trimkit.passes.int8", "trimkit.passes.smarttrim", "trimkit.passes.smarttrim_heads",
-                   "trimkit.passes.random_tokens", "trimkit.passes.topk", "trimkit.passes.tome")
+                   "trimkit.passes.random_tokens", "trimkit.passes.topk", "trimkit.passes.tome",
+                   "trimkit.passes.fastv", "trimkit.passes.visionzip")
 
 Handler = Callable[..., PassResult]
 

@@ -12,6 +12,8 @@ kept tokens keep their original positions. Rows keeping different counts are pad
 padded slots are masked as keys (and attend to themselves only). After the last layer the kept
 tokens' states are written back into the full-length sequence; dropped tokens carry the state they
 had when dropped, so the model's head sees the usual shape.
+A merging decider (``TokenDecision(merged=, index=)``) is followed the same way: survivors take
+the merged states at their own positions, merged-away tokens are carried like dropped ones.
 
 **Decoding** (a forward with a non-empty cache): the cache of a trimmed layer holds only what that
 layer computed in the prefill (its kept tokens and padded slots), then one entry per new token. The
@@ -208,7 +210,13 @@ class DecoderRuntime:
             return True
         name = self._mask_name(module, spec, args, kwargs)
         mask = get_arg(args, kwargs, name) if name is not None else None
-        return mask is not None and mask.shape[-1] != self.gen.length + self.gen.seen + self._q
+        if mask is not None and mask.shape[-1] != self.gen.length + self.gen.seen + self._q:
+            return True
+        if self.first == 0:
+            raise TrimkitError("decoding with a KV cache after trimming the language model's first layer: models "
+                               "take a decoding step's positions and mask from that layer's cache length; start "
+                               "trimming at layer 1 or later (decoder_start / layer), or run single forwards")
+        return False
 
     def _start(self, hidden: torch.Tensor) -> _Prefill | None:
         """The prefill state at the first trimmed layer (None: no image in this forward)."""
@@ -285,9 +293,10 @@ class DecoderRuntime:
             if d.logits is not None:
                 st.logits.append(d.logits)
             return hidden
+        if d.merged is not None:
+            return self._merge(path, st, hidden, d.merged, d.index)
         if d.keep is None:
-            raise TrimkitError(f"decoder trimming at {path}: the decider must keep or drop tokens "
-                               "(merging is not supported inside a language model)")
+            raise TrimkitError(f"decoder trimming at {path}: the decider must keep, drop or merge tokens")
         return self._remove(st, hidden, d.keep)
 
     def _remove(self, st: _Prefill, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -304,6 +313,29 @@ class DecoderRuntime:
         st.index = idx if st.index is None else torch.gather(st.index, 1, idx)
         st.valid = valid
         return small
+
+    def _merge(self, path: str, st: _Prefill, hidden: torch.Tensor, merged: torch.Tensor,
+               index: torch.Tensor | None) -> torch.Tensor:
+        """Survivors' new states ``merged`` ``[B, K, D]`` at ``index`` ``[B, K]`` among the current
+        tokens (``-1``: a padding slot of a row that keeps fewer); merged-away tokens are carried like
+        dropped ones, survivors are put back in position order."""
+        b, _, d = hidden.shape
+        if index is None or merged.dim() != 3 or tuple(index.shape) != tuple(merged.shape[:2]) \
+                or merged.shape[0] != b or merged.shape[2] != d:
+            raise TrimkitError(f"decoder trimming at {path}: a merge needs states [B, K, D] = [{b}, K, {d}] and "
+                               f"positions [B, K], got {tuple(merged.shape)} and "
+                               f"{None if index is None else tuple(index.shape)}")
+        pad = index < 0
+        index, order = torch.where(pad, hidden.shape[1], index).sort(1)
+        merged = torch.gather(merged, 1, order.unsqueeze(-1).expand(-1, -1, d))
+        pad = index >= hidden.shape[1]
+        index = index.masked_fill(pad, 0)
+        valid = ~pad if st.valid is None else torch.gather(st.valid, 1, index) & ~pad
+        st.kept.append(valid.sum(1))
+        st.full = self._carry(st, hidden)
+        st.index = index if st.index is None else torch.gather(st.index, 1, index)
+        st.valid = valid
+        return merged.masked_fill(~valid.unsqueeze(-1), 0)
 
     def _carry(self, st: _Prefill, hidden: torch.Tensor) -> torch.Tensor:
         """Full-length states with the current tokens written in (dropped ones keep their last state)."""
