@@ -343,3 +343,15 @@ def test_head_trimming_leaves_a_decoder_language_model_whole_so_generation_works
     assert any("KV cache" in why for p, why in report["skipped_sites"].items() if p.startswith("model.language_model."))
     _spread(model, inputs)
     assert _generate(model, inputs).shape == (2, 24 + NEW)
+
+
+def test_decoding_after_trimming_the_first_lm_layer_is_refused_clearly():
+    from trimkit.errors import TrimkitError
+
+    bb, inputs = _setup("llava-tiny")
+    model = _trimmed("llava-tiny", threshold=0.5, decoder_start=0)
+    _spread(model, inputs)
+    with torch.no_grad():
+        _forward(model, inputs)  # single forwards work
+    with pytest.raises(TrimkitError, match="first layer"):
+        _generate(model, inputs)
