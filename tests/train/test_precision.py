@@ -190,3 +190,18 @@ def test_train_help_lists_the_new_options():
     for flag in ("--device", "--dtype", "--trainable", "--grad-checkpointing", "--workers", "--nproc"):
         assert flag in out
     assert "--device" in CliRunner().invoke(cli, ["eval", "--help"]).output
+
+
+@no_cuda
+def test_apply_and_eval_refuse_a_missing_gpu_in_one_line(tmp_path):
+    for args in (["apply", "--model", "vilt-vqa-tiny", "--out", str(tmp_path / "a"), "--data", "synthetic:vqa?n=8"],
+                 ["eval", "--model", "vilt-vqa-tiny", "--data", "synthetic:vqa?n=8"]):
+        result = CliRunner().invoke(cli, [*args, "--device", "cuda"])
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: device 'cuda' is not available") and result.output.count("\n") == 1
+
+
+def test_apply_without_data_runs_in_float32_only(tmp_path):
+    result = CliRunner().invoke(cli, ["apply", "--model", "vilt-vqa-tiny", "--out", str(tmp_path / "a"),
+                                      "--dtype", "bfloat16"])
+    assert result.exit_code == 1 and "without --data, apply profiles on cpu in float32" in result.output
