@@ -131,9 +131,11 @@ def float32_logits(method):
     model. Free when nothing needs casting."""
     @functools.wraps(method)
     def run(self, *args):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if first is None or (first.dtype is torch.float32 and not torch.is_autocast_enabled(first.device.type)):
+            return method(self, *args)  # the common case: nothing to cast
         weight = next(self.parameters())
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if first is None or (first.dtype == weight.dtype and not torch.is_autocast_enabled(first.device.type)):
+        if first.dtype == weight.dtype and not torch.is_autocast_enabled(first.device.type):
             return method(self, *args)
         cast = tuple(a.to(weight.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         with torch.autocast(first.device.type, enabled=False):
