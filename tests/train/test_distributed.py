@@ -88,3 +88,15 @@ def test_batch_size_must_divide_among_processes(monkeypatch):
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         train(ddp_worker.TOY, ddp_worker.DATA, target_ratio=0.6, steps=1, recipe=ddp_worker.RECIPE,
               config=TrainConfig(batch_size=8), progress=False)
+
+
+def test_dropout_is_found_in_modules_and_hugging_face_configs():
+    from types import SimpleNamespace
+
+    from trimkit.train.placement import draws_dropout
+
+    assert draws_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert not draws_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0)))
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(to_dict=lambda: {"text_config": {"attention_dropout": 0.1}, "layers": 2})
+    assert draws_dropout(model)

@@ -16,7 +16,25 @@ from trimkit.train.distributed import (Group, RowStableRandom, init_group, no_sy
                                        shard_rows, wrap_ddp)
 from trimkit.train.memory import add_lora, checkpoint_layers, layer_paths, merge_lora, site_paths
 
-__all__ = ["Placement", "cast_frozen"]
+__all__ = ["Placement", "cast_frozen", "draws_dropout"]
+
+
+def draws_dropout(model: nn.Module) -> bool:
+    """Whether a training forward of `model` may draw dropout masks: an ``nn.Dropout`` with ``p > 0``,
+    or a ``*dropout*`` setting above 0 in a Hugging Face config (functional dropout)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any("dropout" in str(k) and isinstance(v, (int, float)) and v > 0 for k, v in _flat(settings))
+
+
+def _flat(settings: dict):
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _flat(value)
+        else:
+            yield key, value
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
@@ -40,6 +58,7 @@ class Placement:
     rows: int = 0
     ddp: nn.Module | None = None
     scaler: Any = None
+    dropout: bool = True
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
@@ -77,6 +96,7 @@ class Placement:
         """After the optimizer chose what trains: move to the device, cast the frozen weights, wrap in DDP
         and set up loss scaling."""
         model.to(self.device)
+        self.dropout = draws_dropout(model)
         if self.dtype != torch.float32:
             cast_frozen(model, self.dtype)
         if self.dtype == torch.float16:
@@ -84,7 +104,11 @@ class Placement:
         self.ddp = wrap_ddp(model, self.device, self.group)
 
     def random(self) -> ContextManager:
-        """Random draws of this process's rows taken from the global batch's draw."""
+        """Random draws of this process's rows taken from the global batch's draw. One process without
+        dropout draws exactly that already, and skips the per-op cost of the mode (measured: +22 % per
+        step on vilt-vqa-tiny); with dropout the mode stays on, so its masks match several processes'."""
+        if not self.group.active and not self.dropout:
+            return contextlib.nullcontext()
         return RowStableRandom(self.rows, self.group.rank * self.rows, self.rows * self.group.world)
 
     def context(self, m: int) -> ContextManager:
