@@ -149,11 +149,15 @@ def _interrupted(out: Path, existed: bool) -> KeyboardInterrupt:
 @click.option("--no-profile", is_flag=True, help="Skip the before/after profile.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing trimkit folder at --out, once the new one is complete.")
+@click.option("--device", default="cpu", show_default=True, help="Device of training and evaluation (with --data): "
+              "cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Precision of training and evaluation (with --data); trimmers stay float32.")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables (no progress).")
 def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | None, target_ratio: float | None,
           steps: int, lr_backbone: float | None, threshold: float | None, batch_size: int, samples: int,
-          no_profile: bool, overwrite: bool, no_progress: bool, as_json: bool):
+          no_profile: bool, overwrite: bool, device: str, dtype: str, no_progress: bool, as_json: bool):
     """Apply a recipe of compression passes, optionally train them, profile and save.
 
     \b
@@ -168,6 +172,12 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
 
     from trimkit.passes import parse_recipe
 
+    from trimkit.device import resolve_device
+
+    resolve_device(device)
+    if data_spec is None and (device != "cpu" or dtype != "float32"):
+        raise ConfigError("--device and --dtype choose where --data training and evaluation run; without --data, "
+                          "apply profiles on cpu in float32 (use trimkit eval --device/--dtype on the saved folder)")
     configs = parse_recipe(recipe) if recipe else default_configs()
     default = recipe is None
     out = _check_args(model_ref, out_dir, data_spec, target_ratio, overwrite)
@@ -177,7 +187,7 @@ def apply(model_ref: str, recipe: str | None, out_dir: str, data_spec: str | Non
     try:
         if data_spec is not None:
             _apply_and_train(console, model_ref, configs, out, data_spec, target_ratio, steps, threshold, samples,
-                             batch_size, as_json, show, default, lr_backbone)
+                             batch_size, as_json, show, default, lr_backbone, placement=(device, dtype))
         else:
             _apply_only(console, model_ref, configs, out, threshold, batch_size, samples, no_profile, overwrite,
                         as_json, show)
@@ -255,7 +265,8 @@ def decoder_configs(configs: list) -> tuple[list, list[str]]:
 
 
 def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_ratio, steps, threshold, samples,
-                     batch_size, as_json, progress, default: bool = False, lr_backbone: float | None = None):
+                     batch_size, as_json, progress, default: bool = False, lr_backbone: float | None = None,
+                     placement=("cpu", "float32")):
     """The one-stop path: fit to the data, apply, train (into a staging folder swapped in when
     complete), evaluate before/after. A decoder VLM (``lm`` task) trains on text answers, and the
     default recipe trims its image tokens only (:func:`decoder_configs`)."""
@@ -277,16 +288,18 @@ def _apply_and_train(console, model_ref, configs, out: Path, data_spec, target_r
             for note in notes:
                 console.print(f"[yellow]note:[/] {note}")
     with staged_out_dir(out) as staging:
+        extra = {} if lr_backbone is None else {"lr_backbone": lr_backbone}
         result = train(model, data_spec, recipe=configs, target_ratio=target_ratio, steps=steps,
                        out_dir=staging, progress=progress, base_ref=model_ref,
-                       config=TrainConfig() if lr_backbone is None else TrainConfig(lr_backbone=lr_backbone))
+                       config=TrainConfig(device=placement[0], dtype=placement[1], **extra))
     model = result.model
     if threshold is not None:
         set_threshold(model, threshold)
     passes = [{"name": type(r.config).name, "config": config_to_dict(r.config)["_data"], "report": r.result.report}
               for r in applied_passes(model)]
     console.print(pass_tree(f"{model_ref}: {len(passes)} pass(es), trained {steps} steps", {"passes": passes}))
-    report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size, progress=progress)
+    report = evaluate(result.backbone, data_spec, samples=samples, latency_batch=batch_size, progress=progress,
+                      device=placement[0], dtype=placement[1])
     console.print(_eval_table(report))
     console.print(f"saved to [bold]{out}[/]  (load with trimkit.load({str(out)!r}) or --model {out})")
     if as_json:

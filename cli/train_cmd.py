@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import click
@@ -30,10 +31,12 @@ __all__ = ["train_command", "eval_command"]
 @click.option("--overwrite", is_flag=True,
               help="Replace a trimkit folder at --out, once the new model is complete (never a foreign folder).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch.set_num_threads.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Training processes on this machine (torch.distributed: gloo on cpu, nccl on cuda).")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object.")
-def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, overwrite, threads, no_progress,
-                  as_json, **settings):
+def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, resume, overwrite, threads, nproc,
+                  no_progress, as_json, **settings):
     """Train the trimmers of a model (task + self-distillation + FLOPs cost) and save it to --out.
 
     \b
@@ -41,12 +44,19 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, re
       trimkit train --model vilt-vqa-tiny --recipe smarttrim.toml --data synthetic:vqa \\
                     --target-ratio 0.5 --steps 300 --out vilt-trimmed
       trimkit train ... --out vilt-trimmed --resume
+      trimkit train ... --nproc 2            (or: torchrun --nproc_per_node 2 -m trimkit.cli train ...)
+      trimkit train ... --device cuda --dtype bfloat16 --trainable trimmers --grad-checkpointing
     """
     import torch
 
     from trimkit.io import prepare_out_dir
     from trimkit.train import latest_checkpoint, train
+    from trimkit.train.distributed import current, launch
 
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        TrainConfig(**settings)  # bad settings fail here, once
+        launch(nproc, _without_nproc(sys.argv[1:]))
+        return
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig(**settings)
@@ -60,6 +70,8 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, re
         click.echo(f"Error: {_interrupted(out_dir, replacing, latest_checkpoint(out) if out.is_dir() else None)}",
                    err=True)
         sys.exit(130)
+    if not current().main:
+        return
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary))
@@ -71,6 +83,19 @@ def train_command(model_ref, recipe, data_spec, target_ratio, steps, out_dir, re
     if summary["threshold"] is not None:
         click.echo(f"  inference threshold {summary['threshold']:.4f} (executed ratio on training items "
                    f"{summary['calibrated_ratio']:.3f})")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its ``--nproc`` option (what every launched process runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _interrupted(typed: str, replacing: bool, checkpoint) -> str:
@@ -118,10 +143,13 @@ def _print_eval(report: dict) -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch.set_num_threads during latency runs.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--device", default="cpu", show_default=True, help="Device: cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Precision of the weights (trimmers stay float32).")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (no progress).")
-def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threads, no_latency, no_progress,
-                 as_json):
+def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threads, no_latency, device, dtype,
+                 no_progress, as_json):
     """Metric, executed FLOPs and latency of a model, each against the same model with every trimmer off.
 
     \b
@@ -132,7 +160,8 @@ def eval_command(model_ref, data_spec, batch_size, samples, latency_batch, threa
     from trimkit.evaluate import evaluate
 
     report = evaluate(model_ref, data_spec, batch_size=batch_size, samples=samples, latency=not no_latency,
-                      latency_batch=latency_batch, threads=threads, progress=not (no_progress or as_json))
+                      latency_batch=latency_batch, threads=threads, progress=not (no_progress or as_json),
+                      device=device, dtype=dtype)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimkit.device import float32_logits
 from trimkit.errors import ConfigError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
@@ -99,12 +100,14 @@ class TokenTrimmer(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
         nn.init.constant_(self.score.bias, math.log(init_keep / (1 - init_keep)))
 
+    @float32_logits
     def forward(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
         h = self.local(x) + self.glob(g_self).unsqueeze(1)
         if self.cross is not None and g_other is not None:
             h = h + self.cross(g_other).unsqueeze(1)
         return self.score(F.gelu(h)).squeeze(-1)
 
+    @float32_logits
     def fast_logits(self, x: torch.Tensor, g_self: torch.Tensor, g_other: torch.Tensor | None) -> torch.Tensor:
         """``forward`` for inference with fewer dispatches: functional linears, the two global terms
         summed before broadcasting, GELU in its erf form (on tiny tensors the library GELU's

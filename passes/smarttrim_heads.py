@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimkit.device import float32_logits
 from trimkit.errors import ConfigError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
@@ -95,9 +96,11 @@ class HeadTrimmer(nn.Module):
         """"trimmer" while the site is trimmed: an inactive trimmer is not a trainable parameter."""
         return state.TRIMMER_ROLE if bool(self.active) else "inactive"
 
+    @float32_logits
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(g)))
 
+    @float32_logits
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """``forward`` for inference, cheaper on tiny inputs: no module calls of the two plain linears, and
         GELU as ``(x + x erf(x / sqrt 2)) / 2`` (the half folded into the second product) (CPU ``F.gelu`` costs ~20 us a call in oneDNN)."""

@@ -16,6 +16,7 @@ from torch import nn
 from trimkit.backbones import Backbone, backbone_for_model, load_backbone
 from trimkit.runtime import trimming_off
 from trimkit.data import collate, format_data_spec, load_dataset
+from trimkit.device import autocast, dtype_name, place, resolve_device, resolve_dtype
 from trimkit.errors import ConfigError
 from trimkit.generative import exact_match, generate_answers, prompt_batch
 from trimkit.io import read_manifest
@@ -229,7 +230,8 @@ def _counted(model, binding, items: list[dict], count: int, device, bar) -> list
 
 def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples: int = 32, latency: bool = True,
              latency_batch: int = 8, threads: int = 1, warmup: int = 3, repeats: int = 10,
-             split: str = "val", progress: bool = False) -> dict:
+             split: str = "val", progress: bool = False, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> dict:
     """The ``trimkit eval --json`` report of a model on a data set.
 
     The metric runs over the whole data set (the spec's split, `split` when it names none) in
@@ -237,20 +239,25 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
     `samples` items, trimmed and untrimmed; latency is interleaved against the same model with
     every trimmer off at batch 1 and `latency_batch`. Ratios are trimmed / untrimmed. A decoder VLM
     (generative binding) is scored by exact match of its greedy answers; its FLOPs and latency are
-    those of the prefill of the prompts (image, question). `progress`
-    shows each phase on stderr (:mod:`trimkit.progress`).
+    those of the prefill of the prompts (image, question). `progress` shows each phase on stderr
+    (:mod:`trimkit.progress`). `device` / `dtype`: where the model runs and the precision of its
+    weights (:func:`trimkit.device.place`; trimmers stay float32); None leaves the model as it is.
     """
     for label, value in (("batch_size", batch_size), ("samples", samples), ("latency_batch", latency_batch),
                          ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+    if device is not None:
+        resolve_device(device)  # an unavailable device fails before the model loads
     backbone, binding, spec = _fitted(model_or_backbone, data_spec, split)
+    if device is not None or dtype is not None:
+        place(backbone.model, device if device is not None else next(backbone.model.parameters()).device, dtype)
     model, task = backbone.model.eval(), backbone.task
     dataset = task_dataset(spec, binding)
     items = [dataset[i] for i in range(len(dataset))]
     device = next(model.parameters()).device
     count = min(samples, len(items))
-    with progress_of(progress) as bar:
+    with progress_of(progress) as bar, autocast(device, resolve_dtype(dtype)):
         name, metric = _metrics(model, task, binding, items, batch_size, device, bar)
         counted = _counted(model, binding, items, count, device, bar)
         ratios, ms = _latency(model, binding, items, device, (1, latency_batch), bar, threads=threads, warmup=warmup,
@@ -265,4 +272,6 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
     report["latency_ratio"].update(ratios)
     report["latency_ms"] = ms
     report["threads"] = threads
+    report["device"] = device.type
+    report["dtype"] = dtype_name(resolve_dtype(dtype) if dtype is not None else next(model.parameters()).dtype)
     return report

@@ -27,11 +27,14 @@ def setting(default: Any, help: str | None = None, *, low: float | None = None, 
 
 
 _COUNTS = {"batch_size": 1, "grad_accum": 1, "checkpoint_every": 0, "keep_checkpoints": 1, "measure_every": 0,
-           "seed": 0, "calibrate": 0}
+           "seed": 0, "calibrate": 0, "workers": 0, "lora_rank": 1}
 _POSITIVE = ("lr_trimmer", "temperature", "tau_start", "tau_end")
 _NON_NEGATIVE = ("lr_backbone", "weight_decay", "alpha", "beta", "hidden_weight", "clip_norm", "full_task",
                  "dual_lr", "logit_penalty", "logit_margin")
 _OPTIONAL = ("dual_lr", "undershoot")  # left out of to_dict when 0: older checkpoints resume
+_PLACEMENT = ("device", "workers", "grad_checkpointing")  # where and how fast, not what is learnt: never saved
+_DEFAULTS = {"dtype": "float32", "trainable": "all"}  # left out of to_dict at their default
+TRAINABLE = ("all", "trimmers", "trimmers+norms", "lora")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class TrainConfig:
     clip_norm: gradient norm clipping (0 = off). seed: data order, Gumbel noise, dropout.
     checkpoint_every: steps between checkpoints (0 = only at the end); keep_checkpoints: how many stay.
     measure_every: steps between executed-FLOPs measurements on the last batch (0 = never).
+    device / dtype: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and the precision of
+      its frozen weights and forward (``bfloat16``, or ``float16`` with loss scaling); trained
+      weights and the trimmers stay float32 (:mod:`trimkit.device`).
+    trainable: ``all`` (trimmers and backbone, unless freeze_backbone), ``trimmers``,
+      ``trimmers+norms`` (and the normalisation layers' weights) or ``lora`` (trimmers and LoRA
+      adapters on the located layers' projections, through ``peft``; merged into the weights when saved).
+    grad_checkpointing: recompute each located layer's activations in the backward pass.
+    workers: data-loading worker processes (0: in the training process).
     calibrate: training items used after the last step to pick the inference threshold whose
       executed ratio is closest to the target (0 keeps the recipe's thresholds).
     full_task: weight of the task loss of the full-capacity pass (trimmers off) when the backbone
@@ -98,6 +109,17 @@ class TrainConfig:
     clip_norm: float = setting(1.0, cli=False)
     keep_checkpoints: int = setting(2, cli=False)
     calibrate: int = setting(256, cli=False)
+    device: str = setting("cpu", "Device: cpu, cuda, cuda:N or mps.")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "float32", "Precision of the forward and the frozen weights (float16: with loss scaling); trained weights "
+                   "and trimmers stay float32.")
+    trainable: Literal["all", "trimmers", "trimmers+norms", "lora"] = setting(
+        "all", "What trains: all (trimmers + backbone), trimmers, trimmers+norms, or lora "
+               "(adapters through peft).")
+    grad_checkpointing: bool = setting(False, "Recompute the backbone layers' activations in the backward pass "
+                                              "(less memory, one more forward).")
+    workers: int = setting(0, "Data-loading worker processes.", low=0)
+    lora_rank: int = setting(8, cli=False)
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
@@ -117,6 +139,13 @@ class TrainConfig:
             raise ConfigError(f"train: anneal must be in [0, 1], got {self.anneal}")
         if self.cost not in ("square", "above"):
             raise ConfigError(f"train: cost must be 'square' or 'above', got {self.cost!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"train: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"train: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.freeze_backbone and self.trainable not in ("all", "trimmers"):
+            raise ConfigError(f"train: freeze_backbone trains the trimmers only; it contradicts trainable "
+                              f"{self.trainable!r}")
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"train: schedule must be 'linear' or 'cosine', got {self.schedule!r}")
 
@@ -126,6 +155,13 @@ class TrainConfig:
         for name in _OPTIONAL:
             if not data[name]:
                 del data[name]
+        for name in _PLACEMENT:
+            del data[name]
+        for name, default in _DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        if data.get("trainable") != "lora":
+            del data["lora_rank"]
         if not data["logit_penalty"]:  # the margin does nothing without the penalty
             del data["logit_penalty"], data["logit_margin"]
         return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,23 +64,32 @@ def step_info(row: dict, executed: float | None) -> str:
 
 
 class ProgressBar:
-    """The training steps' progress (see :mod:`trimkit.progress`) with the last row's losses."""
+    """The training steps' progress (see :mod:`trimkit.progress`) with the last row's losses, the
+    items per second (`items` per step) and the executed-FLOPs ratio last measured."""
 
-    def __init__(self, enabled: bool, steps: int, start: int):
-        self.block, self.steps, self.start = progress(enabled), steps, start
+    def __init__(self, enabled: bool, steps: int, start: int, items: int = 0):
+        self.block, self.steps, self.start, self.items = progress(enabled), steps, start, items
         self.bar, self.task = None, 0
+        self.clock: float | None = None
 
     def __enter__(self):
         self.bar = self.block.__enter__()
         self.task = self.bar.add("step", self.steps, self.start)
+        self.clock = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         return self.block.__exit__(*exc)
 
     def update(self, row: dict, executed: float | None) -> None:
+        now = time.perf_counter()
+        rate = self.items / (now - self.clock) if self.clock is not None and now > self.clock and self.items else None
+        self.clock = now
         if self.bar.active:
-            self.bar.advance(self.task, info=step_info(row, executed))
+            info = step_info(row, executed) + (f"  {rate:.1f} items/s" if rate is not None else "")
+            if "peak_mib" in row:
+                info += f"  peak {row['peak_mib']:.0f} MiB"
+            self.bar.advance(self.task, info=info)
 
 
 def _base_writer(model: nn.Module):

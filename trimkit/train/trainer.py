@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trimkit.runtime import set_tau, train_logits, trimming_off
+from trimkit.runtime import set_tau, state, train_logits, trimming_off
 from trimkit.cost import calibrate, cost_model, expected_ratio
 from trimkit.data import format_data_spec, load_dataset
 from trimkit.errors import ConfigError, TrimkitError
@@ -53,7 +53,10 @@ from trimkit.train.calibrate import calibrate_threshold, calibration_batches, un
 from trimkit.train.checkpoints import (CHECKPOINTS, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                        set_rng_state)
 from trimkit.train.config import TrainConfig
-from trimkit.train.loop import Loop, NonFiniteLoss, SeededBatches, run_loop
+from trimkit.train.distributed import Group, barrier, global_mean
+from trimkit.train.loop import LoadedBatches, Loop, NonFiniteLoss, SeededBatches, run_loop
+from trimkit.train.memory import norm_parameters
+from trimkit.train.placement import Placement
 from trimkit.train.losses import Batch, smarttrim_terms
 from trimkit.train.output import HiddenStates, ProgressBar, survivor_masks, write_folder
 from trimkit.train.schedules import target_at, tau_at
@@ -133,8 +136,8 @@ class _Outputs:
 
     def __init__(self, step: "_SmartTrimForward", model: nn.Module, batch: Batch):
         self._step, self._model, self._inputs = step, model, batch.inputs
-        self.student = model(**batch.inputs)
-        self.ratio = expected_ratio(model)
+        self.student = (step.runner or model)(**batch.inputs)
+        self.ratio = global_mean(expected_ratio(model), step.group)
         self.keep_logits = train_logits(model) if step.keep_logits else []
         hidden = step.hidden
         self._masks = survivor_masks(model) if hidden is not None else {}
@@ -185,22 +188,38 @@ class _SmartTrimForward:
     teacher_task: Any = None
     hidden: HiddenStates | None = None
     keep_logits: bool = False
+    runner: nn.Module | None = None
+    group: Group = Group()
 
     def __call__(self, model: nn.Module, batch: Batch) -> _Outputs:
         return _Outputs(self, model, batch)
 
 
+def _trained_backbone(model: nn.Module, config: TrainConfig, trimmers: set[int]) -> list[nn.Parameter]:
+    """The backbone parameters that train besides the trimmers (see ``TrainConfig.trainable``)."""
+    if config.freeze_backbone or config.lr_backbone == 0 or config.trainable == "trimmers":
+        return []
+    if config.trainable == "trimmers+norms":
+        return norm_parameters(model, trimmers)
+    if config.trainable == "lora":
+        return [p for n, p in model.named_parameters() if "lora_" in n and id(p) not in trimmers]
+    return [p for p in model.parameters() if id(p) not in trimmers and p.requires_grad]
+
+
 def smarttrim_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trimmers (``lr_trimmer``) and, unless frozen, the backbone (``lr_backbone``)."""
+    """AdamW over the trimmers (``lr_trimmer``) and, unless frozen, the backbone (``lr_backbone``):
+    all of it, its norms or its LoRA adapters (``config.trainable``)."""
     trimmers = trainable_parameters(model)
     ids = {id(p) for p in trimmers}
-    backbone = [p for p in model.parameters() if id(p) not in ids]
     for p in trimmers:
         p.requires_grad_(True)
-    if config.freeze_backbone or config.lr_backbone == 0:
-        for p in backbone:
+    backbone = _trained_backbone(model, config, ids)
+    chosen = {id(p) for p in backbone}
+    for p in model.parameters():
+        if id(p) not in ids and id(p) not in chosen:
             p.requires_grad_(False)
-        backbone = []
+    for p in backbone:
+        p.requires_grad_(True)
     groups = [{"params": trimmers, "lr": config.lr_trimmer, "name": "trimmer"}]
     if backbone:
         groups.append({"params": [p for p in backbone if p.requires_grad], "lr": config.lr_backbone,
@@ -234,14 +253,20 @@ class _Run:
     """One call of :func:`train` after the model is prepared: its loop, history and checkpoints."""
 
     def __init__(self, prepared: tuple, config: TrainConfig, target: float, steps: int, *, ref: str,
-                 out: Path | None, teacher: tuple, progress: bool, callback):
+                 out: Path | None, teacher: tuple, progress: bool, callback, placement: Placement):
         self.backbone, self.binding, self.changes, self.spec = prepared
         self.model, self.config, self.target, self.steps, self.ref, self.out = \
             self.backbone.model, config, target, steps, ref, out
-        self.progress, self.callback = progress, callback
-        self.batches = SeededBatches(task_dataset(self.spec, self.binding), config.batch_size, config.seed)
-        self.device = next(self.model.parameters()).device
+        self.progress, self.callback, self.place = progress, callback, placement
+        self.main = placement.group.main  # the process that writes checkpoints and the output folder
+        seeded = SeededBatches(task_dataset(self.spec, self.binding), config.batch_size, config.seed,
+                               shard=placement.shard)
+        self.batches = LoadedBatches(seeded, config.workers, placement.device.type == "cuda") \
+            if config.workers else seeded
+        self.device = placement.device
+        placement.add_adapters(self.model, state.get(self.model, state.MAP), config)
         self.opt = smarttrim_optimizer(self.model, config)
+        placement.finish_model(self.model)
         self.history: list[dict] = []
         self.start, self.checkpoint, self.executed = 0, None, None
         self.cost = cost_model(self.model)
@@ -254,7 +279,8 @@ class _Run:
     def begin(self, resume) -> float:
         """Resume from a checkpoint (`resume`: True or a path) or start fresh; the multiplier's value."""
         if not resume:
-            calibrate(self.model, model_batch(self.binding, self.batches(0), self.device)[0])
+            with self.place.precision():
+                calibrate(self.model, model_batch(self.binding, self.batches.whole(0), self.device)[0])
             _seed_everything(self.config.seed)
             return 0.0
         path = Path(resume) if isinstance(resume, (str, os.PathLike)) else latest_checkpoint(self.out)
@@ -270,7 +296,7 @@ class _Run:
         return float(self.history[-1].get("lambda", 0.0)) if self.history else 0.0
 
     def save(self, at: int, rng: dict) -> Path | None:
-        if self.out is None:
+        if self.out is None or not self.main:
             return None
         meta = _meta(self.config, self.target, self.steps, self.spec, self.binding, self.history[:at], self.ref,
                      self.cost_scale)
@@ -283,6 +309,7 @@ class _Run:
     def before_step(self, step: int) -> dict:
         self.rng_at_step, self.current = rng_state(), step
         self.model.train()
+        self.place.begin_step()
         config = self.config
         goal = target_at(step, self.steps, self.target - config.undershoot, config.anneal, config.schedule)
         tau = tau_at(step, self.steps, config.tau_start, config.tau_end)
@@ -293,33 +320,40 @@ class _Run:
         every = self.config.measure_every
         if every and ((step + 1) % every == 0 or step + 1 == self.steps):
             inputs = unpadded_rows(self._last_inputs, self.binding)
-            self.executed = row["executed_ratio"] = executed_ratio(self.model, [inputs])
+            with self.place.precision():
+                self.executed = row["executed_ratio"] = executed_ratio(self.model, [inputs])
+        row.update(self.place.peak())
         self.history.append(row)
         self.bar.update(row, self.executed)
         if self.callback is not None:
             self.callback(step + 1, row)
         if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0 and step + 1 < self.steps:
             self.checkpoint = self.save(step + 1, rng_state())
+            barrier(self.place.group)
 
     def batch(self, m: int) -> Batch:
-        inputs, labels = model_batch(self.binding, self.batches(m), self.device)
+        inputs, labels = model_batch(self.binding, self.place.pad(self.batches(m)), self.device)
         self._last_inputs = inputs
         return Batch(inputs, labels)
 
     def loop(self, dual: float, hidden: HiddenStates | None) -> Loop:
         config, task = self.config, self.backbone.task
-        forward = _SmartTrimForward(task, self.teacher, self.teacher_task, hidden, keep_logits=bool(config.logit_penalty))
+        place = self.place
+        forward = _SmartTrimForward(task, self.teacher, self.teacher_task, hidden, keep_logits=bool(config.logit_penalty),
+                                    runner=place.runner, group=place.group)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         return Loop(self.model, self.opt, self.batch, forward,
                     smarttrim_terms(config, task, self_teacher=self.teacher is None, dual=dual),
                     grad_accum=config.grad_accum, clip=(params, config.clip_norm), before_step=self.before_step,
-                    check_finite=True, columns=("task", "distill", "cost", "ratio"))
+                    check_finite=True, columns=("task", "distill", "cost", "ratio"), context=place.context,
+                    no_sync=place.no_sync, scaler=place.scaler, reduce=place.reduce)
 
     def run(self, loop: Loop) -> None:
         """The steps, with Ctrl-C and a non-finite loss saving a checkpoint before leaving."""
         self.rng_at_step, self.current = rng_state(), self.start
         try:
-            with ProgressBar(self.progress, self.steps, self.start) as self.bar:
+            items = self.config.batch_size * self.config.grad_accum
+            with ProgressBar(self.progress and self.main, self.steps, self.start, items) as self.bar:
                 run_loop(loop, self.steps, start=self.start, after_step=self.after_step)
         except KeyboardInterrupt:
             done = len(self.history)
@@ -332,6 +366,8 @@ class _Run:
             raise TrimkitError(f"{err}; {saved}") from None
         finally:
             self.model.eval()
+            if isinstance(self.batches, LoadedBatches):
+                self.batches.close()
 
     def finish(self) -> TrainResult:
         """Checkpoint the last step, calibrate the inference threshold, write the output folder and
@@ -339,15 +375,17 @@ class _Run:
         config, threshold, calibrated = self.config, None, None
         if self.out is not None:
             self.checkpoint = self.save(self.steps, rng_state())
-        if config.calibrate:
+        self.place.close()  # LoRA adapters merged into the weights they adapt
+        if config.calibrate and self.main:
             calib = calibration_batches(self.batches.dataset, self.binding, config.calibrate, config.batch_size,
                                         self.device)
-            threshold, calibrated = calibrate_threshold(self.model, calib, self.target,
-                                                            progress=self.progress)
-        if self.out is not None:
+            with self.place.precision():
+                threshold, calibrated = calibrate_threshold(self.model, calib, self.target, progress=self.progress)
+        if self.out is not None and self.main:
             extra = {"train": {"binding": self.binding.to_dict(), "adapted": self.changes, **_meta(
                 config, self.target, self.steps, self.spec, self.binding, [], self.ref, self.cost_scale),
-                "history": self.history[-1:], "threshold": threshold, "calibrated_ratio": calibrated}}
+                "history": self.history[-1:], "threshold": threshold, "calibrated_ratio": calibrated,
+                **self.place.describe()}}
             configs = with_threshold([r.config for r in applied_passes(self.model)], threshold)
             write_folder(self.out, self.backbone, self.ref, extra, configs)
         last = self.history[-min(10, len(self.history)):]
@@ -387,13 +425,20 @@ def train(model_or_backbone, data_spec: str, *, target_ratio: float | None = Non
       has finished (a failure leaves it as it was). Without it, such a folder is refused up front,
       as is any non-empty folder trimkit did not write.
     callback: called as ``callback(step, row)`` after every step (row = the history entry).
+
+    Under ``torchrun`` (or ``trimkit train --nproc N``) every process runs this call on its shard of
+    each batch (:mod:`trimkit.train.distributed`); the first writes the checkpoints and the folder.
     """
     _check_call(steps, target_ratio, resume, out_dir)
+    placement = Placement.start(config)
     out = None
-    if out_dir is not None:
+    if out_dir is not None and not placement.group.main:  # reads a checkpoint to resume, writes nothing
+        out = Path(out_dir) if resume else None
+    elif out_dir is not None:
         from_folder = bool(resume) and not isinstance(resume, (str, os.PathLike))
         out = prepare_out_dir(out_dir, overwrite=overwrite, resume=from_folder, label="output folder")
-    args = (model_or_backbone, data_spec, target_ratio, steps, recipe, config, teacher, base_ref, progress, callback)
+    args = (model_or_backbone, data_spec, target_ratio, steps, recipe, config, teacher, base_ref, progress, callback,
+            placement)
     if out is None or resume:
         return _train(*args, out=out, resume=resume)
     with staged_out_dir(out, keep_partial=True) as where:
@@ -410,7 +455,7 @@ def _relocated(result: TrainResult, where: Path, out: Path) -> TrainResult:
 
 
 def _train(model_or_backbone, data_spec, target_ratio, steps, recipe, config, teacher, base_ref, progress, callback,
-           *, out: Path | None, resume) -> TrainResult:
+           placement, *, out: Path | None, resume) -> TrainResult:
     ref = base_ref or (model_or_backbone if isinstance(model_or_backbone, str) else None)
     torch.manual_seed(config.seed)  # trimmer initialisation inside the passes
     prepared = prepare(model_or_backbone, data_spec, recipe=recipe)
@@ -421,12 +466,12 @@ def _train(model_or_backbone, data_spec, target_ratio, steps, recipe, config, te
                           f"{target - config.undershoot:g} outside (0, 1]")
     teacher_task = None
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().to(placement.device)
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher_task = backbone_of(teacher).task if hasattr(teacher, "config") else backbone.task
     run = _Run(prepared, config, target, steps, ref=ref or backbone.name, out=out, teacher=(teacher, teacher_task),
-               progress=progress, callback=callback)
+               progress=progress, callback=callback, placement=placement)
     dual = run.begin(resume)
     hidden = HiddenStates(run.model) if config.hidden_weight > 0 and teacher is None else None
     try:
