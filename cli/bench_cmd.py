@@ -68,7 +68,19 @@ def _command_line(ctx: click.Context) -> str:
     return " ".join(words)
 
 
-def _speed(quick: bool, families, reductions, methods, layers, out_dir, readme, no_report, report_only, ctx) -> None:
+def _counts(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    from trimkit.errors import ConfigError
+
+    try:
+        return tuple(int(v) for v in _names(value))
+    except ValueError:
+        raise ConfigError(f"--speed-rounds takes integers such as 7,3; got {value!r}") from None
+
+
+def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rounds, out_dir, readme, no_report,
+           report_only, ctx) -> None:
     """``trimkit bench --speed``: run the speed table (unless --report-only) and write its report."""
     from trimkit.bench.speed import SPEED_DEFAULT, SPEED_QUICK, run_speed
     from trimkit.bench.speed_report import build_speed_report
@@ -76,8 +88,9 @@ def _speed(quick: bool, families, reductions, methods, layers, out_dir, readme, 
     out_dir = out_dir or "benchmarks/results/speed"
     if not report_only:
         config = SPEED_QUICK if quick else SPEED_DEFAULT
-        changes = {k: v for k, v in dict(models=_names(families), methods=_names(methods), layers=layers,
-                                           reductions=reductions and tuple(round(1 / r, 6) for r in reductions)
+        changes = {k: v for k, v in dict(models=_names(families), methods=_names(methods), layers=layers, rounds=rounds,
+                                           reductions=reductions and tuple(round(1 / r, 6) for r in reductions),
+                                           baseline_reductions=baselines_at and tuple(round(1 / r, 6) for r in baselines_at)
                                            ).items() if v is not None}
         config = replace(config, **changes)
         start = time.perf_counter()
@@ -97,6 +110,10 @@ def _speed(quick: bool, families, reductions, methods, layers, out_dir, readme, 
 @click.option("--speed-quick", is_flag=True, help="A shorter speed table: 2x only, batch 1 and 8, fewer rounds.")
 @click.option("--speed-layers", type=click.IntRange(min=1, max=12),
               help="Layers per stream of the speed models (default 4 of the published 12).")
+@click.option("--speed-baselines-at", help="FLOPs reductions of the baselines in the speed table (default: "
+              "--reductions), e.g. 2.")
+@click.option("--speed-rounds", help="Interleaved timing rounds at batch 1 and at the large batch, e.g. 7,3 "
+              "(the default).")
 @click.option("--quick", is_flag=True, help="Reduced bench (ViLT, VQA, 2x, training-free baselines, one seed).")
 @click.option("--smoke", is_flag=True, help="The pipeline with a handful of steps and tiny data (CI).")
 @click.option("--families", help="Comma-separated: blip,bridgetower,vilt.")
@@ -126,7 +143,7 @@ def _speed(quick: bool, families, reductions, methods, layers, out_dir, readme, 
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
-def bench_command(speed, speed_quick, speed_layers, quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
+def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
                   base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, threads, out_dir,
                   docs_dir, readme, no_report, report_only, cache_dir, **training):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
@@ -149,8 +166,8 @@ def bench_command(speed, speed_quick, speed_layers, quick, smoke, families, task
     from trimkit.errors import ConfigError
 
     if speed or speed_quick:
-        _speed(speed_quick, families, _ratios(reductions), methods, speed_layers, out_dir, readme, no_report,
-               report_only, click.get_current_context())
+        _speed(speed_quick, families, _ratios(reductions), _ratios(speed_baselines_at), methods, speed_layers,
+               _counts(speed_rounds), out_dir, readme, no_report, report_only, click.get_current_context())
         return
     if quick and smoke:
         raise ConfigError("--quick and --smoke exclude each other")

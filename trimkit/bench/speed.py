@@ -44,7 +44,8 @@ from trimkit.profile.running import fixed_threads
 from trimkit.runtime import set_threshold, state
 
 __all__ = ["SpeedConfig", "SPEED_DEFAULT", "SPEED_QUICK", "METHODS", "run_speed", "randomise_trimmers",
-           "calibrate_executed", "interleaved_times", "shared_copy"]
+           "calibrate_executed", "interleaved_times", "shared_copy",
+           "build_variant", "Variant", "flops_of", "row_slice"]
 
 METHODS: tuple[str, ...] = ("smarttrim", "random.tokens", "topk.cls_attention", "tome.merge")
 _SPAN = 12.0  # threshold search range in log-odds; random scorers' logits stay well inside it
@@ -66,6 +67,7 @@ class SpeedConfig:
     models: tuple[str, ...] = ("blip-vqa-base", "vilt-b32", "bridgetower-base")
     methods: tuple[str, ...] = METHODS
     reductions: tuple[float, ...] = (1.5, 2.0, 3.0)
+    baseline_reductions: tuple[float, ...] | None = None  # the baselines' reductions (None: ``reductions``)
     layers: int | None = 4
     batches: tuple[int, ...] = (1, 32)
     rounds: tuple[int, ...] = (7, 3)
@@ -75,6 +77,7 @@ class SpeedConfig:
     padded_flops: bool = True
     seed: int = 0
     threads: int = 1
+    heads_batched: str = "union"  # SmartTrimHeadsConfig.batched: how rows that keep different heads run
     tiny: bool = False
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class SpeedConfig:
             raise ConfigError(f"unknown speed method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
         if len(self.rounds) != len(self.batches) or min(self.rounds, default=1) < 1:
             raise ConfigError(f"rounds {self.rounds} must give one count >= 1 per batch size {self.batches}")
-        if any(r <= 1 for r in self.reductions):
+        if any(r <= 1 for r in (*self.reductions, *(self.baseline_reductions or ()))):
             raise ConfigError(f"FLOPs reductions must be > 1, got {self.reductions}")
         for m in self.models:
             published_model(m)
@@ -120,7 +123,7 @@ def randomise_trimmers(model: nn.Module, seed: int) -> int:
     return n
 
 
-def _flops(model: nn.Module, rows: list[dict]) -> list[float]:
+def flops_of(model: nn.Module, rows: list[dict]) -> list[float]:
     with torch.no_grad():
         return [count_flops(model, r).flops for r in rows]
 
@@ -135,7 +138,7 @@ def calibrate_executed(model: nn.Module, rows: list[dict], clean: list[float], t
         z = 0.0 if i == 0 else (lo + hi) / 2
         th = 1.0 / (1.0 + math.exp(-z))
         set_threshold(model, th)
-        ratio = sum(_flops(model, rows)) / sum(clean)
+        ratio = sum(flops_of(model, rows)) / sum(clean)
         tried.append((th, ratio))
         lo, hi = (z, hi) if ratio > target else (lo, z)
     best = min(tried, key=lambda t: (abs(t[1] - target), abs(t[0] - 0.5)))
@@ -158,7 +161,7 @@ def interleaved_times(models: dict[str, nn.Module], inputs: dict, rounds: int) -
     return times
 
 
-def _rows(inputs: dict, lo: int, hi: int) -> dict:
+def row_slice(inputs: dict, lo: int, hi: int) -> dict:
     n = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim())
     return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
             for k, v in inputs.items()}
@@ -181,14 +184,14 @@ class Variant:
     error: str | None = None
 
 
-def _make_variant(bb: Backbone, method: str, reduction: float, config: SpeedConfig, apply_inputs: dict,
+def build_variant(bb: Backbone, method: str, reduction: float, config: SpeedConfig, apply_inputs: dict,
                   calib: list[dict], calib_clean: list[float]) -> Variant:
     v = Variant(method, reduction)
     target = 1.0 / reduction
     try:
         model = shared_copy(bb.model)
         if method == "smarttrim":
-            report = apply_(model, [SmartTrimTokensConfig(), SmartTrimHeadsConfig()], inputs=apply_inputs,
+            report = apply_(model, [SmartTrimTokensConfig(), SmartTrimHeadsConfig(batched=config.heads_batched)], inputs=apply_inputs,
                             hints=bb.hints)
             randomise_trimmers(model, config.seed + 1)
             th, ratio = calibrate_executed(model, calib, calib_clean, target, config.calib_iterations)
@@ -226,13 +229,13 @@ def _measure_flops(variants: list[Variant], rows: list[dict], clean: list[float]
     for v in variants:
         if v.model is None:
             continue
-        trimmed = _flops(v.model, rows)
+        trimmed = flops_of(v.model, rows)
         v.record["flops"] = {"rows": len(rows), "clean_per_sample": sum(clean) / len(clean),
                              "trimmed_per_sample": sum(trimmed) / len(trimmed),
                              "reduction": sum(clean) / sum(trimmed),
                              "per_row_reduction": [c / t for c, t in zip(clean, trimmed)]}
         if big is not None and v.method == "smarttrim":
-            padded = _flops(v.model, [big])[0]
+            padded = flops_of(v.model, [big])[0]
             v.record["flops"]["padded_batch"] = {"batch": _batch(big), "clean_per_sample": clean_big,
                                                  "trimmed_per_sample": padded, "reduction": clean_big / padded}
         log(f"  {v.method} {v.reduction}x: executed-FLOPs reduction {v.record['flops']['reduction']:.3f}")
@@ -267,7 +270,7 @@ def _timings(bb: Backbone, variants: list[Variant], inputs: dict, config: SpeedC
     ok = [v for v in variants if v.model is not None]
     models = {"clean": bb.model, **{f"{v.method}@{v.reduction:g}": v.model for v in ok}}
     for i, (b, rounds) in enumerate(zip(config.batches, config.rounds)):
-        x = _rows(inputs, 0, b)
+        x = row_slice(inputs, 0, b)
         start = time.perf_counter()
         if i == 0:
             interleaved_times(models, x, 1)  # warm-up
@@ -301,23 +304,25 @@ def _run_model(name: str, config: SpeedConfig, base: dict, log: Callable[[str], 
     inputs = _inputs(bb, spec.text_len, max(config.batches), config.seed + 10)
     base["inputs"] = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     calib = _inputs(bb, spec.text_len, config.calib_rows, config.seed + 20)
-    calib = [_rows(calib, i, i + 1) for i in range(config.calib_rows)]
-    rows = [_rows(inputs, i, i + 1) for i in range(min(config.flops_rows, _batch(inputs)))]
+    calib = [row_slice(calib, i, i + 1) for i in range(config.calib_rows)]
+    rows = [row_slice(inputs, i, i + 1) for i in range(min(config.flops_rows, _batch(inputs)))]
     apply_inputs = _inputs(bb, spec.text_len, 2, config.seed + 30)
     with fixed_threads(config.threads):
-        clean_rows, calib_clean = _flops(bb.model, rows), _flops(bb.model, calib)
+        clean_rows, calib_clean = flops_of(bb.model, rows), flops_of(bb.model, calib)
         before = _seeded_logits(bb, rows[0])
         variants = []
         for method in config.methods:
-            for red in config.reductions:
+            at = config.reductions if method == "smarttrim" or config.baseline_reductions is None \
+                else config.baseline_reductions
+            for red in at:
                 start = time.perf_counter()
-                variants.append(_make_variant(bb, method, red, config, apply_inputs, calib, calib_clean))
+                variants.append(build_variant(bb, method, red, config, apply_inputs, calib, calib_clean))
                 v = variants[-1]
                 log(f"  {method} {red:g}x: {'built' if v.error is None else 'FAILED: ' + v.error} "
                     f"({time.perf_counter() - start:.0f} s)")
         _check_clean(bb, rows[0], before)
         padded = config.padded_flops and _batch(inputs) > 1 and "smarttrim" in config.methods
-        clean_big = _flops(bb.model, [inputs])[0] if padded else None
+        clean_big = flops_of(bb.model, [inputs])[0] if padded else None
         _measure_flops(variants, rows, clean_rows, inputs if padded else None, clean_big, log)
         _timings(bb, variants, inputs, config, log, lambda: write([_record(v, base) for v in variants]))
 

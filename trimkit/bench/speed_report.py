@@ -121,6 +121,11 @@ def build_speed_report(out_dir: str | os.PathLike, *, readme: str | os.PathLike 
     ``{"runs": [run ids], "markdown": str}``."""
     runs = newest_per_model(out_dir)
     text = speed_markdown(runs)
+    used = {m["run_id"] for m, _ in runs}
+    others = [load_speed_run(r)[0] for r in _runs(out_dir) if r.name not in used]
+    if others:
+        text += "\nOther runs kept in `runs/` (not in the table): " + "; ".join(
+            f"`{m['run_id']}` ({m.get('status', '?')}{': ' + m['note'] if m.get('note') else ''})" for m in others) + "\n"
     Path(out_dir, "speed.md").write_text(text, encoding="utf-8")
     if readme is not None:
         update_readme(readme, text, start=SPEED_START, end=SPEED_END)
