@@ -62,7 +62,7 @@ def _cell(rec: dict, batch: int) -> tuple[str, str]:
     if got is None:
         return "–", "–"
     eff = got["speedup_over_reduction"]
-    return f"{got['speedup']:.2f}x", f"**{eff:.2f}**" if eff < _GOAL else f"{eff:.2f}"
+    return f"{got['speedup']:.2f}x", f"**{eff:.3f}**" if eff < _GOAL else f"{eff:.3f}"
 
 
 def _model_label(rec: dict) -> str:
