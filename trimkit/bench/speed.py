@@ -48,7 +48,7 @@ __all__ = ["SpeedConfig", "SPEED_DEFAULT", "SPEED_QUICK", "METHODS", "run_speed"
            "build_variant", "Variant", "flops_of", "row_slice"]
 
 METHODS: tuple[str, ...] = ("smarttrim", "random.tokens", "topk.cls_attention", "tome.merge")
-_SPAN = 12.0  # threshold search range in log-odds; random scorers' logits stay well inside it
+_SPAN = 48.0  # threshold search range in log-odds: random scorers on un-normalised hidden states reach tens
 _BASELINES = {"random.tokens": RandomTokensConfig, "topk.cls_attention": TopKClsAttentionConfig,
               "tome.merge": ToMeMergeConfig}
 
@@ -73,7 +73,7 @@ class SpeedConfig:
     rounds: tuple[int, ...] = (7, 3)
     calib_rows: int = 2
     flops_rows: int = 4
-    calib_iterations: int = 9
+    calib_iterations: int = 12
     padded_flops: bool = True
     seed: int = 0
     threads: int = 1
@@ -129,8 +129,8 @@ def flops_of(model: nn.Module, rows: list[dict]) -> list[float]:
 
 
 def calibrate_executed(model: nn.Module, rows: list[dict], clean: list[float], target: float,
-                       iterations: int = 9) -> tuple[float, float]:
-    """Bisect the shared threshold (in log-odds, [-12, 12], from 0.5) until the profiler's executed
+                       iterations: int = 12) -> tuple[float, float]:
+    """Bisect the shared threshold (in log-odds, [-48, 48], from 0.5) until the profiler's executed
     FLOPs on `rows` over `clean` (their untrimmed counts) is closest to `target`; sets it and returns
     ``(threshold, ratio)``. Ratios fall as the threshold rises."""
     lo, hi, tried = -_SPAN, _SPAN, []

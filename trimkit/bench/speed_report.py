@@ -39,17 +39,21 @@ def load_speed_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     return manifest, records
 
 
+def _key(r: dict) -> tuple:
+    return r["model"]["name"], r["method"], r.get("target_reduction")
+
+
 def newest_per_model(out_dir: str | os.PathLike) -> list[tuple[dict, list[dict]]]:
-    """For each model, the records of the newest run that measured it: ``[(manifest, records)]``,
-    oldest run first (models run in separate processes make one table)."""
-    chosen: dict[str, tuple[dict, list[dict]]] = {}
+    """For each variant (model, method, target), its record from the newest run that measured it:
+    ``[(manifest, records)]``, oldest run first (variants run in separate processes make one table)."""
+    chosen: dict[tuple, tuple[dict, dict]] = {}
     for run in _runs(out_dir):
         manifest, records = load_speed_run(run)
-        for name in {r["model"]["name"] for r in records}:
-            chosen[name] = (manifest, [r for r in records if r["model"]["name"] == name])
+        for r in records:
+            chosen[_key(r)] = (manifest, r)
     by_run: dict[str, tuple[dict, list[dict]]] = {}
-    for manifest, records in chosen.values():
-        by_run.setdefault(manifest["run_id"], (manifest, []))[1].extend(records)
+    for manifest, r in chosen.values():
+        by_run.setdefault(manifest["run_id"], (manifest, []))[1].append(r)
     return [by_run[k] for k in sorted(by_run)]
 
 
@@ -94,7 +98,9 @@ def _row(r: dict, batches: list[int], padded: bool) -> str:
 def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     """One table (a row per model, method and target) from ``[(manifest, records)]``, and its notes."""
     batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
-    records = [r for _, recs in runs for r in recs]
+    order = {"smarttrim": 0, "random.tokens": 1, "topk.cls_attention": 2, "tome.merge": 3}
+    records = sorted((r for _, recs in runs for r in recs),
+                     key=lambda r: (r["model"]["name"], order.get(r["method"], 9), r.get("target_reduction") or 0))
     head = ["model", "method", "target", "FLOPs reduction"]
     for b in batches:
         head += [f"speedup b{b}", f"÷ reduction b{b}"]
