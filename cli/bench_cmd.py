@@ -68,7 +68,52 @@ def _command_line(ctx: click.Context) -> str:
     return " ".join(words)
 
 
+def _counts(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    from trimkit.errors import ConfigError
+
+    try:
+        return tuple(int(v) for v in _names(value))
+    except ValueError:
+        raise ConfigError(f"--speed-rounds takes integers such as 7,3; got {value!r}") from None
+
+
+def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rounds, out_dir, readme, no_report,
+           report_only, ctx) -> None:
+    """``trimkit bench --speed``: run the speed table (unless --report-only) and write its report."""
+    from trimkit.bench.speed import SPEED_DEFAULT, SPEED_QUICK, run_speed
+    from trimkit.bench.speed_report import build_speed_report
+
+    out_dir = out_dir or "benchmarks/results/speed"
+    if not report_only:
+        config = SPEED_QUICK if quick else SPEED_DEFAULT
+        changes = {k: v for k, v in dict(models=_names(families), methods=_names(methods), layers=layers, rounds=rounds,
+                                           reductions=reductions and tuple(round(1 / r, 6) for r in reductions),
+                                           baseline_reductions=baselines_at and tuple(round(1 / r, 6) for r in baselines_at)
+                                           ).items() if v is not None}
+        config = replace(config, **changes)
+        start = time.perf_counter()
+        run_dir = run_speed(config, out_dir, command=_command_line(ctx), log=click.echo)
+        click.echo(f"speed bench finished in {time.perf_counter() - start:.0f} s; results in {run_dir}")
+        if no_report:
+            return
+    report = build_speed_report(out_dir, readme=readme)
+    click.echo(report["markdown"])
+
+
 @command("bench")
+@click.option("--speed", is_flag=True, help="The speed table instead: published base configs (random weights), "
+              "SmartTrim and the baselines at 1.5/2/3x fewer executed FLOPs, latency at batch 1 and 32 against a "
+              "clean copy (one thread). --families takes blip,vilt,bridgetower or published names; "
+              "--out defaults to benchmarks/results/speed.")
+@click.option("--speed-quick", is_flag=True, help="A shorter speed table: 2x only, batch 1 and 8, fewer rounds.")
+@click.option("--speed-layers", type=click.IntRange(min=1, max=12),
+              help="Layers per stream of the speed models (default 4 of the published 12).")
+@click.option("--speed-baselines-at", help="FLOPs reductions of the baselines in the speed table (default: "
+              "--reductions), e.g. 2.")
+@click.option("--speed-rounds", help="Interleaved timing rounds at batch 1 and at the large batch, e.g. 7,3 "
+              "(the default).")
 @click.option("--quick", is_flag=True, help="Reduced bench (ViLT, VQA, 2x, training-free baselines, one seed).")
 @click.option("--smoke", is_flag=True, help="The pipeline with a handful of steps and tiny data (CI).")
 @click.option("--families", help="Comma-separated: blip,bridgetower,vilt.")
@@ -98,7 +143,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
-def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
+def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
                   base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, threads, out_dir,
                   docs_dir, readme, no_report, report_only, cache_dir, **training):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
@@ -113,11 +158,17 @@ def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_
       trimkit bench --quick
       trimkit bench --families blip,bridgetower --tasks vqa --seeds 3
       trimkit bench --report-only
+      trimkit bench --speed
+      trimkit bench --speed-quick --families vilt
     """
     from trimkit.bench.report import build_report
     from trimkit.bench.run import QUICK, SMOKE, BenchConfig, run_bench
     from trimkit.errors import ConfigError
 
+    if speed or speed_quick:
+        _speed(speed_quick, families, _ratios(reductions), _ratios(speed_baselines_at), methods, speed_layers,
+               _counts(speed_rounds), out_dir, readme, no_report, report_only, click.get_current_context())
+        return
     if quick and smoke:
         raise ConfigError("--quick and --smoke exclude each other")
     config = SMOKE if smoke else QUICK if quick else BenchConfig()

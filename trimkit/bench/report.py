@@ -226,14 +226,14 @@ def plot(points: list[Point], out_dir: str | os.PathLike, *, command: str = "") 
     return written
 
 
-def update_readme(readme: str | os.PathLike, block: str) -> None:
-    """Replace the text between the bench markers of `readme` (appending the markers if absent)."""
+def update_readme(readme: str | os.PathLike, block: str, *, start: str = START, end: str = END) -> None:
+    """Replace the text between the markers (default: the bench's) of `readme`, appending them if absent."""
     path = Path(readme)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    inner = f"{START}\n{block.rstrip()}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    inner = f"{start}\n{block.rstrip()}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + inner + tail
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + inner + "\n"

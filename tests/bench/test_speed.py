@@ -1,0 +1,91 @@
+"""`trimkit bench --speed` plumbing on tiny configs: the published sizes, the JSON fields, and the
+table generated from them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trimkit.bench.published import PUBLISHED, published_model
+from trimkit.bench.speed import SpeedConfig, interleaved_times, run_speed, shared_copy
+from trimkit.bench.speed_report import SPEED_END, SPEED_START, build_speed_report, load_speed_run
+from trimkit.cli import cli
+from trimkit.errors import ConfigError
+
+
+def test_published_sizes_and_layer_cut():
+    blip = published_model("blip").config_kwargs(4)
+    assert blip["vision_config"]["image_size"] // blip["vision_config"]["patch_size"] == 24  # 576 patches + CLS
+    assert blip["vision_config"]["num_hidden_layers"] == blip["text_config"]["num_hidden_layers"] == 4
+    assert blip["text_config"]["num_attention_heads"] == 12
+    bt = published_model("bridgetower-base")
+    assert bt.config_kwargs()["num_hidden_layers"] == 6
+    assert bt.config_kwargs(4)["num_hidden_layers"] == 2 and bt.config_kwargs(4)["vision_config"]["image_size"] == 288
+    assert published_model("vilt").config_kwargs(4)["patch_size"] == 32
+    assert set(PUBLISHED) == {"blip-vqa-base", "vilt-b32", "bridgetower-base"}
+    with pytest.raises(ConfigError, match="unknown published model"):
+        published_model("nope")
+    with pytest.raises(ConfigError, match="layers"):
+        published_model("vilt").config_kwargs(13)
+
+
+def test_shared_copy_shares_tensors_not_modules():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    twin = shared_copy(model)
+    assert twin is not model and twin[0] is not model[0]
+    assert twin[0].weight is model[0].weight
+
+
+def test_interleaved_times_rotates_and_counts():
+    calls = []
+
+    class M(torch.nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    times = interleaved_times({"a": M("a"), "b": M("b"), "c": M("c")}, {"x": torch.zeros(1)}, 3)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_speed_run_writes_json_and_the_table_from_it(tmp_path):
+    config = SpeedConfig(models=("vilt",), methods=("smarttrim", "random.tokens"), reductions=(2.0,),
+                         batches=(1, 2), rounds=(1, 1), calib_rows=1, flops_rows=1, calib_iterations=4, tiny=True)
+    run_dir = run_speed(config, tmp_path, command="trimkit bench --speed (test)")
+    manifest, records = load_speed_run(run_dir)
+    assert [r["method"] for r in records] == ["smarttrim", "random.tokens"]
+    for r in records:
+        assert r["status"] == "ok", r.get("error")
+        assert r["flops"]["reduction"] == pytest.approx(r["flops"]["clean_per_sample"] / r["flops"]["trimmed_per_sample"])
+        for b in (1, 2):
+            lat = r["latency"][f"batch_{b}"]
+            assert lat["speedup"] == pytest.approx(lat["clean"]["median_ms"] / lat["trimmed"]["median_ms"])
+            assert lat["speedup_over_reduction"] == pytest.approx(lat["speedup"] / r["flops"]["reduction"])
+    assert "padded_batch" in records[0]["flops"] and "threshold" in records[0]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{SPEED_START}\nSTALE-TABLE\n{SPEED_END}\nafter\n")
+    report = build_speed_report(tmp_path, readme=readme)
+    text = readme.read_text()
+    assert "STALE-TABLE" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    assert report["markdown"] in text and (tmp_path / "speed.md").read_text() == report["markdown"]
+    smart = next(line for line in report["markdown"].splitlines() if "| smarttrim |" in line)
+    assert f"{records[0]['flops']['reduction']:.2f}x" in smart
+    assert f"{records[0]['latency']['batch_2']['speedup']:.2f}x" in smart
+    # a failed variant is kept and listed, not dropped
+    bad = json.loads((run_dir / manifest["files"][1]).read_text())
+    bad.update(status="failed", error="ValueError: boom")
+    (run_dir / manifest["files"][1]).write_text(json.dumps(bad))
+    assert "failed" in build_speed_report(tmp_path)["markdown"] and "boom" in build_speed_report(tmp_path)["markdown"]
+
+
+def test_speed_cli_report_only_needs_a_run(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--speed", "--report-only", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no speed runs" in result.output

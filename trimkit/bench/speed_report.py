@@ -1,0 +1,138 @@
+"""The speed table: Markdown generated only from the JSON files of one `run_speed` run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from trimkit.bench.report import update_readme
+from trimkit.errors import ConfigError
+
+__all__ = ["SPEED_START", "SPEED_END", "latest_run", "load_speed_run", "newest_per_model", "speed_markdown",
+           "build_speed_report"]
+
+SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+_GOAL = 0.85  # speedup / executed-FLOPs reduction the table marks
+
+
+def _runs(out_dir: str | os.PathLike) -> list[Path]:
+    runs = sorted((p for p in (Path(out_dir) / "runs").glob("*") if (p / "manifest.json").is_file()),
+                  key=lambda p: p.name)
+    if not runs:
+        raise ConfigError(f"no speed runs under {str(Path(out_dir) / 'runs')!r}; run `trimkit bench --speed` first")
+    return runs
+
+
+def latest_run(out_dir: str | os.PathLike) -> Path:
+    """The newest run folder under ``<out_dir>/runs`` that has a manifest."""
+    return _runs(out_dir)[-1]
+
+
+def load_speed_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """``(manifest, records)`` of one run folder, records in the manifest's order."""
+    root = Path(run_dir)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        records = [json.loads((root / name).read_text(encoding="utf-8")) for name in manifest["files"]]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot read speed run {str(root)!r}: {err}") from None
+    return manifest, records
+
+
+def _key(r: dict) -> tuple:
+    return r["model"]["name"], r["method"], r.get("target_reduction")
+
+
+def newest_per_model(out_dir: str | os.PathLike) -> list[tuple[dict, list[dict]]]:
+    """For each variant (model, method, target), its record from the newest run that measured it:
+    ``[(manifest, records)]``, oldest run first (variants run in separate processes make one table)."""
+    chosen: dict[tuple, tuple[dict, dict]] = {}
+    for run in _runs(out_dir):
+        manifest, records = load_speed_run(run)
+        for r in records:
+            chosen[_key(r)] = (manifest, r)
+    by_run: dict[str, tuple[dict, list[dict]]] = {}
+    for manifest, r in chosen.values():
+        by_run.setdefault(manifest["run_id"], (manifest, []))[1].append(r)
+    return [by_run[k] for k in sorted(by_run)]
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _cell(rec: dict, batch: int) -> tuple[str, str]:
+    got = rec.get("latency", {}).get(f"batch_{batch}")
+    if got is None:
+        return "–", "–"
+    eff = got["speedup_over_reduction"]
+    return f"{got['speedup']:.2f}x", f"**{eff:.3f}**" if eff < _GOAL else f"{eff:.3f}"
+
+
+def _model_label(rec: dict) -> str:
+    m = rec["model"]
+    if m.get("tiny"):
+        return f"{m['name']} (tiny)"
+    return f"{m['name']} ({m['layers']}/{m['full_layers']} layers)"
+
+
+def _run_note(manifest: dict) -> str:
+    env, cfg = manifest["environment"], manifest["config"]
+    state = "" if manifest.get("status") == "complete" else f" ({manifest.get('status', '?')}: stopped before the end)"
+    return (f"- run `{manifest['run_id']}`{state}: `{manifest.get('command') or 'trimkit bench --speed'}`; "
+            f"{env['threads']} thread, torch {env['torch']}, transformers {env['transformers']}, git "
+            f"{str(env.get('git_revision', '?'))[:12]}, load average at start {env.get('load_average')}; "
+            f"timing rounds {cfg['rounds']} at batches {cfg['batches']}; FLOPs over {cfg['flops_rows']} rows")
+
+
+def _row(r: dict, batches: list[int], padded: bool) -> str:
+    row = [_model_label(r), r["method"], f"{r['target_reduction']:g}x", f"{r['flops']['reduction']:.2f}x"]
+    for b in batches:
+        row += list(_cell(r, b))
+    if padded:
+        pad = r["flops"].get("padded_batch")
+        row.append(_num(pad and pad["reduction"], "{:.2f}x"))
+    return "| " + " | ".join(row) + " |"
+
+
+def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
+    """One table (a row per model, method and target) from ``[(manifest, records)]``, and its notes."""
+    batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
+    order = {"smarttrim": 0, "random.tokens": 1, "topk.cls_attention": 2, "tome.merge": 3}
+    records = sorted((r for _, recs in runs for r in recs),
+                     key=lambda r: (r["model"]["name"], order.get(r["method"], 9), r.get("target_reduction") or 0))
+    head = ["model", "method", "target", "FLOPs reduction"]
+    for b in batches:
+        head += [f"speedup b{b}", f"÷ reduction b{b}"]
+    padded = any("padded_batch" in r.get("flops", {}) for r in records)
+    if padded:
+        head.append("padded-batch FLOPs reduction")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [_row(r, batches, padded) for r in records if r["status"] == "ok" and "flops" in r]
+    notes = ["", "Speedup: median latency of a clean copy of the model over the trimmed model's, interleaved "
+             "in one process, one thread. FLOPs reduction: executed FLOPs per sample (profiler), each measured "
+             f"row run alone. ÷ reduction: speedup / FLOPs reduction (**bold**: below {_GOAL}). Padded-batch: "
+             "SmartTrim's executed FLOPs of the whole largest batch, rows padded to the longest kept row.", ""]
+    notes += [_run_note(m) for m, _ in runs]
+    for r in records:
+        if r["status"] != "ok" or "flops" not in r:
+            notes.append(f"- failed: {r['model']['name']} {r['method']} {r.get('target_reduction', '')}: "
+                         f"{r.get('error', 'no FLOPs measured')}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def build_speed_report(out_dir: str | os.PathLike, *, readme: str | os.PathLike | None = None) -> dict:
+    """The table of the newest run of each model under `out_dir` (:func:`newest_per_model`), written
+    to ``<out_dir>/speed.md`` and, with `readme`, between the speed markers there;
+    ``{"runs": [run ids], "markdown": str}``."""
+    runs = newest_per_model(out_dir)
+    text = speed_markdown(runs)
+    used = {m["run_id"] for m, _ in runs}
+    others = [load_speed_run(r)[0] for r in _runs(out_dir) if r.name not in used]
+    if others:
+        text += "\nOther runs kept in `runs/` (not in the table): " + "; ".join(
+            f"`{m['run_id']}` ({m.get('status', '?')}{': ' + m['note'] if m.get('note') else ''})" for m in others) + "\n"
+    Path(out_dir, "speed.md").write_text(text, encoding="utf-8")
+    if readme is not None:
+        update_readme(readme, text, start=SPEED_START, end=SPEED_END)
+    return {"runs": [m["run_id"] for m, _ in runs], "markdown": text}
