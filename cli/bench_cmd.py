@@ -132,7 +132,10 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
               "full,smarttrim,smarttrim-tokens,tome.merge.")
 @click.option("--ablations-all-ratios", is_flag=True, help="Run the ablations at every target, not only 2x.")
 @config_options(TrainConfig, _TRAINING, unset=True, help=_TRAINING_HELP, low={"lr_backbone": 0.0})
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where models run (default cpu).")
+@click.option("--device", help="Where models train and are evaluated: cpu, cuda, cuda:N or mps (default cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Precision of SmartTrim training, baseline fine-tuning and evaluation (default float32; "
+                   "trimmers stay float32).")
 @click.option("--threads", type=click.IntRange(min=1), help="torch.set_num_threads (default 2).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Results folder (default benchmarks/results; --quick: benchmarks/results/quick).")
@@ -143,9 +146,15 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
+<<<<<<< HEAD
 def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
                   base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, threads, out_dir,
                   docs_dir, readme, no_report, report_only, cache_dir, **training):
+=======
+def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
+                  base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, dtype, threads,
+                  out_dir, docs_dir, readme, no_report, report_only, cache_dir, **training):
+>>>>>>> wip-21b
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 
@@ -176,7 +185,7 @@ def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_ro
     out_dir = out_dir or default_out
     if not report_only:
         changes = {k: v for k, v in dict(families=_names(families), tasks=_names(tasks), ratios=_ratios(reductions),
-                                           seeds=seeds, steps=steps, base_steps=base_steps, device=device,
+                                           seeds=seeds, steps=steps, base_steps=base_steps, device=device, dtype=dtype,
                                            threads=threads, cache_dir=cache_dir).items() if v is not None}
         if base_scene_targets and not base_scene_weight:
             raise ConfigError("--base-scene-targets needs --base-scene-weight")

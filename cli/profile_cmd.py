@@ -89,6 +89,8 @@ def _rows(report: dict) -> list[tuple[str, str]]:
     for key, value in report["latency_ms"].items():
         rows.append((f"latency {key.replace('_', ' ')}", _ms(value)))
     rows.append(("peak memory (batch 1)", f"{report['peak_memory_mb']:.2f} MiB"))
+    if "device" in report:
+        rows.append(("device / dtype", f"{report['device']} / {report['dtype']}"))
     return rows
 
 
@@ -207,10 +209,15 @@ def _generation(backbone, after, new_tokens: int, threads: int) -> dict:
 @click.option("--generate", "new_tokens", type=click.IntRange(min=1), default=None,
               help="Decoders: also run greedy generation of N new tokens (batch 1) and report prefill and "
                    "per-token decode FLOPs, KV-cache bytes, time to first token and per-token latency.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device the model runs on while counting and timing: cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Precision of the weights (trimmers stay float32); the forward runs under autocast.")
 @click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (no progress).")
 def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, counter: str,
-            threads: int, by_block: bool, new_tokens: int | None, no_progress: bool, as_json: bool):
+            threads: int, by_block: bool, new_tokens: int | None, device: str, dtype: str,
+            no_progress: bool, as_json: bool):
     """Count executed FLOPs per input, parameters, latency and peak memory.
 
     \b
@@ -219,28 +226,43 @@ def profile(model_ref: str, recipe: str | None, batch_size: int, samples: int, c
       trimkit profile --model blip-vqa-tiny --by-block --samples 16
       trimkit profile --model blip-vqa-tiny --recipe smarttrim.toml
       trimkit profile --model llava-tiny --generate 16
+      trimkit profile --model blip-vqa-tiny --device cuda --dtype bfloat16
     """
+    from trimkit.device import autocast, place, resolve_device, resolve_dtype
+
+    placement = resolve_device(device), resolve_dtype(dtype)  # an unavailable device fails before loading
+    backbone = _load(model_ref)
+    place(backbone.model, *placement)
+    with autocast(*placement):
+        report = _report(backbone, recipe, new_tokens, placement,
+                         dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
+                              name=backbone.name, progress=not (no_progress or as_json)))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    title = f"{backbone.name} ({counter} counter, {samples} samples, {device} {dtype})"
+    _print(report, by_block, title)
+    if new_tokens is not None:
+        _print_generation(report["generate"], f"greedy generation of {new_tokens} tokens")
+
+
+def _report(backbone, recipe: str | None, new_tokens: int | None, placement: tuple, options: dict) -> dict:
+    """The profile (or before/after comparison) of a placed backbone, with generation when asked."""
+    from trimkit.device import place
     from trimkit.profile import blocks_from_map, compare, profile_model
 
-    backbone = _load(model_ref)
     model_map = _model_map(backbone)
     blocks = blocks_from_map(model_map) if model_map is not None else None
-    options = dict(batch_size=batch_size, samples=samples, counter=counter, threads=threads,
-                   name=backbone.name, progress=not (no_progress or as_json))
     after = None
     if recipe:
         after = _apply_recipe(backbone.model, recipe, model_map,
                               inputs=backbone.example_inputs(2), hints=backbone.hints)
+        place(after, *placement)  # trimmers the recipe added join the model's device, in float32
         kept = None if blocks is None else _existing(after, blocks)
         report = compare(backbone.model, after, backbone.example_inputs, blocks_before=blocks,
                          blocks_after=kept, **options)
     else:
         report = profile_model(backbone.model, backbone.example_inputs, blocks=blocks, **options)
     if new_tokens is not None:
-        report["generate"] = _generation(backbone, after, new_tokens, threads)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    _print(report, by_block, f"{backbone.name} ({counter} counter, {samples} samples)")
-    if new_tokens is not None:
-        _print_generation(report["generate"], f"greedy generation of {new_tokens} tokens")
+        report["generate"] = _generation(backbone, after, new_tokens, options["threads"])
+    return report

@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trimkit.bench.report import END, START, aggregate, claims, markdown, update_readme
@@ -69,6 +70,8 @@ def test_quick_plan_is_reduced():
     (dict(ratios=(1.0,)), "ratios must be in (0, 1)"),
     (dict(seeds=0), "seeds must be a positive integer"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+    (dict(device="cuda:x"), "device must be 'cpu' or 'cuda'"),
+    (dict(dtype="int8"), "dtype must be one of float32, bfloat16, float16"),
 ])
 def test_config_errors(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -85,6 +88,8 @@ def test_config_hash_tracks_what_decides_a_result():
     assert base != config_hash(replace(SMOKE, steps=SMOKE.steps + 1), run, "k")
     assert base != config_hash(SMOKE, replace(run, seed=1), "k")
     assert base != config_hash(SMOKE, run, "other-base")
+    assert base == config_hash(replace(SMOKE, dtype="float32"), run, "k")  # the default: as before the option
+    assert base != config_hash(replace(SMOKE, dtype="bfloat16"), run, "k")
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -325,3 +330,42 @@ def test_train_config_takes_the_bench_training_fields():
     assert tc.freeze_backbone and (tc.lr_trimmer, tc.beta, tc.batch_size, tc.calibrate) == (0.02, 3.0, 8, 16)
     assert (tc.alpha, tc.seed, tc.measure_every) == (0.0, 2, 0)
     assert train_config(config, RunSpec("vilt", "vqa", "smarttrim", 0.5, 0)).alpha == config.alpha
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_missing_cuda_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--smoke", "--device", "cuda", "--no-report",
+                                      "--out", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "'cuda' is not available" in lines[0]
+    assert "Traceback" not in result.output and not (tmp_path / "results").exists()
+
+
+def _bench_in(tmp_path, *extra):
+    args = ["bench", "--smoke", "--methods", "full,smarttrim,random.tokens+ft", "--no-report",
+            "--out", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
+
+
+@pytest.mark.slow
+def test_smoke_in_bfloat16_trains_finetunes_and_evaluates(tmp_path):
+    records = _bench_in(tmp_path, "--dtype", "bfloat16")
+    assert sorted(records) == ["vilt-vqa-full-s0", "vilt-vqa-random.tokens+ft-r0500-s0", "vilt-vqa-smarttrim-r0500-s0"]
+    for record in records.values():
+        assert record["environment"]["dtype"] == "bfloat16" and record["environment"]["device"] == "cpu"
+        assert 0 <= record["accuracy"] <= 1
+    trained = records["vilt-vqa-smarttrim-r0500-s0"]
+    assert 0 < trained["flops_ratio"] < 1 and trained["train"]["threshold"] is not None
+    assert math.isfinite(records["vilt-vqa-random.tokens+ft-r0500-s0"]["train"]["loss_last"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smoke_on_cuda(tmp_path, dtype):
+    records = _bench_in(tmp_path, "--device", "cuda", "--dtype", dtype)
+    assert len(records) == 3
+    assert all(r["environment"]["device"] == "cuda" and r["environment"]["dtype"] == dtype for r in records.values())
+    assert 0 < records["vilt-vqa-smarttrim-r0500-s0"]["flops_ratio"] < 1

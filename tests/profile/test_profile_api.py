@@ -420,3 +420,15 @@ def test_peak_memory_is_the_largest_set_of_live_activations():
     report = profile_model(model, [{"input": torch.randn(1, 4)}], samples=1, batch_size=2, progress=False, repeats=1,
                            warmup=0)
     assert report["peak_memory_mb"] == 64 / 2**20
+
+
+def test_placement_of_names_the_bulk_dtype_not_the_trimmers():
+    from torch import nn
+
+    from trimkit.profile.api import placement_of
+    from trimkit.profile.timing import cuda_devices
+
+    model = nn.Sequential(nn.Linear(16, 16).to(torch.bfloat16), nn.Linear(2, 1))
+    assert placement_of(model) == ("cpu", "bfloat16")
+    assert placement_of(nn.ReLU()) == ("cpu", "float32")
+    assert cuda_devices(model) == []

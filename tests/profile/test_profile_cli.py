@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trimkit.cli import cli
@@ -132,3 +133,54 @@ def test_recipe_reports_before_after_and_speedup(factory_ref, tmp_path, monkeypa
     assert seen["recipe"] == str(recipe)
     assert report["speedup"]["flops"] == pytest.approx(1.0)
     assert {"flops", "latency_batch_1", "latency_batch_2"} <= set(report["speedup"])
+
+
+def _profile_json(ref, *args):
+    result = CliRunner().invoke(cli, ["profile", "--model", ref, "--json", "--samples", "2",
+                                      "--batch-size", "2", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_cpu_float32_is_the_default_placement(factory_ref):
+    default = _profile_json(factory_ref)
+    explicit = _profile_json(factory_ref, "--device", "cpu", "--dtype", "float32")
+    assert (default["device"], default["dtype"]) == ("cpu", "float32")
+    assert (explicit["device"], explicit["dtype"]) == ("cpu", "float32")
+    assert explicit["flops"] == default["flops"]
+    n, d = 5, 8
+    layer = 2 * d * d * 3 * n + 4 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * 16
+    assert explicit["flops"]["mean"] == layer + 2 * d * 2
+
+
+def test_bfloat16_on_cpu_runs_and_reports_its_dtype(factory_ref):
+    f32 = _profile_json(factory_ref)
+    bf16 = _profile_json(factory_ref, "--dtype", "bfloat16")
+    assert (bf16["device"], bf16["dtype"]) == ("cpu", "bfloat16")
+    assert bf16["flops"]["mean"] == f32["flops"]["mean"]  # same matmuls, lower precision
+    assert all(v is not None and v > 0 for v in bf16["latency_ms"].values())
+
+
+def test_bfloat16_table_names_device_and_dtype(factory_ref):
+    result = CliRunner().invoke(cli, ["profile", "--model", factory_ref, "--samples", "1",
+                                      "--batch-size", "2", "--dtype", "bfloat16", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "cpu / bfloat16" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_missing_cuda_is_one_line(factory_ref):
+    result = CliRunner().invoke(cli, ["profile", "--model", factory_ref, "--device", "cuda"])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "cuda" in lines[0] and "not available" in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_profile_on_cuda(factory_ref, dtype):
+    report = _profile_json(factory_ref, "--device", "cuda", "--dtype", dtype)
+    assert report["device"].startswith("cuda") and report["dtype"] == dtype
+    assert report["flops"]["mean"] == _profile_json(factory_ref)["flops"]["mean"]
+    assert all(v > 0 for v in report["latency_ms"].values())

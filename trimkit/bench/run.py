@@ -42,6 +42,7 @@ from trimkit.bench.base import TASKS, train_base
 from trimkit.bench.models import FAMILIES
 from trimkit.runtime import trimming_off
 from trimkit.data import collate
+from trimkit.device import DTYPES, autocast, resolve_device, resolve_dtype
 from trimkit.errors import ConfigError
 from trimkit.evaluate import evaluate, executed_ratio
 from trimkit.passes import apply_
@@ -87,7 +88,9 @@ class BenchConfig:
     match_items: validation items on which SmartTrim's executed ratio is measured for matching.
     flops_samples: test items whose executed FLOPs are counted one by one.
     latency_batch / latency_repeats: the large latency batch and the timed repeats per model.
-    device / threads: where the bench runs and ``torch.set_num_threads``.
+    device / threads: where the bench runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``torch.set_num_threads``.
+    dtype: precision of SmartTrim training, baseline fine-tuning and evaluation (``float32``,
+      ``bfloat16``, ``float16``; :mod:`trimkit.device`: trimmers stay float32).
     cache_dir: the base-model cache (None: `trimkit.bench.cache_root`).
     """
 
@@ -122,6 +125,7 @@ class BenchConfig:
     latency_batch: int = 32
     latency_repeats: int = 10
     device: str = "cpu"
+    dtype: str = "float32"
     threads: int = 2
     cache_dir: str | None = None
     mode: str = "full"
@@ -144,10 +148,12 @@ class BenchConfig:
         bad = [m for m in self.methods if m not in known]
         if bad:
             raise ConfigError(f"unknown bench methods {bad}; known: {', '.join(known)}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+        kind, _, index = str(self.device).partition(":")
+        if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+            raise ConfigError(f"device must be 'cpu' or 'cuda' (or 'cuda:N', 'mps'), got {self.device!r}")
+        resolve_device(self.device)  # one line when the machine lacks it
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -244,10 +250,10 @@ def environment(config: BenchConfig) -> dict:
     """Versions, threads, device and git revision recorded in every result."""
     import transformers
 
-    device = config.device
-    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    device = resolve_device(config.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": config.threads, "device": device, "device_name": name, "cpu_count": os.cpu_count(),
+            "threads": config.threads, "device": config.device, "dtype": config.dtype, "device_name": name, "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "git_revision": git_revision()}
 
 
@@ -261,6 +267,8 @@ def config_hash(config: BenchConfig, run: RunSpec, base_key: str) -> str:
         del data["logit_penalty"], data["logit_margin"]
     if not data["undershoot"]:
         del data["undershoot"]
+    if data["dtype"] == "float32":
+        del data["dtype"]
     payload = {"config": data, "run": dataclasses.asdict(run), "base": base_key, "format": FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -364,11 +372,12 @@ def _logits(out) -> torch.Tensor:
 
 
 def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size: int, lr: float, alpha: float,
-             seed: int, device: str) -> list[float]:
+             seed: int, device: str, dtype: str = "float32") -> list[float]:
     """Fine-tune every parameter of `model` (a training-free pass applied) for `steps` steps: task
     cross-entropy + `alpha` x distillation from the same model with trimming off, AdamW at `lr`.
     Batches hold one text length each (no padding, as in evaluation), drawn from the first
-    ``2 * steps * batch_size`` items in an order seeded by `seed`. Returns the loss of each step."""
+    ``2 * steps * batch_size`` items in an order seeded by `seed`. `dtype`: the forward's precision
+    (autocast; weights stay float32, float16 with loss scaling). Returns the loss of each step."""
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -380,7 +389,10 @@ def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size
         return Batch(*model_batch(binding, collate([items[i] for i in batches[step % len(batches)]]), device))
 
     terms = [CrossEntropy(logits=_logits)] + ([Distillation(alpha, logits=_logits)] if alpha > 0 else [])
-    loop = Loop(model, opt, batch, lambda m, b: _FinetuneOutputs(m, b, alpha > 0), terms, clip=(params, 1.0))
+    where, precision = resolve_device(device), resolve_dtype(dtype)
+    scaler = torch.amp.GradScaler(where.type) if precision == torch.float16 else None
+    loop = Loop(model, opt, batch, lambda m, b: _FinetuneOutputs(m, b, alpha > 0), terms, clip=(params, 1.0),
+                context=lambda m: autocast(where, precision), scaler=scaler)
     rows = run_loop(loop, steps)
     model.eval()
     return [row["loss"] for row in rows]
@@ -400,14 +412,14 @@ def _baseline_config(name: str, flops_ratio: float, seed: int):
 def _evaluate(backbone, bench, config: BenchConfig, latency: bool = True) -> dict:
     return evaluate(backbone, bench.data["test"], batch_size=64, samples=config.flops_samples, latency=latency,
                     latency_batch=config.latency_batch, threads=config.threads, repeats=config.latency_repeats,
-                    split="test")
+                    split="test", device=config.device, dtype=config.dtype)
 
 
 def _val_accuracy(backbone, bench, config: BenchConfig) -> float:
     """The run's metric on the validation split: what settings may be chosen on (the test split is
     reported, never tuned on)."""
     report = evaluate(backbone, bench.data["val"], batch_size=64, samples=1, latency=False,
-                      threads=config.threads, split="val")
+                      threads=config.threads, split="val", device=config.device, dtype=config.dtype)
     return report["metric"]["value"]
 
 
@@ -450,8 +462,9 @@ def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float
                         recipe=smarttrim_configs(run.method, run.ratio), config=train_config(config, run),
                         progress=False)
         backbone = trained.backbone
-        match = executed_ratio(backbone.model, (model_batch(trained.binding, collate([item]), config.device)[0]
-                                                for item in items_of(bench, "val", config.match_items)))
+        with autocast(resolve_device(config.device), resolve_dtype(config.dtype)):
+            match = executed_ratio(backbone.model, (model_batch(trained.binding, collate([item]), config.device)[0]
+                                                    for item in items_of(bench, "val", config.match_items)))
         if run.method == "smarttrim":
             matched[(run.family, run.task, run.ratio, run.seed)] = match
         result["train"] = {"steps": config.steps, "threshold": trained.threshold,
@@ -470,7 +483,7 @@ def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float
             binding = _binding(backbone, bench)
             losses = finetune(backbone.model, binding, bench.dataset("train"), steps=config.steps,
                               batch_size=config.batch_size, lr=config.lr_backbone, alpha=config.alpha,
-                              seed=run.seed, device=config.device)
+                              seed=run.seed, device=config.device, dtype=config.dtype)
             result["train"] = {"steps": config.steps, "loss_first": losses[0], "loss_last": losses[-1]}
         report = _evaluate(backbone, bench, config)
     result.update(_summary(report, config))

@@ -12,7 +12,7 @@ Example::
     count_flops(model, inputs).flops          # FLOPs per sample of one forward
     profile_generation(model, inputs, 16)     # decoders: prefill / decode FLOPs, KV cache, TTFT
 """
-from trimkit.profile.api import compare, count_flops, flop_disagreement, profile_model
+from trimkit.profile.api import compare, count_flops, flop_disagreement, placement_of, profile_model
 from trimkit.profile.blocks import blocks_from_map, count_params
 from trimkit.profile.counter import BlockCost, FlopReport
 from trimkit.profile.generation import GenerationProfile, cache_bytes, compare_generation, profile_generation
@@ -25,6 +25,7 @@ __all__ = [
     "compare_latency",
     "measure_latency",
     "flop_disagreement",
+    "placement_of",
     "blocks_from_map",
     "count_params",
     "profile_generation",

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from trimkit.device import dtype_name
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.progress import progress as progress_of
 from trimkit.profile.blocks import count_params, resolve_blocks, trimmer_paths
@@ -26,7 +27,7 @@ from trimkit.profile.running import (
 from trimkit.profile.timing import compare_latency, measure_latency
 
 __all__ = ["COUNTERS", "MEMORY_METHOD", "count_flops", "profile_model", "compare",
-           "flop_disagreement"]
+           "flop_disagreement", "placement_of"]
 
 COUNTERS = ("torch", "fvcore")
 MEMORY_METHOD = ("peak bytes of tensor storage allocated by the forward and alive at once, "
@@ -207,9 +208,24 @@ def _peak_memory_mb(model, samples, reports, blocks, name) -> float:
     return max(peaks) / 2**20
 
 
+def placement_of(model: torch.nn.Module) -> tuple[str, str]:
+    """``(device, dtype)`` names of `model`: the device of its first parameter and the floating dtype
+    holding most parameter elements (trimmers kept in float32 do not decide it)."""
+    params = list(model.parameters())
+    if not params:
+        return "cpu", "float32"
+    sizes: Counter = Counter()
+    for p in params:
+        if p.is_floating_point():
+            sizes[p.dtype] += p.numel()
+    dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
+    return str(params[0].device), dtype_name(dtype)
+
+
 def _summary(model, name, counter, reports, stats, blocks, samples, latency_ms,
              threads) -> dict:
     params, trimmer_params = count_params(model)
+    device, dtype = placement_of(model)
     notes = sorted({n for r in reports for n in r.notes})
     return {
         "unit": "FLOPs",
@@ -222,6 +238,8 @@ def _summary(model, name, counter, reports, stats, blocks, samples, latency_ms,
         "trimmer_params": int(trimmer_params),
         "latency_ms": latency_ms,
         "threads": threads,
+        "device": device,
+        "dtype": dtype,
         "peak_memory_mb": _peak_memory_mb(model, samples, reports, blocks, name),
         "peak_memory_method": MEMORY_METHOD,
         "blocks": _mean_blocks(reports),

@@ -29,6 +29,7 @@ from trimkit.errors import ConfigError, TrimkitError
 from trimkit.profile.counter import FlopRecorder
 from trimkit.profile.inputs import Inputs, batch_size_of
 from trimkit.profile.running import capture_error, eval_mode, fixed_threads, model_name
+from trimkit.profile.timing import cuda_devices, synchronize
 
 __all__ = ["GenerationProfile", "cache_bytes", "profile_generation", "compare_generation"]
 
@@ -126,6 +127,7 @@ class _CallLog:
         self.cache: list[int | None] = []
         self._depth = 0
         self._counted = 0.0
+        self.devices: list[torch.device] = []
 
     def _total(self) -> float:
         return float(sum(self.recorder.flops.values())) if self.recorder is not None else 0.0
@@ -133,6 +135,7 @@ class _CallLog:
     def pre(self, module, args, kwargs) -> None:
         self._depth += 1
         if self._depth == 1:
+            synchronize(self.devices)
             self.starts.append(time.perf_counter())
 
     def post(self, module, args, kwargs, output) -> None:
@@ -147,6 +150,7 @@ class _CallLog:
 
     @contextlib.contextmanager
     def attached(self, model: torch.nn.Module) -> Iterator["_CallLog"]:
+        self.devices = cuda_devices(model)
         handles = [model.register_forward_pre_hook(self.pre, with_kwargs=True),
                    model.register_forward_hook(self.post, with_kwargs=True)]
         try:
@@ -161,8 +165,10 @@ def _run(model, run, inputs, name, recorder=None) -> tuple[_CallLog, float, floa
     log = _CallLog(recorder)
     try:
         with log.attached(model), (recorder if recorder is not None else contextlib.nullcontext()):
+            synchronize(log.devices)
             begin = time.perf_counter()
             run(inputs)
+            synchronize(log.devices)
             end = time.perf_counter()
     except TrimkitError:
         raise

@@ -1,4 +1,5 @@
-"""Latency: median wall time after warm-up, fixed threads, ``torch.inference_mode``.
+"""Latency: median wall time after warm-up, fixed threads, ``torch.inference_mode``; on CUDA the
+device is synchronized before and after each timed forward.
 
 Absolute times depend on the machine; compare models with :func:`compare_latency`,
 which interleaves their runs (A, B, A, B, ...) in one process.
@@ -14,7 +15,7 @@ from trimkit.errors import ConfigError
 from trimkit.profile.inputs import Inputs
 from trimkit.profile.running import eval_mode, fixed_threads, model_name, run_forward
 
-__all__ = ["measure_latency", "compare_latency"]
+__all__ = ["measure_latency", "compare_latency", "cuda_devices", "synchronize"]
 
 
 def _check(threads: int, warmup: int, repeats: int) -> None:
@@ -26,9 +27,23 @@ def _check(threads: int, warmup: int, repeats: int) -> None:
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
 
 
+def cuda_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The CUDA devices holding `model`'s parameters (their queued kernels must finish before a clock read)."""
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+
+
+def synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
 def _timed(model: torch.nn.Module, inputs: Inputs, name: str) -> float:
+    """Milliseconds of one forward; on CUDA the clock is read after the device has finished."""
+    devices = cuda_devices(model)
+    synchronize(devices)
     start = time.perf_counter()
     run_forward(model, inputs, name)
+    synchronize(devices)
     return (time.perf_counter() - start) * 1000.0
 
 
