@@ -146,15 +146,10 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
-<<<<<<< HEAD
-def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
-                  base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, threads, out_dir,
-                  docs_dir, readme, no_report, report_only, cache_dir, **training):
-=======
-def bench_command(quick, smoke, families, tasks, reductions, seeds, steps, base_steps, base_scene_weight,
-                  base_scene_targets, no_finetune, no_ablations, methods, ablations_all_ratios, device, dtype, threads,
-                  out_dir, docs_dir, readme, no_report, report_only, cache_dir, **training):
->>>>>>> wip-21b
+def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks,
+                  reductions, seeds, steps, base_steps, base_scene_weight, base_scene_targets, no_finetune,
+                  no_ablations, methods, ablations_all_ratios, device, dtype, threads, out_dir, docs_dir, readme,
+                  no_report, report_only, cache_dir, **training):
     """Run the trimming benchmark: full model, SmartTrim at 1.5x/2x/3x fewer executed FLOPs, the
     training-free baselines at matched FLOPs (also fine-tuned), and ablations at 2x.
 
