@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from trimkit.attention import AttentionMode, CaptureProbs
+from trimkit.attention import AttentionMode, CaptureProbs, ModeStack
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassContext, PassResult
@@ -53,7 +53,7 @@ class LastTokenAttentionDecider(ImageDecider):
         self.site = site
         self._mask: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
-        self._modes: list = []
+        self._modes = ModeStack()
 
     def attach(self, runtime) -> list:
         super().attach(runtime)
@@ -69,27 +69,20 @@ class LastTokenAttentionDecider(ImageDecider):
         rt = self.runtime
         image = rt.tracker.positions  # None in decoding steps and forwards without images
         if not rt.enabled or rt.threshold <= 0 or image is None or not self.schedule.is_active(rt.stream):
-            self._modes.append(None)
+            self._modes.push(None)
             return
         b, length = image.shape
         last = last_positions(self._mask, b, length).to(image.device)
-        mode = AttentionMode(CaptureProbs(length, last, b, self._record))
-        mode.__enter__()
-        self._modes.append(mode)
+        self._modes.push(AttentionMode(CaptureProbs(length, last, b, self._record)))
 
     def _record(self, rows: torch.Tensor) -> None:
         self._scores = rows
 
     def _post(self, module, args, output) -> None:
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        self._modes.pop()
 
     def close(self) -> None:
-        while self._modes:
-            mode = self._modes.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        self._modes.close()
 
     def choose(self, step: TokenStep, counts: torch.Tensor) -> TokenDecision:
         scores, self._scores = self._scores, None

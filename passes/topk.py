@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from trimkit.attention import AttentionMode, CaptureProbs
+from trimkit.attention import AttentionMode, CaptureProbs, ModeStack
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassContext, PassResult
@@ -47,7 +47,7 @@ class ClsAttentionDecider(ScheduleDecider):
         super().__init__(*args, **kwargs)
         self._cls: dict[str, torch.Tensor] = {}
         self._sites: dict[str, str] = {}  # attention site read -> its stream
-        self._modes: list = []
+        self._modes = ModeStack()
 
     def attach(self, runtime) -> list:
         handles = []
@@ -69,7 +69,7 @@ class ClsAttentionDecider(ScheduleDecider):
         def pre(module, args):
             st = runtime.state.streams.get(stream)
             if not runtime.enabled or st is None or runtime.threshold <= 0 or not self.schedule.is_active(stream):
-                self._modes.append(None)
+                self._modes.push(None)
                 return None
             index, full = st.index, st.length
             length = index.shape[1] if index is not None else full
@@ -83,23 +83,16 @@ class ClsAttentionDecider(ScheduleDecider):
                     rows = torch.full((rows.shape[0], full), float("-inf"), device=rows.device).scatter(1, index, rows)
                 self._cls[stream] = rows
 
-            mode = AttentionMode(CaptureProbs(length, cls, self.batch, record))
-            mode.__enter__()
-            self._modes.append(mode)
+            self._modes.push(AttentionMode(CaptureProbs(length, cls, self.batch, record)))
             return None
 
         return pre
 
     def _post(self, module, args, output):
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        self._modes.pop()
 
     def close(self) -> None:
-        while self._modes:
-            mode = self._modes.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        self._modes.close()
 
     def reset(self, args: tuple, kwargs: dict) -> None:
         super().reset(args, kwargs)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimkit.attention import AttentionMode, CaptureProbs
+from trimkit.attention import AttentionMode, CaptureProbs, ModeStack
 from trimkit.errors import ConfigError, TrimkitError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassContext, PassResult
@@ -43,7 +43,7 @@ from trimkit.passes.decoder_baselines import (DecoderBaselineConfig, ImageDecide
                                               check_decoder, default_layer, new_schedule, rank_keep)
 from trimkit.passes.registry import register_pass
 from trimkit.runtime import TokenDecision, TokenStep
-from trimkit.splice import SpliceTracker
+from trimkit.splice import trace_splice
 
 __all__ = ["VisionZipTokensConfig", "VisionZipDecider", "map_vision_scores", "zip_row", "context_counts"]
 
@@ -123,7 +123,7 @@ class VisionZipDecider(ImageDecider):
         super().__init__(schedule)
         self.site, self.source, self.cls, self.group, self.context = site, source, cls, group, context
         self._rows: torch.Tensor | None = None
-        self._modes: list = []
+        self._modes = ModeStack()
 
     def attach(self, runtime) -> list:
         super().attach(runtime)
@@ -141,26 +141,19 @@ class VisionZipDecider(ImageDecider):
         if self.source == "language":
             wanted = wanted and rt.tracker.positions is not None
         if not wanted or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-            self._modes.append(None)
+            self._modes.push(None)
             return
         cls = 0 if self.cls else None
-        mode = AttentionMode(CaptureProbs(hidden.shape[1], cls, hidden.shape[0], self._record))
-        mode.__enter__()
-        self._modes.append(mode)
+        self._modes.push(AttentionMode(CaptureProbs(hidden.shape[1], cls, hidden.shape[0], self._record)))
 
     def _record(self, rows: torch.Tensor) -> None:
         self._rows = rows
 
     def _post(self, module, args, output) -> None:
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        self._modes.pop()
 
     def close(self) -> None:
-        while self._modes:
-            mode = self._modes.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        self._modes.close()
 
     def scores(self, step: TokenStep) -> torch.Tensor:
         rows, self._rows = self._rows, None
@@ -208,13 +201,7 @@ def vision_layout(images: int, tokens: int, positions: int) -> tuple[bool, int] 
 def feeding_layer(model: nn.Module, vision_layers: list[str], lm_first: str, inputs: dict) -> str | None:
     """The last vision layer whose output reaches the splice (one traced forward per layer tried)."""
     for path in reversed(vision_layers):
-        tracker = SpliceTracker(model, [path], lm_first)
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            tracker.remove()
-        if tracker.positions is not None:
+        if trace_splice(model, inputs, [path], lm_first).positions is not None:
             return path
     return None
 
@@ -238,13 +225,10 @@ def _probe_rows(model: nn.Module, site: str, vision_layers: list[str], lm_first:
 
     mod = model.get_submodule(site)
     handles = [mod.register_forward_pre_hook(pre, with_kwargs=True), mod.register_forward_hook(post, always_call=True)]
-    tracker = SpliceTracker(model, vision_layers, lm_first)
     try:
-        with torch.no_grad():
-            model(**inputs)
+        tracker = trace_splice(model, inputs, vision_layers, lm_first)
     finally:
         post(None, None, None)
-        tracker.remove()
         for h in handles:
             h.remove()
     return seen.get("rows"), int(tracker.positions.sum()) if tracker.positions is not None else 0

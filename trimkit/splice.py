@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ShadowMode", "SpliceTracker", "image_positions"]
+__all__ = ["ShadowMode", "SpliceTracker", "image_positions", "trace_splice", "find_image_span"]
 
 # operations replayed on the shadows: name -> positions of their data arguments (the others, such
 # as masks and indices, are passed unchanged); "all" = every tensor of the first (list) argument
@@ -288,6 +288,18 @@ class SpliceTracker:
 
 
 
+def trace_splice(model: nn.Module, inputs: dict, vision_layers: list[str], lm_first: str) -> SpliceTracker:
+    """One forward of ``inputs`` (no gradient) under a :class:`SpliceTracker`, removed afterwards: its
+    ``positions`` and ``splices`` tell what that forward spliced."""
+    tracker = SpliceTracker(model, vision_layers, lm_first)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        tracker.remove()
+    return tracker
+
+
 def find_image_span(model: nn.Module, inputs: dict, vision_layers: list[str],
                     candidates: list[tuple[str, str]]) -> dict | None:
     """Which stream receives spliced vision features, and where, on one forward of ``inputs``.
@@ -302,12 +314,7 @@ def find_image_span(model: nn.Module, inputs: dict, vision_layers: list[str],
     model.eval()
     try:
         for name, first in candidates:
-            tracker = SpliceTracker(model, vision_layers, first)
-            try:
-                with torch.no_grad():
-                    model(**inputs)
-            finally:
-                tracker.remove()
+            tracker = trace_splice(model, inputs, vision_layers, first)
             if tracker.positions is not None:
                 rows = [row.nonzero().view(-1).tolist() for row in tracker.positions]
                 return {"stream": name, "ops": tracker.splices, "positions": rows}

@@ -14,12 +14,12 @@ registry.
 """
 from trimkit.attention import standard  # noqa: F401  (registers the built-in kinds)
 from trimkit.attention.actions import Action, CaptureProbs, HeadDecision, HeadSlice, KeyMask
-from trimkit.attention.mode import AttentionMode
+from trimkit.attention.mode import AttentionMode, ModeStack
 from trimkit.attention.registry import (
     PATTERNS, AttentionKind, attention_formulas, get_kind, kind_of_function, kind_of_op, kind_of_op_name, kinds,
     register_kind,
 )
 
-__all__ = ["AttentionMode", "Action", "KeyMask", "HeadSlice", "HeadDecision", "CaptureProbs", "AttentionKind",
+__all__ = ["AttentionMode", "ModeStack", "Action", "KeyMask", "HeadSlice", "HeadDecision", "CaptureProbs", "AttentionKind",
            "register_kind", "kinds", "get_kind", "kind_of_function", "kind_of_op", "kind_of_op_name",
            "attention_formulas", "PATTERNS"]

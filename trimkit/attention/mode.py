@@ -6,7 +6,7 @@ from torch.overrides import TorchFunctionMode
 from trimkit.attention.actions import Action
 from trimkit.attention.registry import kind_of_function
 
-__all__ = ["AttentionMode"]
+__all__ = ["AttentionMode", "ModeStack"]
 
 
 class AttentionMode(TorchFunctionMode):
@@ -56,3 +56,28 @@ class AttentionMode(TorchFunctionMode):
             return lambda a, k: chain[i].apply(kind, func, a, k, rest)
 
         return step(0)
+
+
+class ModeStack:
+    """Function modes entered in a module's forward pre-hook and exited in its forward hook.
+
+    ``push(None)`` keeps the pairing when a pre-hook enters nothing; ``pop()`` exits the latest
+    entry; ``close()`` exits everything still open (a forward that raised between the two hooks).
+    """
+
+    def __init__(self):
+        self._modes: list = []
+
+    def push(self, mode: TorchFunctionMode | None) -> None:
+        if mode is not None:
+            mode.__enter__()
+        self._modes.append(mode)
+
+    def pop(self) -> None:
+        mode = self._modes.pop() if self._modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def close(self) -> None:
+        while self._modes:
+            self.pop()

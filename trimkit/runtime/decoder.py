@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from trimkit import ops
-from trimkit.attention import AttentionMode, KeyMask
+from trimkit.attention import AttentionMode, KeyMask, ModeStack
 from trimkit.errors import TrimkitError
 from trimkit.graph import Capture
 from trimkit.locate import ModelMap
@@ -149,7 +149,7 @@ class DecoderRuntime:
         self._pad: torch.Tensor | None = None
         self._q = 0
         self._cache_len: int | None = None
-        self._modes: list = []
+        self._modes = ModeStack()
         self.tracker = SpliceTracker(model, vision_layers, self.lm_layers[0])
         self.handles: list = []
         self._install()
@@ -179,7 +179,7 @@ class DecoderRuntime:
 
     def remove(self) -> None:
         self.decider.close()
-        self._close_modes()
+        self._modes.close()
         self.tracker.remove()
         unregister_runtime(self.model, self)
         for h in self.handles:
@@ -189,7 +189,7 @@ class DecoderRuntime:
     # -- per forward ------------------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs) -> None:
         self.decider.close()
-        self._close_modes()
+        self._modes.close()
         self.pre = None
         self._fresh = True
         self._cache_len = cache_length(args, kwargs)
@@ -199,7 +199,7 @@ class DecoderRuntime:
         self.decider.reset(args, kwargs)
 
     def _after_forward(self, module, args, output) -> None:
-        self._close_modes()
+        self._modes.close()
         if self.gen is not None and not self._fresh:
             self.gen.seen += self._q
 
@@ -438,25 +438,15 @@ class DecoderRuntime:
         def pre(module, args):
             st = self.pre
             if not (self.enabled and self.model.training and st is not None and st.mask is not None):
-                self._modes.append(None)
+                self._modes.push(None)
                 return None
-            mode = AttentionMode(KeyMask(ops.additive_key_mask(st.mask), keep=st.mask, site=site))
-            mode.__enter__()
-            self._modes.append(mode)
+            self._modes.push(AttentionMode(KeyMask(ops.additive_key_mask(st.mask), keep=st.mask, site=site)))
             return None
 
         return pre
 
     def _close_mode(self, module, args, output):
-        mode = self._modes.pop() if self._modes else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-
-    def _close_modes(self) -> None:
-        while self._modes:
-            mode = self._modes.pop()
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        self._modes.pop()
 
     # -- what the last forward kept ---------------------------------------------------------------
     def stats(self) -> dict:
