@@ -81,7 +81,7 @@ from trimkit.runtime import (REMOVE, SKIP, WHOLE, TokenDecider, TokenDecision, T
                              candidate_streams, capture_padded, per_token_streams, probe_streams, split_row, state,
                              stream_report, task_logits, trimming_off)
 
-__all__ = ["BaselineConfig", "BaselineSchedule", "ScheduleDecider", "keep_counts", "schedule_points", "topk_keep",
+__all__ = ["BaselineConfig", "BaselineSchedule", "install_baseline", "ScheduleDecider", "keep_counts", "schedule_points", "topk_keep",
            "apply_baseline", "baseline_runtime"]
 
 _PASSES = ("random.tokens", "topk.cls_attention", "tome.merge", "smarttrim.tokens")
@@ -419,6 +419,25 @@ def _tokens_kept(runtime: TokenRuntime, schedule: BaselineSchedule) -> dict[str,
     return out
 
 
+def install_baseline(model: nn.Module, schedule, make_runtime):
+    """Attach a baseline's ``schedule`` (saved with the weights) and install the runtime
+    ``make_runtime()`` builds; returns ``(runtime, undo)``. Nothing stays attached when it fails."""
+    state.attach(model, state.BASELINE_TOKENS, schedule)
+    try:
+        runtime = make_runtime()
+    except Exception:
+        state.drop(model, state.BASELINE_TOKENS)
+        raise
+    state.put(model, state.BASELINE_RUNTIME, runtime)
+
+    def undo():
+        runtime.remove()
+        state.drop(model, state.BASELINE_TOKENS)
+        state.drop(model, state.BASELINE_RUNTIME)
+
+    return runtime, undo
+
+
 def apply_baseline(model: nn.Module, model_map: ModelMap, config: BaselineConfig, context: PassContext,
                    make_decider, method: str) -> PassResult:
     """Apply a schedule baseline: ``make_decider(schedule, special, modality, pad_inputs)`` builds its decider."""
@@ -440,20 +459,10 @@ def apply_baseline(model: nn.Module, model_map: ModelMap, config: BaselineConfig
         for s in candidates:
             schedule.set_mode(s, modes[s])
     layers = [layer.path for s in candidates for layer in model_map.stream(s).layers[config.start_layer:]]
-    state.attach(model, state.BASELINE_TOKENS, schedule)
-    try:
-        decider = make_decider(schedule, special, {s.name: s.modality for s in model_map.streams}, pad_inputs)
-        runtime = TokenRuntime(model, model_map, cap, decider, layers, special=special, threshold=config.threshold,
-                               skip=schedule.skipped)
-    except Exception:
-        state.drop(model, state.BASELINE_TOKENS)
-        raise
-    state.put(model, state.BASELINE_RUNTIME, runtime)
-
-    def undo():
-        runtime.remove()
-        state.drop(model, state.BASELINE_TOKENS)
-        state.drop(model, state.BASELINE_RUNTIME)
+    runtime, undo = install_baseline(model, schedule, lambda: TokenRuntime(
+        model, model_map, cap, make_decider(schedule, special, {s.name: s.modality for s in model_map.streams},
+                                            pad_inputs),
+        layers, special=special, threshold=config.threshold, skip=schedule.skipped))
 
     measured = None
     if not context.restoring:

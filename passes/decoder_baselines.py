@@ -29,7 +29,7 @@ from torch import nn
 from trimkit.errors import ConfigError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
-from trimkit.passes.baselines import BaselineSchedule, schedule_points
+from trimkit.passes.baselines import BaselineSchedule, install_baseline, schedule_points
 from trimkit.profile import count_flops
 from trimkit.runtime import DecoderRuntime, TokenDecider, TokenDecision, TokenStep, capture_padded, split_row, state, \
     trimming_off
@@ -205,19 +205,9 @@ def apply_decoder_baseline(model: nn.Module, model_map: ModelMap, config: Decode
     vision = [la.path for s in model_map.streams if s.modality == "vision" for la in s.layers]
     cap = capture_padded(model, context.inputs)
     schedule = decider.schedule
-    state.attach(model, state.BASELINE_TOKENS, schedule)
-    try:
-        runtime = DecoderRuntime(model, model_map, cap, decider, lm.name, [la.path for la in lm.layers],
-                                 [lm.layers[layer].path], vision, threshold=config.threshold)
-    except Exception:
-        state.drop(model, state.BASELINE_TOKENS)
-        raise
-    state.put(model, state.BASELINE_RUNTIME, runtime)
-
-    def undo():
-        runtime.remove()
-        state.drop(model, state.BASELINE_TOKENS)
-        state.drop(model, state.BASELINE_RUNTIME)
+    runtime, undo = install_baseline(model, schedule, lambda: DecoderRuntime(
+        model, model_map, cap, decider, lm.name, [la.path for la in lm.layers], [lm.layers[layer].path], vision,
+        threshold=config.threshold))
 
     measured = None
     if not context.restoring:
