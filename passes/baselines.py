@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ from trimkit.runtime import (REMOVE, SKIP, WHOLE, TokenDecider, TokenDecision, T
                              candidate_streams, capture_padded, per_token_streams, probe_streams, split_row, state,
                              stream_report, task_logits, trimming_off)
 
-__all__ = ["BaselineConfig", "BaselineSchedule", "install_baseline", "ScheduleDecider", "keep_counts", "schedule_points", "topk_keep",
+__all__ = ["BaselineConfig", "BaselineSchedule", "closest_at", "install_baseline", "ScheduleDecider", "keep_counts", "schedule_points", "topk_keep",
            "apply_baseline", "baseline_runtime"]
 
 _PASSES = ("random.tokens", "topk.cls_attention", "tome.merge", "smarttrim.tokens")
@@ -372,35 +372,20 @@ def _calibrate(model: nn.Module, runtime: TokenRuntime, schedule: BaselineSchedu
             sizes[name] = (n0, sum(1 for p in runtime.layers if runtime.stream_of[p] == name))
     points = [0.0] + schedule_points(sizes) + [1.0]
     ratios = [(a + b) / 2 for a, b in zip(points, points[1:])] + [1.0]
-    seen: dict[int, float] = {}
-
-    def at(i: int) -> float:
-        if i not in seen:
-            schedule.keep_ratio.fill_(ratios[i])
-            seen[i] = _flops_ratio(model, row, full)
-        return seen[i]
+    def measure(ratio: float) -> float:
+        schedule.keep_ratio.fill_(ratio)
+        return _flops_ratio(model, row, full)
 
     saved = runtime.threshold
     runtime.threshold = 0.5
     try:
-        lo, hi = 0, len(ratios) - 1
-        if at(lo) >= target:
-            hi = lo
-        elif at(hi) <= target:
-            lo = hi
-        while hi - lo > 1:  # invariant: at(lo) < target < at(hi)
-            mid = (lo + hi) // 2
-            if at(mid) > target:
-                hi = mid
-            else:
-                lo = mid
-        best = lo if abs(at(lo) - target) <= abs(at(hi) - target) else hi
-        schedule.keep_ratio.fill_(ratios[best])
+        best, reached = closest_at(ratios, measure, target)
+        schedule.keep_ratio.fill_(best)
         notes = []
-        if abs(seen[best] - target) > 0.02:
+        if abs(reached - target) > 0.02:
             notes.append(f"flops_ratio {target}: the closest this schedule reaches on these streams is "
-                         f"{seen[best]:.3f} (keep_ratio {ratios[best]:.4f})")
-        return ratios[best], notes
+                         f"{reached:.3f} (keep_ratio {best:.4f})")
+        return best, notes
     finally:
         runtime.threshold = saved
 
@@ -417,6 +402,31 @@ def _tokens_kept(runtime: TokenRuntime, schedule: BaselineSchedule) -> dict[str,
         out[name] = {"length": length,
                      "kept": [special + k for k in keep_counts(length - special, float(schedule.keep_ratio), layers)]}
     return out
+
+
+def closest_at(values: list[float], measure: Callable[[float], float], target: float) -> tuple[float, float]:
+    """``(value, measure(value))`` closest to ``target`` among ascending ``values``, ``measure``
+    non-decreasing: a binary search with about ``log2(len(values))`` calls."""
+    seen: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in seen:
+            seen[i] = measure(values[i])
+        return seen[i]
+
+    lo, hi = 0, len(values) - 1
+    if at(lo) >= target:
+        hi = lo
+    elif at(hi) <= target:
+        lo = hi
+    while hi - lo > 1:  # invariant: at(lo) < target < at(hi)
+        mid = (lo + hi) // 2
+        if at(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    best = lo if abs(at(lo) - target) <= abs(at(hi) - target) else hi
+    return values[best], seen[best]
 
 
 def install_baseline(model: nn.Module, schedule, make_runtime):

@@ -21,7 +21,7 @@ contract of every trimming pass), any other value applies the budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,12 +29,12 @@ from torch import nn
 from trimkit.errors import ConfigError
 from trimkit.locate import ModelMap
 from trimkit.passes.base import PassConfig, PassContext, PassResult
-from trimkit.passes.baselines import BaselineSchedule, install_baseline, schedule_points
+from trimkit.passes.baselines import BaselineSchedule, closest_at, install_baseline, schedule_points
 from trimkit.profile import count_flops
 from trimkit.runtime import DecoderRuntime, TokenDecider, TokenDecision, TokenStep, capture_padded, split_row, state, \
     trimming_off
 
-__all__ = ["DecoderBaselineConfig", "ImageDecider", "image_counts", "rank_keep", "closest_at", "default_layer",
+__all__ = ["DecoderBaselineConfig", "ImageDecider", "image_counts", "rank_keep", "default_layer",
            "check_decoder", "new_schedule", "apply_decoder_baseline"]
 
 _PASSES = ("random.tokens", "topk.cls_attention", "tome.merge", "smarttrim.tokens", "fastv.tokens",
@@ -100,31 +100,6 @@ def rank_keep(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tens
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
     return ~candidates | (candidates & (rank < counts[:, None]))
-
-
-def closest_at(values: list[float], measure: Callable[[float], float], target: float) -> tuple[float, float]:
-    """``(value, measure(value))`` closest to ``target`` among ascending ``values``, ``measure``
-    non-decreasing: a binary search with about ``log2(len(values))`` calls."""
-    seen: dict[int, float] = {}
-
-    def at(i: int) -> float:
-        if i not in seen:
-            seen[i] = measure(values[i])
-        return seen[i]
-
-    lo, hi = 0, len(values) - 1
-    if at(lo) >= target:
-        hi = lo
-    elif at(hi) <= target:
-        lo = hi
-    while hi - lo > 1:  # invariant: at(lo) < target < at(hi)
-        mid = (lo + hi) // 2
-        if at(mid) > target:
-            hi = mid
-        else:
-            lo = mid
-    best = lo if abs(at(lo) - target) <= abs(at(hi) - target) else hi
-    return values[best], seen[best]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from trimkit.io import load_folder, save_folder
 from trimkit.locate import locate
 from trimkit.passes import apply_, config_from_dict, config_to_dict
 from trimkit.passes.baselines import BaselineSchedule, baseline_runtime
-from trimkit.passes.decoder_baselines import closest_at, default_layer, image_counts, rank_keep
+from trimkit.passes.baselines import closest_at
+from trimkit.passes.decoder_baselines import default_layer, image_counts, rank_keep
 from trimkit.passes.fastv import FastVTokensConfig, last_positions
 from trimkit.passes.visionzip import VisionZipTokensConfig, context_counts, map_vision_scores, vision_layout, zip_row
 from trimkit.profile import count_flops
