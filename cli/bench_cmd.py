@@ -102,7 +102,30 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
     click.echo(report["markdown"])
 
 
+def _protocol(path, out_dir, threads, readme, no_report, report_only, ctx) -> None:
+    """``trimkit bench --protocol FILE``: run a frozen protocol (unless --report-only), then its report."""
+    from trimkit.bench.protocol import load_protocol
+    from trimkit.bench.protocol_report import build_protocol_report
+    from trimkit.bench.protocol_run import run_protocol
+
+    protocol = load_protocol(path)
+    out_dir = out_dir or f"benchmarks/results/protocol/{protocol.name}"
+    if not report_only:
+        start = time.perf_counter()
+        run_protocol(protocol, out_dir, command=_command_line(ctx), threads=threads or 1, log=click.echo)
+        click.echo(f"protocol {protocol.name} finished in {time.perf_counter() - start:.0f} s; results in {out_dir}")
+        if no_report:
+            return
+    report = build_protocol_report(protocol, out_dir, readme=None if readme == "benchmarks/README.md" else readme)
+    click.echo(report["markdown"])
+
+
 @command("bench")
+@click.option("--protocol", "protocol_path", type=click.Path(dir_okay=False),
+              help="Run a frozen accuracy protocol (a TOML file such as benchmarks/protocols/where-v1.toml): "
+                   "shipped bases, 10,000-item test split, seeds, controls, baselines; then its table with "
+                   "paired-bootstrap intervals. --out defaults to benchmarks/results/protocol/<name>; --threads "
+                   "to 1; --readme names the file whose protocol block is rewritten.")
 @click.option("--speed", is_flag=True, help="The speed table instead: published base configs (random weights), "
               "SmartTrim and the baselines at 1.5/2/3x fewer executed FLOPs, latency at batch 1 and 32 against a "
               "clean copy (one thread). --families takes blip,vilt,bridgetower or published names; "
@@ -146,7 +169,7 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
 @click.option("--no-report", is_flag=True, help="Only write the results JSON.")
 @click.option("--report-only", is_flag=True, help="Rebuild the plots and README table from the results JSON.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Base-model cache (default ~/.cache/trimkit/bench).")
-def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks,
+def bench_command(protocol_path, speed, speed_quick, speed_layers, speed_baselines_at, speed_rounds, quick, smoke, families, tasks,
                   reductions, seeds, steps, base_steps, base_scene_weight, base_scene_targets, no_finetune,
                   no_ablations, methods, ablations_all_ratios, device, dtype, threads, out_dir, docs_dir, readme,
                   no_report, report_only, cache_dir, **training):
@@ -169,6 +192,9 @@ def bench_command(speed, speed_quick, speed_layers, speed_baselines_at, speed_ro
     from trimkit.bench.run import QUICK, SMOKE, BenchConfig, run_bench
     from trimkit.errors import ConfigError
 
+    if protocol_path:
+        _protocol(protocol_path, out_dir, threads, readme, no_report, report_only, click.get_current_context())
+        return
     if speed or speed_quick:
         _speed(speed_quick, families, _ratios(reductions), _ratios(speed_baselines_at), methods, speed_layers,
                _counts(speed_rounds), out_dir, readme, no_report, report_only, click.get_current_context())

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["PairedDelta", "paired_bootstrap", "VERDICTS"]
+__all__ = ["PairedDelta", "paired_bootstrap", "seeded_bootstrap", "VERDICTS"]
 
 VERDICTS: tuple[str, ...] = ("non-inferior", "inconclusive", "inferior")
 
@@ -80,3 +80,47 @@ def paired_bootstrap(a: Sequence, b: Sequence, *, resamples: int = 10_000, confi
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return PairedDelta(delta=float(diff.mean() * scale), low=float(low * scale), high=float(high * scale),
                        n=int(diff.size), resamples=resamples, confidence=confidence, scale=scale)
+
+
+def _seed_rows(values, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"{name} must be [items] or [seeds, items], got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} has values that are not finite")
+    return array
+
+
+def seeded_bootstrap(a, b, *, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
+                     scale: float = 100.0, chunk: int = 64) -> PairedDelta:
+    """Δ = mean(b) - mean(a) where each side is ``[seeds, items]`` (or ``[items]``: one seed) of
+    per-item scores on the same items. Each resample draws the items once (shared by both sides:
+    paired) and, independently per side, its seeds with replacement, so the interval holds both
+    the test set's and the training seeds' variation. With one seed per side it is
+    :func:`paired_bootstrap`'s interval (same resampling of items)."""
+    x, y = _seed_rows(a, "a"), _seed_rows(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"paired vectors differ in length: {x.shape[1]} and {y.shape[1]}")
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = x.shape[1]
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(resamples)
+    for lo in range(0, resamples, chunk):
+        count = min(chunk, resamples - lo)
+        picks = rng.integers(n, size=(count, n))
+        side = []
+        for rows in (x, y):
+            per_seed = rows[:, picks].mean(axis=2)  # [seeds, count]: each seed's mean on each resample's items
+            chosen = rng.integers(rows.shape[0], size=(count, rows.shape[0]))
+            side.append(np.take_along_axis(per_seed.T, chosen, axis=1).mean(axis=1))
+        deltas[lo:lo + count] = side[1] - side[0]
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(deltas, [tail, 1.0 - tail])
+    delta = y.mean() - x.mean()
+    return PairedDelta(delta=float(delta * scale), low=float(low * scale), high=float(high * scale), n=int(n),
+                       resamples=resamples, confidence=confidence, scale=scale)

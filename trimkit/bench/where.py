@@ -18,7 +18,7 @@ import torch
 from trimkit.data import collate, format_data_spec
 from trimkit.errors import ConfigError
 
-__all__ = ["question_type", "by_type", "blind_prior", "export_vilt", "ship", "predictions", "DATA_FILE"]
+__all__ = ["question_type", "by_type", "blind_prior", "prior_correct", "export_vilt", "ship", "predictions", "DATA_FILE"]
 
 DATA_FILE = "trimkit_data.json"
 
@@ -79,23 +79,28 @@ def _texts_labels(dataset, n: int | None = None) -> list[tuple[str, int]]:
     return [(r.text, r.label) for r in (dataset.record(i) for i in range(count))]
 
 
-def blind_prior(train, evaluate, n_train: int = 20000) -> dict:
-    """The text-only prior: each question text answered with its most frequent answer among the
-    first `n_train` items of `train` (the question type's majority answer for a text never seen);
-    scored on `evaluate` like :func:`by_type`."""
+def prior_correct(train, evaluate, n_train: int = 20000) -> tuple[list[bool], list[str]]:
+    """Per item of `evaluate`: is the text-only prior right (see :func:`blind_prior`), and the
+    question type."""
     by_text: dict[str, Counter] = defaultdict(Counter)
     by_kind: dict[str, Counter] = defaultdict(Counter)
     for text, label in _texts_labels(train, n_train):
         by_text[text][label] += 1
         by_kind[question_type(text)][label] += 1
-    pairs = _texts_labels(evaluate)
     correct, kinds = [], []
-    for text, label in pairs:
+    for text, label in _texts_labels(evaluate):
         kind = question_type(text)
         counts = by_text.get(text) or by_kind.get(kind) or Counter({-1: 1})
         correct.append(max(sorted(counts), key=lambda a: counts[a]) == label)
         kinds.append(kind)
-    return _table(correct, kinds)
+    return correct, kinds
+
+
+def blind_prior(train, evaluate, n_train: int = 20000) -> dict:
+    """The text-only prior: each question text answered with its most frequent answer among the
+    first `n_train` items of `train` (the question type's majority answer for a text never seen);
+    scored on `evaluate` like :func:`by_type`."""
+    return _table(*prior_correct(train, evaluate, n_train))
 
 
 def export_vilt(bench_model: torch.nn.Module, folder: str | Path, dataset=None) -> Path:
