@@ -116,7 +116,7 @@ def _protocol(path, out_dir, threads, readme, no_report, report_only, ctx) -> No
         click.echo(f"protocol {protocol.name} finished in {time.perf_counter() - start:.0f} s; results in {out_dir}")
         if no_report:
             return
-    report = build_protocol_report(protocol, out_dir, readme=None if readme == "benchmarks/README.md" else readme)
+    report = build_protocol_report(protocol, out_dir, readme="README.md" if readme == "benchmarks/README.md" else readme)
     click.echo(report["markdown"])
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from trimkit.bench.stats import PairedDelta, paired_bootstrap
+from trimkit.bench.stats import PairedDelta, paired_bootstrap, seeded_bootstrap
 
 
 def test_identical_models_have_a_zero_interval():
@@ -55,3 +55,33 @@ def test_bad_inputs_are_refused():
         paired_bootstrap([1], [1], resamples=5).verdict(-1)
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap([1], [0], confidence=1.0)
+
+
+def test_seeded_bootstrap_with_one_seed_is_the_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    a, b = (rng.random(500) < 0.8).astype(float), (rng.random(500) < 0.75).astype(float)
+    one, paired = seeded_bootstrap(a, b[None], resamples=2000), paired_bootstrap(a, b, resamples=2000)
+    assert one.delta == pytest.approx(paired.delta)
+    assert (one.low, one.high) == pytest.approx((paired.low, paired.high), abs=1e-6)
+
+
+def test_seeded_bootstrap_widens_with_the_spread_between_seeds():
+    rng = np.random.default_rng(4)
+    full = (rng.random(2000) < 0.9).astype(float)
+    same = np.stack([full] * 4)
+    spread = np.stack([np.where(rng.random(2000) < p, 1.0, 0.0) for p in (0.80, 0.85, 0.95, 0.99)])
+    steady = seeded_bootstrap(full, same, resamples=1000)
+    assert steady.delta == 0 and steady.low == pytest.approx(0, abs=1e-9) and steady.high == pytest.approx(0, abs=1e-9)
+    wide = seeded_bootstrap(full, spread, resamples=1000)
+    items_only = paired_bootstrap(full, spread.mean(axis=0), resamples=1000)  # ignores the seeds' spread
+    assert wide.high - wide.low > 1.5 * (items_only.high - items_only.low)
+    assert wide.delta == pytest.approx((spread.mean() - full.mean()) * 100)
+
+
+def test_seeded_bootstrap_paired_seeds_need_matching_rows():
+    with pytest.raises(ValueError, match="paired seeds"):
+        seeded_bootstrap(np.ones((2, 10)), np.ones((3, 10)), paired_seeds=True)
+    with pytest.raises(ValueError, match="differ in length"):
+        seeded_bootstrap(np.ones((2, 10)), np.ones((2, 11)))
+    trimmed = np.array([[1, 1, 0, 1], [1, 0, 0, 1]], dtype=float)
+    assert seeded_bootstrap(trimmed, trimmed, paired_seeds=True, resamples=200).high == pytest.approx(0, abs=1e-9)

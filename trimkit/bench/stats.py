@@ -94,12 +94,14 @@ def _seed_rows(values, name: str) -> np.ndarray:
 
 
 def seeded_bootstrap(a, b, *, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
-                     scale: float = 100.0, chunk: int = 64) -> PairedDelta:
+                     scale: float = 100.0, chunk: int = 64, paired_seeds: bool = False) -> PairedDelta:
     """Δ = mean(b) - mean(a) where each side is ``[seeds, items]`` (or ``[items]``: one seed) of
     per-item scores on the same items. Each resample draws the items once (shared by both sides:
     paired) and, independently per side, its seeds with replacement, so the interval holds both
     the test set's and the training seeds' variation. With one seed per side it is
-    :func:`paired_bootstrap`'s interval (same resampling of items)."""
+    :func:`paired_bootstrap`'s interval (same resampling of items). `paired_seeds`: row ``s`` of
+    `a` and of `b` come from one training seed (a model trimmed and the same model untrimmed), so
+    both sides draw the same seeds."""
     x, y = _seed_rows(a, "a"), _seed_rows(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"paired vectors differ in length: {x.shape[1]} and {y.shape[1]}")
@@ -108,19 +110,25 @@ def seeded_bootstrap(a, b, *, resamples: int = 10_000, confidence: float = 0.95,
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     n = x.shape[1]
+    if paired_seeds and x.shape[0] != y.shape[0]:
+        raise ValueError(f"paired seeds need as many rows on both sides, got {x.shape[0]} and {y.shape[0]}")
     rng = np.random.default_rng(seed)
     deltas = np.empty(resamples)
+    columns = [np.ascontiguousarray(rows.T) for rows in (x, y)]  # [items, seeds]
     for lo in range(0, resamples, chunk):
         count = min(chunk, resamples - lo)
         picks = rng.integers(n, size=(count, n))
-        side = []
-        for rows in (x, y):
-            per_seed = rows[:, picks].mean(axis=2)  # [seeds, count]: each seed's mean on each resample's items
-            chosen = rng.integers(rows.shape[0], size=(count, rows.shape[0]))
-            side.append(np.take_along_axis(per_seed.T, chosen, axis=1).mean(axis=1))
+        offsets = (np.arange(count)[:, None] * n + picks).ravel()
+        weights = np.bincount(offsets, minlength=count * n).reshape(count, n) / n
+        side, chosen = [], None
+        for rows in columns:
+            per_seed = weights @ rows  # [count, seeds]: each seed's mean on each resample's items
+            if chosen is None or not paired_seeds:
+                chosen = rng.integers(rows.shape[1], size=(count, rows.shape[1]))
+            side.append(np.take_along_axis(per_seed, chosen, axis=1).mean(axis=1))
         deltas[lo:lo + count] = side[1] - side[0]
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(deltas, [tail, 1.0 - tail])
-    delta = y.mean() - x.mean()
+    delta = float(y.mean(dtype=np.float64) - x.mean(dtype=np.float64))
     return PairedDelta(delta=float(delta * scale), low=float(low * scale), high=float(high * scale), n=int(n),
                        resamples=resamples, confidence=confidence, scale=scale)
