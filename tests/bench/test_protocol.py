@@ -1,11 +1,12 @@
 """Frozen protocols: parsing, the run plan, runs recorded with the protocol's digest, failures kept,
 and the report's intervals and verdicts."""
 import json
+from dataclasses import replace
 
 import pytest
 
 from trimkit.bench.protocol import ProtocolRun, load_protocol, plan
-from trimkit.bench.protocol_report import MARKERS, build_protocol_report
+from trimkit.bench.protocol_report import MARKERS, build_protocol_report, models_in
 from trimkit.bench.protocol_run import MANIFEST, _claim, run_protocol
 from trimkit.errors import ConfigError
 
@@ -91,6 +92,9 @@ def test_failed_runs_are_kept_and_waiting_runs_stop(tmp_path):
     assert {r["status"] for r in manifest["runs"]} == {"ok", "failed"}
     report = build_protocol_report(protocol, out, readme=None)
     assert "no finished full-model run" in report["markdown"]
+    run_protocol(replace(protocol, models=("another-model",)), out, log=lines.append)  # --families
+    assert models_in(protocol, out) == ("no-such-model", "another-model")
+    assert "`another-model`: no finished" in build_protocol_report(protocol, out, readme=None)["markdown"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ the interval's lower end is at or above minus that target's margin.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,20 @@ from trimkit.bench.protocol_run import read_run
 from trimkit.bench.stats import seeded_bootstrap
 from trimkit.bench.sweep import unpack_bits
 
-__all__ = ["build_protocol_report", "collect", "MARKERS"]
+__all__ = ["build_protocol_report", "collect", "models_in", "MARKERS"]
 
 MARKERS = ("<!-- protocol:start -->", "<!-- protocol:end -->")
+
+
+def models_in(protocol: Protocol, out_dir: str | Path) -> tuple[str, ...]:
+    """The protocol's models, then any other model with runs under its digest in `out_dir` (run
+    with ``--models``)."""
+    found = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        data = read_run(path)
+        if data and data.get("protocol", {}).get("digest") == protocol.digest and data.get("model"):
+            found.append(data["model"])
+    return tuple(dict.fromkeys([*protocol.models, *found]))
 
 
 def collect(protocol: Protocol, out_dir: str | Path) -> dict[tuple, list[dict]]:
@@ -28,7 +40,7 @@ def collect(protocol: Protocol, out_dir: str | Path) -> dict[tuple, list[dict]]:
     seed order; failed runs are listed under ``("failed",)``."""
     out = Path(out_dir)
     groups: dict[tuple, list[dict]] = {}
-    for run in plan(protocol):
+    for run in plan(replace(protocol, models=models_in(protocol, out))):
         data = read_run(out / f"{run.name}.json")
         if data and data.get("status") == "ok" and data.get("protocol", {}).get("digest") == protocol.digest:
             groups.setdefault((run.model, run.method, run.ratio), []).append(data)
@@ -128,6 +140,7 @@ def build_protocol_report(protocol: Protocol, out_dir: str | Path, readme: str |
     that file has them (None: not written). Returns ``{"markdown", "verdicts"}``."""
     out = Path(out_dir)
     groups = collect(protocol, out)
+    protocol = replace(protocol, models=models_in(protocol, out))
     lines = _header(protocol, groups, out)
     verdicts = {}
     for model in protocol.models:
