@@ -25,7 +25,7 @@ from trimkit.profile import compare_latency, count_flops
 from trimkit.progress import progress as progress_of
 from trimkit.tasks import Binding, adapt, binding_for, metric_of, model_batch, refreshed, resolve_data, task_dataset
 
-__all__ = ["evaluate", "executed_flops", "executed_ratio", "length_buckets", "backbone_of", "Untrimmed"]
+__all__ = ["evaluate", "executed_flops", "executed_ratio", "length_buckets", "backbone_of", "fitted", "eval_inputs", "Untrimmed"]
 
 
 def backbone_of(model_or_backbone) -> Backbone:
@@ -113,7 +113,7 @@ def _same_length_rows(items: list[dict], rows: int) -> list[dict]:
 
 
 
-def _fitted(model_or_backbone, data_spec: str, split: str):
+def fitted(model_or_backbone, data_spec: str, split: str):
     """The backbone, its binding to the data, and the resolved spec (a trained folder keeps its binding;
     a model without passes is first adapted to the data)."""
     backbone = backbone_of(model_or_backbone)
@@ -249,7 +249,7 @@ def evaluate(model_or_backbone, data_spec: str, *, batch_size: int = 16, samples
             raise ConfigError(f"{label} must be a positive integer, got {value!r}")
     if device is not None:
         resolve_device(device)  # an unavailable device fails before the model loads
-    backbone, binding, spec = _fitted(model_or_backbone, data_spec, split)
+    backbone, binding, spec = fitted(model_or_backbone, data_spec, split)
     if device is not None or dtype is not None:
         place(backbone.model, device if device is not None else next(backbone.model.parameters()).device, dtype)
     model, task = backbone.model.eval(), backbone.task

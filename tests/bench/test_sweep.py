@@ -9,7 +9,8 @@ from trimkit.bench import sweep as sweep_module
 from trimkit.bench.run import smarttrim_configs
 from trimkit.bench.sweep import SweepError, pack_bits, sweep, unpack_bits
 from trimkit.data import collate
-from trimkit.evaluate import _fitted, eval_inputs, executed_flops
+from trimkit.evaluate import fitted
+from trimkit.evaluate import eval_inputs, executed_flops
 from trimkit.tasks import task_dataset
 from trimkit.train import TrainConfig, train
 
@@ -22,7 +23,7 @@ def trimmed():
     result = train(load_backbone("vilt-vqa-where"), SPEC.format(n=32), target_ratio=0.5, steps=3,
                    recipe=smarttrim_configs("smarttrim", 0.5), progress=False,
                    config=TrainConfig(batch_size=8, lr_trimmer=0.5, measure_every=0))
-    backbone, binding, spec = _fitted(result.backbone, SPEC.format(n=24), "val")
+    backbone, binding, spec = fitted(result.backbone, SPEC.format(n=24), "val")
     items = [task_dataset(spec, binding)[i] for i in range(24)]
     return backbone.model.eval(), binding, items
 

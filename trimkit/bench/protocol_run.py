@@ -76,10 +76,10 @@ def _claim(lock: Path) -> bool:
 def _fit(protocol: Protocol, model: str):
     """A fresh copy of `model` fitted to the protocol's data, its binding and the split items."""
     from trimkit.backbones import load_backbone
-    from trimkit.evaluate import _fitted
+    from trimkit.evaluate import fitted
     from trimkit.tasks import task_dataset
 
-    backbone, binding, _ = _fitted(load_backbone(model), protocol.spec("val"), "val")
+    backbone, binding, _ = fitted(load_backbone(model), protocol.spec("val"), "val")
     items = {s: _items(task_dataset(protocol.spec(s), binding)) for s in ("val", "test")}
     return backbone, binding, items
 
@@ -160,7 +160,7 @@ def _smarttrim(protocol: Protocol, run: ProtocolRun, progress: bool) -> tuple[An
 
 def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = False) -> dict:
     """The result fields of one run (raises on failure)."""
-    from trimkit.bench.run import _baseline_config
+    from trimkit.bench.run import baseline_config
     from trimkit.passes import apply_
     from trimkit.tasks import task_dataset
 
@@ -175,7 +175,7 @@ def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = Fa
         backbone, binding, items = _fit(protocol, run.model)
         if run.baseline:
             target = _matched_ratio(out, run)
-            applied = apply_(backbone.model, [_baseline_config(run.baseline, target, run.seed)],
+            applied = apply_(backbone.model, [baseline_config(run.baseline, target, run.seed)],
                              inputs=backbone.example_inputs(2), hints=backbone.hints)
             result["apply"] = {"flops_ratio_target": target,
                                "report": {k: v for k, v in applied.results[-1].report.items()

@@ -56,7 +56,7 @@ from trimkit.train import Batch, Loop, TrainConfig, run_loop, train
 from trimkit.train.losses import CrossEntropy, Distillation
 
 __all__ = ["BenchConfig", "RunSpec", "QUICK", "SMOKE", "plan", "run_bench", "run_one", "environment",
-           "finetune", "length_batches", "BASELINES", "ABLATIONS", "fresh_copy", "smarttrim_configs", "train_config",
+           "finetune", "length_batches", "baseline_config", "BASELINES", "ABLATIONS", "fresh_copy", "smarttrim_configs", "train_config",
            "items_of"]
 
 FORMAT = 1
@@ -398,7 +398,8 @@ def finetune(model: torch.nn.Module, binding, dataset, *, steps: int, batch_size
     return [row["loss"] for row in rows]
 
 
-def _baseline_config(name: str, flops_ratio: float, seed: int):
+def baseline_config(name: str, flops_ratio: float, seed: int):
+    """The config of training-free baseline `name` calibrated to `flops_ratio` (`seed`: random.tokens)."""
     if name == "random.tokens":
         return RandomTokensConfig(flops_ratio=flops_ratio, seed=seed)
     if name == "topk.cls_attention":
@@ -474,7 +475,7 @@ def run_one(config: BenchConfig, run: RunSpec, bench, matched: dict[tuple, float
     else:
         key = (run.family, run.task, run.ratio, run.seed)
         target = matched.get(key, matched.get((run.family, run.task, run.ratio, 0), run.ratio))
-        applied = apply_(backbone.model, [_baseline_config(run.baseline, target, run.seed)],
+        applied = apply_(backbone.model, [baseline_config(run.baseline, target, run.seed)],
                          inputs=backbone.example_inputs(2), hints=backbone.hints)
         result["apply"] = {"flops_ratio_target": target,
                            "report": {k: v for k, v in applied.results[-1].report.items()
