@@ -102,9 +102,9 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
     click.echo(report["markdown"])
 
 
-def _protocol(path, models, out_dir, threads, readme, no_report, report_only, ctx) -> None:
+def _protocol(path, models, methods, out_dir, threads, readme, no_report, report_only, ctx) -> None:
     """``trimkit bench --protocol FILE``: run a frozen protocol (unless --report-only), then its report."""
-    from trimkit.bench.protocol import load_protocol
+    from trimkit.bench.protocol import load_protocol, plan
     from trimkit.bench.protocol_report import build_protocol_report
     from trimkit.bench.protocol_run import run_protocol
 
@@ -112,7 +112,9 @@ def _protocol(path, models, out_dir, threads, readme, no_report, report_only, ct
     out_dir = out_dir or f"benchmarks/results/protocol/{protocol.name}"
     if not report_only:
         start = time.perf_counter()
-        run_protocol(replace(protocol, models=_names(models)) if models else protocol, out_dir, command=_command_line(ctx), threads=threads or 1, log=click.echo)
+        chosen = replace(protocol, models=_names(models)) if models else protocol
+        only = {r.name for r in plan(chosen) if r.method in _names(methods)} if methods else None
+        run_protocol(chosen, out_dir, command=_command_line(ctx), threads=threads or 1, log=click.echo, only=only)
         click.echo(f"protocol {protocol.name} finished in {time.perf_counter() - start:.0f} s; results in {out_dir}")
         if no_report:
             return
@@ -125,7 +127,8 @@ def _protocol(path, models, out_dir, threads, readme, no_report, report_only, ct
               help="Run a frozen accuracy protocol (a TOML file such as benchmarks/protocols/where-v1.toml): "
                    "shipped bases, 10,000-item test split, seeds, controls, baselines; then its table with "
                    "paired-bootstrap intervals. --out defaults to benchmarks/results/protocol/<name>; --threads "
-                   "to 1; --families names other shipped models to run it on (e.g. blip-vqa-where); --readme names the file "
+                   "to 1; --families names other shipped models to run it on (e.g. blip-vqa-where), --methods a subset "
+                   "(prior, full, full+ft, smarttrim, a baseline, a baseline+ft); --readme names the file "
                    "whose protocol block is rewritten (default README.md).")
 @click.option("--speed", is_flag=True, help="The speed table instead: published base configs (random weights), "
               "SmartTrim and the baselines at 1.5/2/3x fewer executed FLOPs, latency at batch 1 and 32 against a "
@@ -194,7 +197,7 @@ def bench_command(protocol_path, speed, speed_quick, speed_layers, speed_baselin
     from trimkit.errors import ConfigError
 
     if protocol_path:
-        _protocol(protocol_path, families, out_dir, threads, readme, no_report, report_only, click.get_current_context())
+        _protocol(protocol_path, families, methods, out_dir, threads, readme, no_report, report_only, click.get_current_context())
         return
     if speed or speed_quick:
         _speed(speed_quick, families, _ratios(reductions), _ratios(speed_baselines_at), methods, speed_layers,

@@ -125,3 +125,19 @@ def test_protocol_runs_end_to_end_and_reports_verdicts(tmp_path):
     changed = load_protocol(tmp_path / "p.toml")
     assert changed.digest != protocol.digest
     assert "0 of 7 runs finished" in build_protocol_report(changed, out, readme=None)["markdown"]
+
+
+def test_cli_runs_a_subset_of_methods_on_another_model(tmp_path):
+    from click.testing import CliRunner
+
+    from trimkit.cli import cli as main
+
+    path, out, readme = _write(tmp_path), tmp_path / "out", tmp_path / "R.md"
+    readme.write_text(f"{MARKERS[0]}\n{MARKERS[1]}\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["bench", "--protocol", str(path), "--families", "other-model", "--methods", "prior",
+                                       "--out", str(out), "--readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.glob("*-s0.json")] == ["other-model-prior-s0.json"]
+    assert "`other-model`: no finished full-model run" in readme.read_text()
+    bad = CliRunner().invoke(main, ["bench", "--protocol", str(tmp_path / "missing.toml")])
+    assert bad.exit_code != 0 and "cannot read protocol" in bad.output and "Traceback" not in bad.output
