@@ -27,7 +27,7 @@ import torch
 from trimkit.bench.protocol import CONTROL, PRIOR, Protocol, ProtocolRun, plan
 from trimkit.errors import ConfigError
 
-__all__ = ["run_protocol", "execute", "read_run", "FORMAT", "MANIFEST"]
+__all__ = ["run_protocol", "execute", "train_smarttrim", "read_run", "FORMAT", "MANIFEST"]
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
@@ -145,7 +145,9 @@ def _train_config(protocol: Protocol, seed: int):
     return TrainConfig(**protocol.train, seed=seed)
 
 
-def _smarttrim(protocol: Protocol, run: ProtocolRun, progress: bool) -> tuple[Any, Any, dict]:
+def train_smarttrim(protocol: Protocol, run: ProtocolRun, progress: bool) -> tuple[Any, Any, dict]:
+    """SmartTrim trained on the protocol's training split at `run`'s ratio and seed: the backbone, its
+    binding and what training reported."""
     from trimkit.backbones import load_backbone
     from trimkit.bench.run import smarttrim_configs
     from trimkit.train import train
@@ -169,7 +171,7 @@ def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = Fa
         return _prior(protocol, run)
     result: dict[str, Any] = {}
     if run.method == "smarttrim":
-        backbone, binding, result["train"] = _smarttrim(protocol, run, progress)
+        backbone, binding, result["train"] = train_smarttrim(protocol, run, progress)
         items = {s: _items(task_dataset(protocol.spec(s), binding)) for s in ("val", "test")}
     else:
         backbone, binding, items = _fit(protocol, run.model)
