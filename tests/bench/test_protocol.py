@@ -57,6 +57,11 @@ def test_protocol_parses_and_plans_baselines_after_their_smarttrim_run(tmp_path)
     assert {"vilt-vqa-where-smarttrim-r0500-s1", "vilt-vqa-where-full+ft-s0",
             "vilt-vqa-where-topk.cls_attention+ft-r0500-s0"} <= set(names) and len(names) == 7
     assert ProtocolRun("m", "tome.merge+ft", 0.3333).baseline == "tome.merge"
+    assert protocol.finetune_lr == 1e-4  # TrainConfig's lr_backbone unless [baselines] finetune_lr
+    frozen = load_protocol(_write(tmp_path, text=TEXT.replace("measure_every = 0", "measure_every = 0\nfreeze_backbone = true")
+                                  .replace("full_finetune_seeds = 1", "full_finetune_seeds = 0")
+                                  .replace("finetune_ratios = [0.5]", "finetune_ratios = [0.5]\nfinetune_lr = 1e-5")))
+    assert frozen.finetune_lr == 1e-5 and not [r for r in plan(frozen) if r.method == "full+ft"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -66,6 +71,7 @@ def test_protocol_parses_and_plans_baselines_after_their_smarttrim_run(tmp_path)
     (("batch_size = 8", "batch_size = 0"), "batch_size"),
     (('methods = ["topk.cls_attention"]', 'methods = ["magic"]'), "unknown methods"),
     (('name = "tiny"', ''), "missing 'name'"),
+    (("measure_every = 0", "measure_every = 0\nfreeze_backbone = true"), "its own fine-tuning control"),
     (("[splits]", "[splits"), "not valid TOML"),
 ])
 def test_bad_protocols_fail_with_one_line(tmp_path, change, message):

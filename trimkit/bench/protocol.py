@@ -12,11 +12,13 @@ Runs per model (:func:`plan`):
 * ``prior``: the text-only prior (each question text's majority answer on the training split).
 * ``full``: the shipped model as it is.
 * ``full+ft``: the shipped model fine-tuned with SmartTrim's budget (steps, batch, backbone
-  learning rate), task loss only and no trimming: the control for SmartTrim's extra training.
+  learning rate), task loss only and no trimming: the control for SmartTrim's extra training
+  (none when SmartTrim freezes the backbone: the full model is then its own control).
 * ``smarttrim``: tokens + heads trained to each target ratio, ``seeds`` seeds.
 * ``<baseline>``: training-free, calibrated to the executed-FLOPs ratio SmartTrim's seed 0 reached
   on the validation split at the same target; ``<baseline>+ft`` also fine-tuned with SmartTrim's
-  budget (task loss + distillation from the untrimmed model) at ``finetune_ratios``.
+  budget (steps, batch; backbone learning rate ``finetune_lr``, task loss + distillation from the
+  untrimmed model) at ``finetune_ratios``.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class Protocol:
     baselines: tuple[str, ...]
     finetune_ratios: tuple[float, ...]
     finetune_seeds: int
+    finetune_lr: float  # backbone learning rate of the fine-tuned baselines
     control_seeds: int
     margins: dict[float, float]  # target ratio -> non-inferiority margin in points
     eval_batch: int = 128
@@ -142,6 +145,12 @@ def _train_settings(table: dict, where: str) -> dict[str, Any]:
     return settings
 
 
+def _train_config_default(table: dict, name: str):
+    from trimkit.train import TrainConfig
+
+    return table.get(name, getattr(TrainConfig(), name))
+
+
 def load_protocol(path: str | Path) -> Protocol:
     """Parse and check a protocol file (`ConfigError` with the file and key on any problem)."""
     path = Path(path)
@@ -169,7 +178,9 @@ def load_protocol(path: str | Path) -> Protocol:
         seeds=_need(smart, "seeds", int, f"{where} [smarttrim]"), steps=_need(smart, "steps", int, f"{where} [smarttrim]"),
         train=_train_settings(smart, f"{where} [smarttrim]"), baselines=names,
         finetune_ratios=_ratios(base.get("finetune_ratios", [0.5]), f"{where} [baselines]"),
-        finetune_seeds=int(base.get("finetune_seeds", 1)), control_seeds=int(controls.get("full_finetune_seeds", 1)),
+        finetune_seeds=int(base.get("finetune_seeds", 1)),
+        finetune_lr=float(base.get("finetune_lr", _train_config_default(smart, "lr_backbone"))),
+        control_seeds=int(controls.get("full_finetune_seeds", 1)),
         margins=margins, eval_batch=int(table.get("eval_batch", 128)), verify=int(table.get("verify", 32)),
         prior_items=int(table.get("prior_items", 20000)),
         notes={k: str(v) for k, v in table.get("notes", {}).items()})
@@ -177,8 +188,11 @@ def load_protocol(path: str | Path) -> Protocol:
         raise ConfigError(f"{where}: 'models' is empty")
     for ratio in ratios:
         protocol.margin(ratio)
-    if min(protocol.seeds, protocol.steps, protocol.finetune_seeds, protocol.control_seeds) < 1:
-        raise ConfigError(f"{where}: seeds, steps, finetune_seeds and full_finetune_seeds must be >= 1")
+    if min(protocol.seeds, protocol.steps, protocol.finetune_seeds) < 1 or protocol.control_seeds < 0:
+        raise ConfigError(f"{where}: seeds, steps and finetune_seeds must be >= 1, full_finetune_seeds >= 0")
+    if protocol.control_seeds and protocol.train.get("freeze_backbone"):
+        raise ConfigError(f"{where}: SmartTrim freezes the backbone, so the full model is its own fine-tuning "
+                          "control; set [controls] full_finetune_seeds = 0")
     return protocol
 
 

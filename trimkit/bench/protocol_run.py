@@ -128,14 +128,14 @@ def _matched_ratio(out: Path, run: ProtocolRun) -> float:
     return float(data["val"]["flops_ratio"])
 
 
-def _finetune(protocol: Protocol, model, binding, seed: int, alpha: float) -> dict:
+def _finetune(protocol: Protocol, model, binding, seed: int, alpha: float, lr: float) -> dict:
     from trimkit.bench.run import finetune
     from trimkit.tasks import task_dataset
 
     train_cfg = _train_config(protocol, seed)
     losses = finetune(model, binding, task_dataset(protocol.spec("train"), binding), steps=protocol.steps,
-                      batch_size=train_cfg.batch_size, lr=train_cfg.lr_backbone, alpha=alpha, seed=seed, device="cpu")
-    return {"steps": protocol.steps, "batch_size": train_cfg.batch_size, "lr": train_cfg.lr_backbone, "alpha": alpha,
+                      batch_size=train_cfg.batch_size, lr=lr, alpha=alpha, seed=seed, device="cpu")
+    return {"steps": protocol.steps, "batch_size": train_cfg.batch_size, "lr": lr, "alpha": alpha,
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -183,8 +183,10 @@ def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = Fa
                                "report": {k: v for k, v in applied.results[-1].report.items()
                                           if k in ("keep_ratio", "flops_ratio", "notes")}}
         if run.method == CONTROL or run.finetuned:
-            alpha = 0.0 if run.method == CONTROL else float(protocol.train.get("alpha", 1.0))
-            result["train"] = _finetune(protocol, backbone.model, binding, run.seed, alpha)
+            control = run.method == CONTROL
+            alpha = 0.0 if control else float(protocol.train.get("alpha", 1.0))
+            lr = _train_config(protocol, run.seed).lr_backbone if control else protocol.finetune_lr
+            result["train"] = _finetune(protocol, backbone.model, binding, run.seed, alpha, lr)
     cache = out / f"flops-cache-{run.model}-smarttrim.json" if run.method == "smarttrim" else None
     result.update(_sweeps(protocol, backbone.model.eval(), binding, items, progress, cache))
     return result
