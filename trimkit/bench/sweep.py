@@ -13,6 +13,7 @@ count (else `SweepError`, never a silent estimate).
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,21 +140,27 @@ class _Counter:
             return count_flops(self.model, inputs)
 
 
+def _key(signature: tuple) -> str:
+    """A short stable name of a signature (the first 24 hex digits of its SHA-1)."""
+    return hashlib.sha1(repr(signature).encode()).hexdigest()[:24]
+
+
 def _flops(counter: _Counter, signatures: list[tuple], bar, verify: list[int],
            known: dict[str, float]) -> tuple[np.ndarray, int]:
-    """Executed FLOPs per item, one count per distinct signature not in `known` (``repr(signature)``
-    -> FLOPs, from earlier sweeps of the same model; new counts are added to it), and how many were
+    """Executed FLOPs per item, one count per distinct signature not in `known` (signature key ->
+    FLOPs, from earlier sweeps of the same model; new counts are added to it), and how many were
     counted; then the `verify` items are counted directly and must agree (else `SweepError`)."""
     label = "counting FLOPs" + (" (untrimmed)" if counter.full else "")
     first: dict[tuple, int] = {}
     for i, sig in enumerate(signatures):
         first.setdefault(sig, i)
-    fresh = {sig: i for sig, i in first.items() if repr(sig) not in known}
+    keys = {sig: _key(sig) for sig in first}
+    fresh = {sig: i for sig, i in first.items() if keys[sig] not in known}
     step = bar.add(label, len(fresh) + len(verify))
     for sig, i in fresh.items():
-        known[repr(sig)] = counter.report(i).flops
+        known[keys[sig]] = counter.report(i).flops
         bar.advance(step)
-    flops = np.array([known[repr(s)] for s in signatures], dtype=np.float64)
+    flops = np.array([known[keys[s]] for s in signatures], dtype=np.float64)
     bad = _mismatch(counter, flops, verify)
     if bad is not None:
         i, direct = bad
