@@ -17,6 +17,11 @@ reproduces it (``record.json`` keeps the training log). Two formats:
     one object among the others ("what shape is the red object ?", "what colour is the circle ?",
     "is there a blue triangle ?"); 0.999 on 1000 validation questions, where the question alone
     gives 0.300 (``trimkit/bench/README.md``).
+
+``blip-vqa-where``
+    A bench BLIP (``BlipVisionModel`` + ``BlipTextModel`` cross-attending to it + MLP head; width
+    128, 4 layers per stream, same images) trained on the same data: 0.977 on 1000 validation
+    questions (shape 1.000, colour 1.000, exists 0.898), 0.983 on test; bench format, float16.
 """
 from __future__ import annotations
 
