@@ -20,7 +20,13 @@ The shipped ``vilt-vqa-where``::
 
 (the defaults). ViLT shuffles its patches with torch's global random stream, which the shipped run
 did not seed; the script now seeds it (``--seed``), so a rerun gives the recipe's accuracy, not the
-shipped bytes.
+shipped bytes. The shipped ``blip-vqa-where``::
+
+    python benchmarks/train_where_base.py /tmp/where-blip --family blip --steps 2000 --single 400 --warmup 150 --ground 1 --check 500 --ship blip-vqa-where
+
+BLIP and BridgeTower are scored, written and shipped with their weights rounded to float16.
+``--finish`` skips training and scores, writes (and ships) ``OUT/checkpoint.safetensors`` of a run
+that has finished, with the training log and times of its ``OUT/record.json``.
 """
 from __future__ import annotations
 

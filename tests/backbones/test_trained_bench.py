@@ -8,7 +8,7 @@ import torch
 from trimkit.backbones import list_trained, load_backbone, trained_info
 from trimkit.backbones import trained as trained_mod
 from trimkit.bench.models import build_model, model_config
-from trimkit.bench.where import export_bench, predictions, ship
+from trimkit.bench.where import export_bench, predictions, round_to_half, ship
 from trimkit.data import load_dataset
 from trimkit.errors import ConfigError
 
@@ -49,6 +49,22 @@ def test_a_bench_folder_loads_by_name_as_the_model_it_recorded(shipped, family):
     assert predictions(bb.model, val) == predictions(net, val)
     batch = bb.make_inputs(2)
     assert bb.model(**batch).logits.shape == (2, 20)
+
+
+def test_bench_weights_ship_in_float16_and_load_as_the_rounded_model(shipped):
+    import copy
+
+    from safetensors import safe_open
+
+    net, _ = _ship_tiny(shipped, "tiny-where", "bridgetower")
+    with safe_open(str(shipped / "trained" / "tiny-where" / "model.safetensors"), "pt") as fh:
+        dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes
+    rounded = round_to_half(copy.deepcopy(net)).state_dict()
+    loaded = load_backbone("tiny-where").model.state_dict()
+    assert loaded.keys() == rounded.keys()
+    assert all(v.dtype == rounded[k].dtype and torch.equal(v, rounded[k]) for k, v in loaded.items())
+    assert any(not torch.equal(v, rounded[k]) for k, v in net.state_dict().items() if v.is_floating_point())
 
 
 def _one_line_error(name: str, match: str):
