@@ -29,7 +29,7 @@ from trimkit.backbones.factory import backbone_from_factory, is_factory_ref
 from trimkit.backbones.families import FAMILIES, family_by_architecture, family_by_name, generic_inputs, tiny_kwargs
 from trimkit.backbones.inputs import RepeatBatch
 from trimkit.backbones.saved import BASE_DIR, MANIFEST, WEIGHTS, load_folder, read_manifest
-from trimkit.backbones.trained import list_trained, trained_folder, trained_info
+from trimkit.backbones.trained import BENCH_FORMAT, bench_trained_backbone, list_trained, trained_folder, trained_info
 from trimkit.errors import ConfigError, UnknownModelError
 
 __all__ = ["list_backbones", "load_backbone", "load_saved", "tiny_config", "backbone_for_model"]
@@ -221,6 +221,8 @@ def _load_hub(ref: str, hub_id: str, attn_implementation: str | None, name: str)
 def _load_trained(name: str, attn_implementation: str | None) -> Backbone:
     """A shipped trained model, from its package folder; ``hints["data"]`` names the data spec it
     was trained on (its vocabulary and answers are that spec's)."""
+    if trained_info(name).get("format") == BENCH_FORMAT:
+        return bench_trained_backbone(name)
     backbone = _load_folder(name, trained_folder(name), attn_implementation)
     return dataclasses.replace(backbone, hints={**backbone.hints, "data": trained_info(name)["data"]},
                                source="registry")

@@ -1,14 +1,18 @@
-"""Train a bench ViLT on the ``where`` questions and write it as a ``save_pretrained`` folder.
+"""Train a bench model on the ``where`` questions and write it as a shippable folder.
 
-    python benchmarks/train_where_base.py OUT [--steps N] [--single N] [--hidden H] [--layers L]
-                                              [--heads A] [--lr LR] [--spec SPEC] [--ship NAME]
+    python benchmarks/train_where_base.py OUT [--family vilt|blip|bridgetower] [--steps N] [--single N]
+                                              [--hidden H] [--layers L] [--heads A] [--lr LR]
+                                              [--spec SPEC] [--ship NAME]
 
 Prints the loss every 250 steps and the accuracy on 500 validation questions every ``--check``
 steps (a copy of the weights is kept in ``OUT/checkpoint.safetensors``). At the end: the
 accuracy on 1000 validation and 1000 test questions, overall and per question type, next to the
 blind prior (the majority answer of each question text on the training split), in
-``OUT/record.json``; the weights as a ``ViltForQuestionAnswering`` folder in ``OUT/model``.
-``--ship NAME`` copies them to ``backbones/trained/NAME`` (see :mod:`trimkit.backbones.trained`).
+``OUT/record.json``; the weights in ``OUT/model``: a ``ViltForQuestionAnswering`` folder for ViLT,
+the bench model's ``model.safetensors`` for BLIP and BridgeTower (rebuilt from the ``ModelConfig``
+in the record). ``--ship NAME`` copies them to ``backbones/trained/NAME`` (see
+:mod:`trimkit.backbones.trained`). ``--ground W`` adds W x the loss of the grounding read-outs of
+the image tokens (:func:`trimkit.bench.where.grounding_probe`).
 
 The shipped ``vilt-vqa-where``::
 
@@ -16,7 +20,13 @@ The shipped ``vilt-vqa-where``::
 
 (the defaults). ViLT shuffles its patches with torch's global random stream, which the shipped run
 did not seed; the script now seeds it (``--seed``), so a rerun gives the recipe's accuracy, not the
-shipped bytes.
+shipped bytes. The shipped ``blip-vqa-where``::
+
+    python benchmarks/train_where_base.py /tmp/where-blip --family blip --steps 2000 --single 400 --warmup 150 --ground 1 --check 500 --ship blip-vqa-where
+
+BLIP and BridgeTower are scored, written and shipped with their weights rounded to float16.
+``--finish`` skips training and scores, writes (and ships) ``OUT/checkpoint.safetensors`` of a run
+that has finished, with the training log and times of its ``OUT/record.json``.
 """
 from __future__ import annotations
 
@@ -30,7 +40,8 @@ import torch
 
 from trimkit.bench.base import BaseTrainConfig, base_metrics, data_specs, lr_factor, train_model
 from trimkit.bench.models import build_model, model_config
-from trimkit.bench.where import ViltGroundingProbe, blind_prior, by_type, export_vilt, grounding_targets, ship
+from trimkit.bench.where import (blind_prior, by_type, export_bench, export_vilt, grounding_probe, grounding_targets,
+                                 round_to_half, ship)
 from trimkit.data import collate, load_dataset
 
 SPEC = "synthetic:vqa?image=48&objects=2-3&grid=3&jitter=0&questions=where"
@@ -50,7 +61,7 @@ def _batches(parts, batch_size: int, patch: int):
 
 def train_grounded(net, parts, recipe: BaseTrainConfig, weight: float, on_log) -> dict:
     """The task loss plus `weight` x the grounding read-outs' loss (the probe is dropped after)."""
-    probe = ViltGroundingProbe(net.vilt)
+    probe = grounding_probe(net)
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "embedding" not in n] + [probe.heads.weight]
     rest = [p for n, p in net.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)] + [probe.heads.bias]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -86,6 +97,7 @@ def train_grounded(net, parts, recipe: BaseTrainConfig, weight: float, on_log) -
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
+    ap.add_argument("--family", default="vilt", choices=("vilt", "blip", "bridgetower"))
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--single", type=int, default=400)
     ap.add_argument("--hidden", type=int, default=128)
@@ -98,7 +110,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--spec", default=SPEC)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ground", type=float, default=1.0,
-                    help="weight of the grounding read-outs of the image tokens (ViltGroundingProbe)")
+                    help="weight of the grounding read-outs of the image tokens (grounding_probe)")
+    ap.add_argument("--finish", action="store_true",
+                    help="skip training: score and write the last checkpoint of a finished run in OUT")
     ap.add_argument("--ship", default=None, help="also copy the result to trimkit's shipped models under this name")
     args = ap.parse_args(argv)
     from pathlib import Path
@@ -112,7 +126,7 @@ def main(argv: list[str]) -> None:
     specs = data_specs("vqa", recipe, args.spec)
     val = load_dataset(specs["val"])
     size = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, patch=8)
-    config = model_config("vilt", val, **size)
+    config = model_config(args.family, val, **size)
     net = build_model(config, seed=args.seed)
     parts = [load_dataset(specs["train"])]
     if args.single:
@@ -131,12 +145,29 @@ def main(argv: list[str]) -> None:
         log.append(row)
         print(json.dumps(row), flush=True)
 
-    if args.ground:
+    if args.finish:  # a finished run: its last checkpoint, training log and times
+        history, log = _finished(net, out)
+    elif args.ground:
         history = train_grounded(net, parts, recipe, args.ground, on_log)
     else:
         history = train_model(net, torch.utils.data.ConcatDataset(parts), recipe, progress=False, log_every=250,
                               log=on_log)
+    _final(net, out, args, argv, config, recipe, specs, val, history, log)
+
+
+def _finished(net, out) -> tuple[dict, list]:
+    from safetensors.torch import load_model
+
+    load_model(net, str(out / "checkpoint.safetensors"))
+    old = json.loads((out / "record.json").read_text(encoding="utf-8"))
+    return {"seconds": old["train_seconds"], "cpu_seconds": old["train_cpu_seconds"]}, old["log"]
+
+
+def _final(net, out, args, argv, config, recipe, specs, val, history, log) -> None:
+    """Score the trained model (BLIP / BridgeTower: with the float16 weights it ships) and write it."""
     net.eval()
+    if args.family != "vilt":
+        round_to_half(net)
     test = load_dataset(specs["test"])
     record = {"spec": args.spec, "data": specs, "model": config.to_dict(), "train": asdict(recipe),
               "seed": args.seed, "train_seconds": round(history["seconds"], 1),
@@ -145,14 +176,14 @@ def main(argv: list[str]) -> None:
               "blind_prior": {"val": blind_prior(load_dataset(specs["train"]), val),
                               "test": blind_prior(load_dataset(specs["train"]), test)},
               "torch": torch.__version__}
-    export_vilt(net, out / "model", val)
+    (export_vilt if args.family == "vilt" else export_bench)(net, out / "model", val)
     (out / "record.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: record[k] for k in ("val", "test", "blind_prior", "train_seconds")}, indent=1))
     if args.ship:
         from trimkit.backbones.trained import TRAINED_DIR
 
-        ship(out, TRAINED_DIR / args.ship, "python benchmarks/train_where_base.py " + " ".join(argv))
-
+        command = [a for a in argv if a != "--finish"]
+        ship(out, TRAINED_DIR / args.ship, "python benchmarks/train_where_base.py " + " ".join(command))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from trimkit.bench.models import build_model, model_config
-from trimkit.bench.where import ViltGroundingProbe, grounding_targets, patch_cells, question_type, referents
+from trimkit.bench.where import (StreamGroundingProbe, ViltGroundingProbe, grounding_probe, grounding_targets,
+                                 patch_cells, question_type, referents)
 from trimkit.data import SceneObject, collate, load_dataset
+from trimkit.errors import ConfigError
 
 SPEC = "synthetic:vqa?n=8&image=48&objects=2-3&grid=3&jitter=0&questions=where"
 
@@ -53,3 +55,48 @@ def test_probe_reads_image_tokens_in_vilts_order_and_removes_itself():
     assert "visual_embed" not in vars(net.vilt.vilt.embeddings)
     net(**{k: v for k, v in batch.items() if k != "labels"})
     assert probe._states is None
+
+
+def _grounded_forward(family: str):
+    ds = load_dataset(SPEC)
+    net = build_model(model_config(family, ds, hidden=64, layers=1, heads=2, patch=8, cross_layers=1))
+    probe = grounding_probe(net)
+    batch = collate([ds[i] for i in range(4)])
+    targets = torch.stack([grounding_targets(ds.record(i).objects, ds.record(i).text, 48, 8, 3) for i in range(4)])
+    net(**{k: v for k, v in batch.items() if k != "labels"})
+    return net, probe, targets
+
+
+@pytest.mark.parametrize("family, columns, text_grad", [("blip", (1, 2), False), ("bridgetower", (0, 1, 2), True)])
+def test_stream_probe_reads_the_image_tokens_that_can_carry_its_targets(family, columns, text_grad):
+    net, probe, targets = _grounded_forward(family)
+    assert isinstance(probe, StreamGroundingProbe) and probe.columns == columns
+    assert probe.heads.out_features == sum((2, 7, 5)[k] for k in columns)
+    assert probe._states.shape == (4, 36, 64)  # the image [CLS] is dropped
+    loss = probe.loss(targets, side=6)
+    loss.backward()
+    assert torch.isfinite(loss) and probe.heads.weight.grad.abs().sum() > 0
+    words = net.text_encoder.embeddings.word_embeddings if family == "blip" else \
+        net.bridgetower.text_model.embeddings.word_embeddings
+    grad = words.weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == text_grad  # BridgeTower's image stream reads the question
+    with pytest.raises(ConfigError, match="did not see"):
+        probe.loss(targets, side=6)  # the states of one forward are read once
+    probe.remove()
+    net(**{k: v for k, v in _batch_of(4).items() if k != "labels"})
+    assert probe._states is None
+
+
+def test_grounding_probe_picks_the_vilt_probe_and_refuses_unknown_models():
+    ds = load_dataset(SPEC)
+    net = build_model(model_config("vilt", ds, hidden=32, layers=1, heads=2, patch=8))
+    probe = grounding_probe(net)
+    assert isinstance(probe, ViltGroundingProbe)
+    probe.remove()
+    with pytest.raises(ConfigError, match="BLIP or BridgeTower"):
+        StreamGroundingProbe(net)
+
+
+def _batch_of(n: int) -> dict:
+    ds = load_dataset(SPEC)
+    return collate([ds[i] for i in range(n)])

@@ -1,10 +1,13 @@
-"""Per-question-type accuracy, the blind (text-only) prior, and export of a bench ViLT.
+"""Per-question-type accuracy, the blind (text-only) prior, export of bench models, grounding probes.
 
 The ``where`` questions (``synthetic:vqa?questions=where``, :func:`trimkit.data.where_question`)
 name one object among distractors. :func:`by_type` scores a model per question type;
 :func:`blind_prior` scores the best answer that ignores the image (the majority answer of each
 question text, counted on a training split). :func:`export_vilt` writes the Hugging Face ViLT
-inside a bench model as a ``save_pretrained`` folder with its answers and data spec.
+inside a bench model as a ``save_pretrained`` folder with its answers and data spec;
+:func:`export_bench` writes any bench model's state. :func:`grounding_probe` attaches linear
+read-outs to a bench model's image tokens (:func:`grounding_targets`: does the token's cell hold
+the object the question names, that object's colour and shape), trained beside the task loss.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import torch
 from trimkit.data import collate, format_data_spec
 from trimkit.errors import ConfigError
 
-__all__ = ["question_type", "by_type", "blind_prior", "prior_correct", "export_vilt", "ship", "predictions", "DATA_FILE"]
+__all__ = ["question_type", "by_type", "blind_prior", "prior_correct", "export_vilt", "export_bench", "ship",
+           "predictions", "DATA_FILE", "round_to_half", "half_state", "referents", "patch_cells", "grounding_targets",
+           "ViltGroundingProbe", "StreamGroundingProbe", "grounding_probe"]
 
 DATA_FILE = "trimkit_data.json"
 
@@ -125,24 +130,62 @@ def export_vilt(bench_model: torch.nn.Module, folder: str | Path, dataset=None) 
     return folder
 
 
+@torch.no_grad()
+def round_to_half(model: torch.nn.Module) -> torch.nn.Module:
+    """Round every floating-point parameter and buffer of `model` to float16 precision, in place
+    (the weights :func:`export_bench` writes)."""
+    for value in model.state_dict().values():
+        if value.is_floating_point():
+            value.copy_(value.half())
+    return model
+
+
+def half_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state with floating-point tensors in float16 (a loader casts them back)."""
+    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def export_bench(bench_model: torch.nn.Module, folder: str | Path, dataset) -> Path:
+    """Write a bench model's state in float16 (``model.safetensors``, see :func:`round_to_half`) to
+    `folder` with the data spec, answers and vocabulary of the `dataset` it was trained on in
+    :data:`DATA_FILE`; the model is rebuilt from its ``ModelConfig``
+    (:func:`trimkit.bench.models.build_model`) and loads the weights as float32."""
+    from safetensors.torch import save_file
+
+    from trimkit.backbones.trained import WEIGHTS_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(half_state(bench_model), str(folder / WEIGHTS_FILE))
+    info = {"data": format_data_spec(dataset.spec), "answers": dataset.answers,
+            "vocab": dataset.tokenizer.id_to_word, "max_text_len": dataset.max_text_len}
+    (folder / DATA_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
 def ship(run_dir: str | Path, target: str | Path, command: str) -> dict:
     """Copy a training run of ``benchmarks/train_where_base.py`` (`run_dir` holding ``model/`` and
-    ``record.json``) into a shipped-model folder `target`: ``config.json``, ``model.safetensors``,
-    ``record.json`` (the training log) and ``trained.json`` (data spec, vocabulary, answers,
-    SHA-256 of the weights, accuracies, blind prior and the reproducing `command`)."""
+    ``record.json``) into a shipped-model folder `target`: ``config.json`` (a Hugging Face model;
+    none for a bench model written by :func:`export_bench`, whose ``trained.json`` then says
+    ``"format": "bench"``), ``model.safetensors``, ``record.json`` (the training log) and
+    ``trained.json`` (data spec, vocabulary, answers, SHA-256 of the weights, the model config,
+    accuracies, blind prior and the reproducing `command`)."""
     import shutil
 
-    from trimkit.backbones.trained import INFO_FILE, WEIGHTS_FILE, weights_sha256
+    from trimkit.backbones.trained import BENCH_FORMAT, INFO_FILE, WEIGHTS_FILE, weights_sha256
 
     run_dir, target = Path(run_dir), Path(target)
     record = json.loads((run_dir / "record.json").read_text(encoding="utf-8"))
     data = json.loads((run_dir / "model" / DATA_FILE).read_text(encoding="utf-8"))
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", WEIGHTS_FILE):
+    bench = not (run_dir / "model" / "config.json").is_file()  # BLIP / BridgeTower: a bench model's state
+    for name in (WEIGHTS_FILE,) if bench else ("config.json", WEIGHTS_FILE):
         shutil.copyfile(run_dir / "model" / name, target / name)
     shutil.copyfile(run_dir / "record.json", target / "record.json")
-    info = {"data": record["spec"], "answers": data["answers"], "vocab": data["vocab"],
-            "max_text_len": data["max_text_len"], "sha256": {WEIGHTS_FILE: weights_sha256(target / WEIGHTS_FILE)},
+    info = {**({"format": BENCH_FORMAT} if bench else {}), "data": record["spec"], "answers": data["answers"],
+            "vocab": data["vocab"], "max_text_len": data["max_text_len"],
+            "sha256": {WEIGHTS_FILE: weights_sha256(target / WEIGHTS_FILE)},
             "val": record["val"], "test": record["test"], "blind_prior": record["blind_prior"],
             "model": record["model"], "train": record["train"], "train_seconds": record["train_seconds"],
             "train_cpu_seconds": record["train_cpu_seconds"], "command": command}
@@ -233,3 +276,54 @@ class ViltGroundingProbe(torch.nn.Module):
     def remove(self) -> None:
         self._handle.remove()
         del self._embeddings.visual_embed
+
+
+def _image_stream(model: torch.nn.Module) -> tuple[torch.nn.Module, str, tuple[int, ...]]:
+    """Where a BLIP or BridgeTower bench model's image tokens meet the question last: the module to
+    hook, the output field holding ``[B, 1 + P, H]`` (image [CLS] first, patches row-major) and the
+    target columns those tokens can carry."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    if family == "blip":  # the vision encoder never sees the question: colour and shape per cell
+        return model.vision_model, "last_hidden_state", (1, 2)
+    if family == "bridgetower":  # the cross-modal image stream also knows what the question names
+        return model.bridgetower, "image_features", (0, 1, 2)
+    raise ConfigError(f"StreamGroundingProbe reads BLIP or BridgeTower bench models, not {family!r}")
+
+
+class StreamGroundingProbe(torch.nn.Module):
+    """Linear read-outs of the image tokens of a BLIP or BridgeTower bench model, trained with it,
+    against :func:`grounding_targets`: BLIP's vision encoder output (colour and shape of the
+    object in each token's cell), BridgeTower's last cross-modal image layer (also: does the cell
+    hold an object the question names). :meth:`remove` restores the model."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        module, self.field, self.columns = _image_stream(model)
+        self.classes = tuple(ViltGroundingProbe.CLASSES[k] for k in self.columns)
+        self.heads = torch.nn.Linear(model.config.hidden, sum(self.classes))
+        self._states: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._states = getattr(output, self.field)[:, 1:]
+
+    def loss(self, targets: torch.Tensor, side: int) -> torch.Tensor:
+        """Mean cross-entropy of the read-outs; `targets` ``[B, P, 3]`` in row-major order."""
+        states = self._states
+        if states is None or states.shape[1] != side * side or states.shape[:2] != targets.shape[:2]:
+            raise ConfigError("the grounding probe did not see the image tokens of this batch")
+        logits = self.heads(states.float()).split(self.classes, dim=-1)
+        self._states = None
+        return sum(torch.nn.functional.cross_entropy(z.flatten(0, 1), targets[..., k].flatten())
+                   for k, z in zip(self.columns, logits)) / len(logits)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def grounding_probe(model: torch.nn.Module) -> torch.nn.Module:
+    """The grounding probe of a bench model: :class:`ViltGroundingProbe` for ViLT, else
+    :class:`StreamGroundingProbe`."""
+    if getattr(model.config, "family", None) == "vilt":
+        return ViltGroundingProbe(model.vilt)
+    return StreamGroundingProbe(model)
