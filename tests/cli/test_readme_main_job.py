@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # Cut down: 20 training steps (3 leave the trimmers at about half accuracy), 64 items, latency at batch 4.
 STEPS, AFTER_MIN = 20, 0.8
 MAIN_JOB = ('trimkit apply --model vilt-vqa-where --data "synthetic:vqa?n=2000&objects=2-3&grid=3&jitter=0&questions=where" '
-            '--target-ratio 0.5 --steps 200 --batch-size 32 --out vilt-trimmed')
+            '--target-ratio 0.5 --steps 200 --lr-backbone 1e-5 --batch-size 32 --out vilt-trimmed')
 
 
 def _main_job() -> list[str]:
