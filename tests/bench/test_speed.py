@@ -89,3 +89,13 @@ def test_speed_cli_report_only_needs_a_run(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "--speed", "--report-only", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "no speed runs" in result.output
+
+
+def test_timed_reduction_is_that_of_the_inputs_timed():
+    from trimkit.bench.speed_report import timed_reduction
+
+    rec = {"flops": {"reduction": 3.86, "per_row_reduction": [1.97, 5.7, 5.9, 5.3],
+                     "padded_batch": {"batch": 32, "reduction": 1.42}}}
+    assert timed_reduction(rec, 1) == 1.97 and timed_reduction(rec, 32) == 1.42
+    assert timed_reduction(rec, 8) == 3.86  # that batch was not counted whole: the per-sample mean
+    assert timed_reduction({"flops": {"reduction": 2.0}}, 1) == 2.0
