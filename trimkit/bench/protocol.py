@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trimkit.bench.run import point_name
 from trimkit.errors import ConfigError
 
 __all__ = ["Protocol", "ProtocolRun", "load_protocol", "plan", "BASELINE_NAMES", "CONTROL", "PRIOR"]
@@ -50,8 +51,7 @@ class ProtocolRun:
 
     @property
     def name(self) -> str:
-        tag = self.method if self.ratio == 1.0 else f"{self.method}-r{round(self.ratio * 1000):04d}"
-        return f"{self.model}-{tag}-s{self.seed}"
+        return point_name(self.model, self.method, self.ratio, self.seed, self.ratio == 1.0)
 
     @property
     def baseline(self) -> str | None:

@@ -56,7 +56,7 @@ from trimkit.train import Batch, Loop, TrainConfig, run_loop, train
 from trimkit.train.losses import CrossEntropy, Distillation
 
 __all__ = ["BenchConfig", "RunSpec", "QUICK", "SMOKE", "plan", "run_bench", "run_one", "environment",
-           "finetune", "length_batches", "baseline_config", "BASELINES", "ABLATIONS", "fresh_copy", "smarttrim_configs", "train_config",
+           "finetune", "length_batches", "baseline_config", "point_name", "BASELINES", "ABLATIONS", "fresh_copy", "smarttrim_configs", "train_config",
            "items_of"]
 
 FORMAT = 1
@@ -182,6 +182,12 @@ SMOKE = BenchConfig(families=("vilt",), tasks=("vqa",), ratios=(0.5,), seeds=1, 
                     flops_samples=2, latency_batch=4, latency_repeats=1, threads=1, mode="smoke")
 
 
+def point_name(prefix: str, method: str, ratio: float, seed: int, whole: bool) -> str:
+    """``PREFIX-METHOD[-rNNNN]-sSEED``: the file stem of one bench point (no ratio tag when `whole`)."""
+    tag = method if whole else f"{method}-r{round(ratio * 1000):04d}"
+    return f"{prefix}-{tag}-s{seed}"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One point of the bench: a method at a target ratio with a seed (``ratio`` 1.0 for ``full``)."""
@@ -194,8 +200,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        tag = "full" if self.method == "full" else f"{self.method}-r{round(self.ratio * 1000):04d}"
-        return f"{self.family}-{self.task}-{tag}-s{self.seed}"
+        return point_name(f"{self.family}-{self.task}", self.method, self.ratio, self.seed, self.method == "full")
 
     @property
     def trained(self) -> bool:
