@@ -121,7 +121,7 @@ def test_protocol_runs_end_to_end_and_reports_verdicts(tmp_path):
     readme.write_text(f"top\n{MARKERS[0]}\nold\n{MARKERS[1]}\nbottom\n", encoding="utf-8")
     report = build_protocol_report(protocol, out, readme=readme)
     assert report["verdicts"]["vilt-vqa-where"][0.5]["verdict"] in ("non-inferior", "inconclusive", "inferior")
-    assert report["verdicts"]["vilt-vqa-where"][0.5]["seeds"] == 2
+    assert report["verdicts"]["vilt-vqa-where"][0.5]["seeds"] == 2 and report["verdicts"]["vilt-vqa-where"][0.5]["complete"]
     text = readme.read_text()
     assert "old" not in text and "SmartTrim 2x | 2 |" in text and text.startswith("top") and "topk.cls_attention+ft" in text
     before = {p: p.stat().st_mtime_ns for p in paths}

@@ -70,6 +70,10 @@ def _delta(a: np.ndarray, b: np.ndarray, paired: bool = False) -> tuple[str, obj
     return f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]", d
 
 
+def _partial(seeds: int, planned: int) -> str:
+    return "" if seeds >= planned else f"; {seeds} of {planned} seeds, not yet a claim"
+
+
 def _reduction(ratio: float) -> str:
     return f"{1 / ratio:.1f}x".replace(".0x", "x")
 
@@ -100,11 +104,12 @@ def _model_rows(protocol: Protocol, groups: dict, model: str) -> tuple[list[str]
         text, d = _delta(base, trimmed)
         margin = protocol.margin(ratio)
         verdicts[ratio] = {"seeds": len(runs), "delta": d.delta, "low": d.low, "high": d.high, "margin": margin,
-                           "verdict": d.verdict(margin)}
+                           "verdict": d.verdict(margin), "complete": len(runs) >= protocol.seeds}
         own = _delta(_correct(runs, "correct_untrimmed"), trimmed, paired=True)[0]
         vs_ctrl = _delta(ctrl, trimmed)[0] if ctrl is not None else "–"
         main.append(f"| SmartTrim {_reduction(ratio)} | {len(runs)} | {_pct(runs, 'val')} | {_pct(runs, 'test')} | "
-                    f"{_flops(runs)} | {text} | {own} | {vs_ctrl} | **{d.verdict(margin)}** (margin {margin:g}) |")
+                    f"{_flops(runs)} | {text} | {own} | {vs_ctrl} | **{d.verdict(margin)}** (margin {margin:g}"
+                    f"{_partial(len(runs), protocol.seeds)}) |")
     rows = ["| baseline | target | seeds | val acc | test acc | executed FLOPs, fewer (mean; p95 item) | Δ vs full | "
             "SmartTrim − baseline |", "|---|---|---|---|---|---|---|---|"]
     for ratio in protocol.ratios:
