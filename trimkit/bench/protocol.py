@@ -62,6 +62,11 @@ class ProtocolRun:
     def finetuned(self) -> bool:
         return self.method.endswith("+ft")
 
+    @property
+    def matched(self) -> "ProtocolRun":
+        """The SmartTrim run a baseline is matched to: same model and target, seed 0."""
+        return ProtocolRun(self.model, "smarttrim", self.ratio, 0)
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -88,9 +93,10 @@ class Protocol:
     prior_items: int = 20000
     notes: dict[str, str] = field(default_factory=dict)
 
-    def spec(self, split: str) -> str:
-        """The data spec of one split."""
-        n, seed = self.splits[split]
+    def spec(self, split: str, n: int | None = None) -> str:
+        """The data spec of one split (`n`: another size on the same seed stream)."""
+        size, seed = self.splits[split]
+        n = size if n is None else n
         joiner = "&" if "?" in self.data else "?"
         return f"{self.data}{joiner}n={n}&seed={seed}&split={split}"
 

@@ -8,7 +8,6 @@ the interval's lower end is at or above minus that target's margin.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from trimkit.bench.protocol import CONTROL, PRIOR, Protocol, plan
 from trimkit.bench.protocol_run import read_run
+from trimkit.bench.report import update_readme
 from trimkit.bench.stats import seeded_bootstrap
 from trimkit.bench.sweep import unpack_bits
 
@@ -141,8 +141,9 @@ def _header(protocol: Protocol, groups: dict, out_dir: Path) -> list[str]:
 
 
 def build_protocol_report(protocol: Protocol, out_dir: str | Path, readme: str | Path | None = "README.md") -> dict:
-    """The markdown of the protocol's tables; written between :data:`MARKERS` in `readme` when
-    that file has them (None: not written). Returns ``{"markdown", "verdicts"}``."""
+    """The markdown of the protocol's tables; written between :data:`MARKERS` in `readme` (appended
+    with them when absent, as the bench's own table; None: not written). Returns
+    ``{"markdown", "verdicts"}``."""
     out = Path(out_dir)
     groups = collect(protocol, out)
     protocol = replace(protocol, models=models_in(protocol, out))
@@ -156,16 +157,5 @@ def build_protocol_report(protocol: Protocol, out_dir: str | Path, readme: str |
         lines += [f"**{model}**", "", *main, "", *(rows + [""] if rows else [])]
     markdown = "\n".join(lines).rstrip() + "\n"
     if readme is not None:
-        _rewrite(Path(readme), markdown)
+        update_readme(readme, markdown, start=MARKERS[0], end=MARKERS[1])
     return {"markdown": markdown, "verdicts": verdicts}
-
-
-def _rewrite(path: Path, markdown: str) -> None:
-    if not path.is_file():
-        return
-    text = path.read_text(encoding="utf-8")
-    start, end = MARKERS
-    if start not in text or end not in text:
-        return
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    path.write_text(pattern.sub(lambda _: f"{start}\n{markdown}{end}", text), encoding="utf-8")

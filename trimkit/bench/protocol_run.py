@@ -77,15 +77,20 @@ def _fit(protocol: Protocol, model: str):
     """A fresh copy of `model` fitted to the protocol's data, its binding and the split items."""
     from trimkit.backbones import load_backbone
     from trimkit.evaluate import fitted
-    from trimkit.tasks import task_dataset
 
     backbone, binding, _ = fitted(load_backbone(model), protocol.spec("val"), "val")
-    items = {s: _items(task_dataset(protocol.spec(s), binding)) for s in ("val", "test")}
-    return backbone, binding, items
+    return backbone, binding, _split_items(protocol, binding)
 
 
-def _items(dataset) -> list[dict]:
-    return [dataset[i] for i in range(len(dataset))]
+def _split_items(protocol: Protocol, binding) -> dict[str, list[dict]]:
+    """Every validation and test item, as `binding`'s model reads them."""
+    from trimkit.tasks import task_dataset
+
+    out = {}
+    for split in ("val", "test"):
+        dataset = task_dataset(protocol.spec(split), binding)
+        out[split] = [dataset[i] for i in range(len(dataset))]
+    return out
 
 
 def _sweeps(protocol: Protocol, model, binding, items: dict, progress: bool, cache: Path | None = None) -> dict:
@@ -110,9 +115,7 @@ def _prior(protocol: Protocol, run: ProtocolRun) -> dict:
     from trimkit.bench.where import prior_correct
     from trimkit.data import load_dataset
 
-    n, seed = protocol.splits["train"]
-    joiner = "&" if "?" in protocol.data else "?"
-    train = load_dataset(f"{protocol.data}{joiner}n={max(n, protocol.prior_items)}&seed={seed}&split=train")
+    train = load_dataset(protocol.spec("train", n=max(protocol.splits["train"][0], protocol.prior_items)))
     out = {}
     for split in ("val", "test"):
         correct, _ = prior_correct(train, load_dataset(protocol.spec(split)), protocol.prior_items)
@@ -121,7 +124,7 @@ def _prior(protocol: Protocol, run: ProtocolRun) -> dict:
 
 
 def _matched_ratio(out: Path, run: ProtocolRun) -> float:
-    source = out / f"{ProtocolRun(run.model, 'smarttrim', run.ratio, 0).name}.json"
+    source = out / f"{run.matched.name}.json"
     data = read_run(source)
     if not data or data.get("status") != "ok":
         raise ConfigError(f"{run.name} is matched to {source.name}, which has not finished")
@@ -164,7 +167,6 @@ def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = Fa
     """The result fields of one run (raises on failure)."""
     from trimkit.bench.run import baseline_config
     from trimkit.passes import apply_
-    from trimkit.tasks import task_dataset
 
     torch.manual_seed(run.seed)
     if run.method == PRIOR:
@@ -172,7 +174,7 @@ def execute(protocol: Protocol, run: ProtocolRun, out: Path, progress: bool = Fa
     result: dict[str, Any] = {}
     if run.method == "smarttrim":
         backbone, binding, result["train"] = train_smarttrim(protocol, run, progress)
-        items = {s: _items(task_dataset(protocol.spec(s), binding)) for s in ("val", "test")}
+        items = _split_items(protocol, binding)
     else:
         backbone, binding, items = _fit(protocol, run.model)
         if run.baseline:
@@ -239,8 +241,7 @@ def run_protocol(protocol: Protocol, out_dir: str | os.PathLike, *, command: str
                 if _done(path, protocol):
                     pending.remove(run)
                     continue
-                if run.baseline and not _done(out / f"{ProtocolRun(run.model, 'smarttrim', run.ratio, 0).name}.json",
-                                              protocol):
+                if run.baseline and not _done(out / f"{run.matched.name}.json", protocol):
                     continue
                 if not _claim(lock):
                     continue

@@ -55,6 +55,22 @@ def _vector(values: Sequence, name: str) -> np.ndarray:
     return array
 
 
+def _check(resamples: int, confidence: float) -> None:
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _interval(resampled: np.ndarray, delta: float, n: int, resamples: int, confidence: float,
+              scale: float) -> PairedDelta:
+    """The percentile interval of the `resampled` deltas around `delta`, in the unit of `scale`."""
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1.0 - tail])
+    return PairedDelta(delta=float(delta * scale), low=float(low * scale), high=float(high * scale), n=n,
+                       resamples=resamples, confidence=confidence, scale=scale)
+
+
 def paired_bootstrap(a: Sequence, b: Sequence, *, resamples: int = 10_000, confidence: float = 0.95,
                      seed: int = 0, scale: float = 100.0, chunk: int = 256) -> PairedDelta:
     """Δ = mean(b) - mean(a) of per-item scores (1/0 correctness, or any per-item value) on the
@@ -66,20 +82,14 @@ def paired_bootstrap(a: Sequence, b: Sequence, *, resamples: int = 10_000, confi
     x, y = _vector(a, "a"), _vector(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"paired vectors differ in length: {x.size} and {y.size}")
-    if not isinstance(resamples, int) or resamples < 1:
-        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check(resamples, confidence)
     diff = y - x
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for lo in range(0, resamples, chunk):
         count = min(chunk, resamples - lo)
         means[lo:lo + count] = diff[rng.integers(diff.size, size=(count, diff.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return PairedDelta(delta=float(diff.mean() * scale), low=float(low * scale), high=float(high * scale),
-                       n=int(diff.size), resamples=resamples, confidence=confidence, scale=scale)
+    return _interval(means, float(diff.mean()), int(diff.size), resamples, confidence, scale)
 
 
 def _seed_rows(values, name: str) -> np.ndarray:
@@ -105,10 +115,7 @@ def seeded_bootstrap(a, b, *, resamples: int = 10_000, confidence: float = 0.95,
     x, y = _seed_rows(a, "a"), _seed_rows(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"paired vectors differ in length: {x.shape[1]} and {y.shape[1]}")
-    if not isinstance(resamples, int) or resamples < 1:
-        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check(resamples, confidence)
     n = x.shape[1]
     if paired_seeds and x.shape[0] != y.shape[0]:
         raise ValueError(f"paired seeds need as many rows on both sides, got {x.shape[0]} and {y.shape[0]}")
@@ -127,8 +134,5 @@ def seeded_bootstrap(a, b, *, resamples: int = 10_000, confidence: float = 0.95,
                 chosen = rng.integers(rows.shape[1], size=(count, rows.shape[1]))
             side.append(np.take_along_axis(per_seed, chosen, axis=1).mean(axis=1))
         deltas[lo:lo + count] = side[1] - side[0]
-    tail = (1.0 - confidence) / 2
-    low, high = np.quantile(deltas, [tail, 1.0 - tail])
     delta = float(y.mean(dtype=np.float64) - x.mean(dtype=np.float64))
-    return PairedDelta(delta=float(delta * scale), low=float(low * scale), high=float(high * scale), n=int(n),
-                       resamples=resamples, confidence=confidence, scale=scale)
+    return _interval(deltas, delta, int(n), resamples, confidence, scale)
