@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from trimkit.ops import (
-    additive_key_mask, additive_mask, combine_masks, gather_along, gather_tokens, gumbel_sigmoid,
+    add_key_mask, additive_key_mask, additive_mask, combine_masks, gather_along, gather_tokens, gumbel_sigmoid,
     head_feature_index, head_keep_index, keep_softmax, padding_key_mask,
     project_heads_in, project_heads_out, repair_head_shape, scatter_tokens, slice_head_cols, slice_head_rows,
     slice_out_cols, slice_qkv_rows,
@@ -346,3 +346,30 @@ def test_slicing_head_weights_takes_the_feature_index(units, unit, blocks, seed)
     assert slice_head_rows(w, None, idx, unit, blocks)[1] is None
     wo = torch.randn(6, units * unit, generator=g)
     assert torch.equal(slice_head_cols(wo, idx, unit), wo[:, head_feature_index(idx, unit, units)])
+
+
+def test_add_key_mask_writes_into_fresh_scores_only_without_autograd():
+    lo = torch.finfo(torch.float32).min
+    mask = padding_key_mask(torch.tensor([[True, True, False], [True, False, False]]))
+    scores = torch.randn(2, 4, 5, 3)
+    scores[0, 0, 0, 1] = lo  # the model's own mask already at finfo.min: no overflow to -inf
+    want = torch.clamp(scores + mask, min=lo)
+    with torch.no_grad():
+        fresh = scores.clone()
+        got = add_key_mask(fresh, mask)
+        assert got.data_ptr() == fresh.data_ptr() and torch.equal(got, want)
+        view = scores.clone()[:, :, :4]  # a view of another tensor: never written
+        before = view.clone()
+        assert torch.equal(add_key_mask(view, mask), want[:, :, :4]) and torch.equal(view, before)
+        one = scores[:1].clone()  # broadcast to a larger shape: a new tensor
+        assert add_key_mask(one, mask).shape == (2, 4, 5, 3) and torch.equal(one, scores[:1])
+    with torch.inference_mode():
+        fresh = scores.clone()
+        assert add_key_mask(fresh, mask).data_ptr() == fresh.data_ptr()
+    outside = fresh  # an inference tensor outside inference mode cannot be written in place
+    assert torch.equal(add_key_mask(outside, mask), torch.clamp(outside + mask, min=lo))
+    leaf = scores.clone().requires_grad_()
+    out = add_key_mask(leaf, mask)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(out.detach(), want)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(out).all()

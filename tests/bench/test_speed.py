@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from trimkit.bench.published import PUBLISHED, published_model
-from trimkit.bench.speed import SpeedConfig, interleaved_times, run_speed, shared_copy
+from trimkit.bench.speed import SpeedConfig, interleaved_times, randomise_trimmers, run_speed, shared_copy
 from trimkit.bench.speed_report import SPEED_END, SPEED_START, build_speed_report, load_speed_run
 from trimkit.cli import cli
 from trimkit.errors import ConfigError
@@ -36,6 +36,30 @@ def test_shared_copy_shares_tensors_not_modules():
     twin = shared_copy(model)
     assert twin is not model and twin[0] is not model[0]
     assert twin[0].weight is model[0].weight
+
+
+def test_randomise_trimmers_scales_only_the_token_scorers_global_terms():
+    from trimkit.passes.smarttrim import TokenTrimmer
+    from trimkit.runtime import state
+
+    def model():
+        m = torch.nn.Module()
+        setattr(m, state.TOKEN_TRIMMERS, torch.nn.ModuleDict({"a": TokenTrimmer(16, 8)}))
+        m.other = torch.nn.Linear(4, 4)
+        return m
+
+    full, half, none = model(), model(), model()
+    before = full.other.weight.clone()
+    assert randomise_trimmers(full, 3) == randomise_trimmers(half, 3, 0.5) == randomise_trimmers(none, 3, 0.0) == 6
+    tf, th, tn = (getattr(m, state.TOKEN_TRIMMERS)["a"] for m in (full, half, none))
+    for name in ("glob", "cross"):
+        assert torch.equal(getattr(th, name).weight, getattr(tf, name).weight * 0.5)
+        assert not getattr(tn, name).weight.any() and getattr(tf, name).weight.std() > 0.1
+    for name in ("local", "score"):  # the same draws, unscaled; biases zeroed
+        assert torch.equal(getattr(th, name).weight, getattr(tf, name).weight)
+        assert torch.equal(getattr(tn, name).weight, getattr(tf, name).weight)
+        assert not getattr(tf, name).bias.any()
+    assert torch.equal(full.other.weight, before)  # the model's own weights untouched
 
 
 def test_interleaved_times_rotates_and_counts():

@@ -51,7 +51,7 @@ class EagerSoftmax(AttentionKind):
             add = action.fit(tuple(x.shape), x.dtype)
             if add is not None:
                 action.hits += 1
-                args = (torch.clamp(x + add, min=torch.finfo(x.dtype).min),) + tuple(args[1:])
+                args = (ops.add_key_mask(x, add),) + tuple(args[1:])
         return proceed(args, kwargs)
 
     def capture_probs(self, action, func, args, kwargs, proceed):
