@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 
@@ -25,32 +26,40 @@ from trimkit.bench.published import published_model
 from trimkit.bench.speed import SpeedConfig, build_variant, flops_of, row_slice
 
 
-def spread(model: str, reduction: float, scale: float, calib_n: int, rows_n: int, batch: int,
-           layers: int, tiny: bool = False) -> dict:
+def spreads(model: str, reduction: float, scales: list[float], calib_n: int, rows_n: int, batch: int,
+            layers: int, tiny: bool = False, emit=print) -> list[dict]:
     spec = published_model(model)
-    config = SpeedConfig(models=(spec.name,), methods=("smarttrim",), reductions=(reduction,), layers=layers,
-                         calib_rows=calib_n, global_scale=scale)
-    bb = spec.build(layers, seed=config.seed, tiny=tiny)
+    base = SpeedConfig(models=(spec.name,), methods=("smarttrim",), reductions=(reduction,), layers=layers,
+                       calib_rows=calib_n)
+    bb = spec.build(layers, seed=base.seed, tiny=tiny)
     text_len = 8 if tiny else spec.text_len
-    calib_x = bb.example_inputs(calib_n, text_len=text_len, seed=config.seed + 20)
+    calib_x = bb.example_inputs(calib_n, text_len=text_len, seed=base.seed + 20)
     calib = [row_slice(calib_x, i, i + 1) for i in range(calib_n)]
-    variant = build_variant(bb, "smarttrim", reduction, config,
-                            bb.example_inputs(2, text_len=text_len, seed=config.seed + 30),
-                            calib, flops_of(bb.model, calib))
-    if variant.model is None:
-        return {"model": model, "scale": scale, "error": variant.error}
-    x = bb.example_inputs(max(batch, rows_n), text_len=text_len, seed=config.seed + 10)
+    calib_clean = flops_of(bb.model, calib)
+    x = bb.example_inputs(max(batch, rows_n), text_len=text_len, seed=base.seed + 10)
     rows = [row_slice(x, i, i + 1) for i in range(rows_n)]
-    clean, trimmed = flops_of(bb.model, rows), flops_of(variant.model, rows)
-    per_row = [c / t for c, t in zip(clean, trimmed)]
-    out = {"model": {"name": bb.name, "tiny": True} if tiny else spec.describe(layers), "scale": scale, "target": reduction, **variant.record,
-           "per_row_reduction": [round(r, 3) for r in per_row], "reduction": sum(clean) / sum(trimmed),
-           "max_over_min": max(per_row) / min(per_row)}
-    if batch > 1:
-        big = row_slice(x, 0, batch)
-        out["padded_batch"] = {"batch": batch,
-                               "reduction": flops_of(bb.model, [big])[0] / flops_of(variant.model, [big])[0]}
-    return out
+    clean = flops_of(bb.model, rows)
+    big = row_slice(x, 0, batch) if batch > 1 else None
+    clean_big = flops_of(bb.model, [big])[0] if big is not None else None
+    apply_inputs = bb.example_inputs(2, text_len=text_len, seed=base.seed + 30)
+    results = []
+    for scale in scales:
+        variant = build_variant(bb, "smarttrim", reduction, replace(base, global_scale=scale), apply_inputs,
+                                calib, calib_clean)
+        out = {"model": {"name": bb.name, "tiny": True} if tiny else spec.describe(layers), "scale": scale,
+               "target": reduction}
+        if variant.model is None:
+            out["error"] = variant.error
+        else:
+            trimmed = flops_of(variant.model, rows)
+            per_row = [c / t for c, t in zip(clean, trimmed)]
+            out.update(variant.record, per_row_reduction=[round(r, 3) for r in per_row],
+                       reduction=sum(clean) / sum(trimmed), max_over_min=max(per_row) / min(per_row))
+            if big is not None:
+                out["padded_batch"] = {"batch": batch, "reduction": clean_big / flops_of(variant.model, [big])[0]}
+        results.append(out)
+        emit(out)
+    return results
 
 
 def main() -> None:
@@ -66,14 +75,17 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the registry's tiny config (a check of this script)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = []
-    for scale in args.scale or [1.0, 0.25, 0.0]:
-        results.append(spread(args.model, args.reduction, scale, args.calib, args.rows, args.batch, args.layers,
-                              args.tiny))
-        print(json.dumps(results[-1]), flush=True)
+    results: list[dict] = []
+
+    def emit(record: dict) -> None:
+        results.append(record)
+        print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(results, fh, indent=1)
+
+    spreads(args.model, args.reduction, args.scale or [1.0, 0.25, 0.0], args.calib, args.rows, args.batch,
+            args.layers, args.tiny, emit)
 
 
 if __name__ == "__main__":
