@@ -330,6 +330,10 @@ def test_repair_head_shape():
     assert repair_head_shape((2, 5, -1, 8), 2 * 5 * 2 * 8, 4, 8, 2) is None  # fits already
     assert repair_head_shape((2, 5, 32), 2 * 5 * 16, 4, 8, 2) == (2, 5, 16)
     assert repair_head_shape((2, 5, 7), 2 * 5 * 16, 4, 8, 2) is None
+    # a batch equal to the head count and a length equal to the head dim: the merged width is what
+    # shrank (BLIP's vision attention at batch 4, 32 kept tokens, 4 heads of 32, one head kept)
+    assert repair_head_shape((4, 32, 128), 4 * 32 * 32, 4, 32, 1) == (4, 32, 32)
+    assert repair_head_shape((4, 32, 4, 32), 4 * 32 * 32, 4, 32, 1) == (4, 32, 1, 32)
 
 
 @SETTINGS

@@ -370,6 +370,10 @@ def repair_head_shape(shape: tuple, numel: int, heads: int, head_dim: int, kept:
     ones. None when ``shape`` fits already or no replacement fits."""
     if _fits(shape, numel):
         return None
+    if shape and shape[-1] == heads * head_dim:  # the merged width, last: the usual ``[B, L, H * D]``
+        new = shape[:-1] + (kept * head_dim,)
+        if _fits(new, numel):
+            return new  # before the pair search, which a batch equal to H and a length equal to D would fool
     for i in range(len(shape) - 2, -1, -1):
         if shape[i] == heads and shape[i + 1] == head_dim:
             new = shape[:i] + (kept,) + shape[i + 1:]

@@ -273,7 +273,7 @@ def _one(protocol, run, path, out, command, env, log, progress) -> None:
         raise
     except Exception as exc:  # kept as a failed run, retried next time
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                      traceback=traceback.format_exc(limit=8).splitlines()[-12:])
+                      traceback=traceback.format_exc(limit=-10).splitlines()[-24:])
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     failed = out / f"{run.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}.json"
