@@ -3,7 +3,8 @@
     python benchmarks/speed_spread.py [--model blip] [--reduction 2] [--scale 1 --scale 0.25 ...]
         [--calib 8] [--rows 8] [--batch 32] [--layers 4] [--json out.json]
 
-The speed table times SmartTrim with random scorers (``trimkit bench --speed``). A batch runs as
+The speed table times SmartTrim with random scorers (``--decisions raw``: as they come; ``centred``:
+centred per row plus a fixed per-position offset, the speed table's default) (``trimkit bench --speed``). A batch runs as
 fast as its longest row allows, so how far apart the rows' kept amounts are decides the batch speed
 as much as the mean does. For each ``--scale`` (``SpeedConfig.global_scale``: the random token
 scorers' weight on the global states) this builds the variant as the speed table does, calibrated
@@ -27,10 +28,10 @@ from trimkit.bench.speed import SpeedConfig, build_variant, flops_of, row_slice
 
 
 def spreads(model: str, reduction: float, scales: list[float], calib_n: int, rows_n: int, batch: int,
-            layers: int, tiny: bool = False, emit=print) -> list[dict]:
+            layers: int, tiny: bool = False, emit=print, decisions: str = "raw") -> list[dict]:
     spec = published_model(model)
     base = SpeedConfig(models=(spec.name,), methods=("smarttrim",), reductions=(reduction,), layers=layers,
-                       calib_rows=calib_n)
+                       calib_rows=calib_n, decisions=decisions)
     bb = spec.build(layers, seed=base.seed, tiny=tiny)
     text_len = 8 if tiny else spec.text_len
     calib_x = bb.example_inputs(calib_n, text_len=text_len, seed=base.seed + 20)
@@ -47,7 +48,7 @@ def spreads(model: str, reduction: float, scales: list[float], calib_n: int, row
         variant = build_variant(bb, "smarttrim", reduction, replace(base, global_scale=scale), apply_inputs,
                                 calib, calib_clean)
         out = {"model": {"name": bb.name, "tiny": True} if tiny else spec.describe(layers), "scale": scale,
-               "target": reduction}
+               "decisions": decisions, "target": reduction}
         if variant.model is None:
             out["error"] = variant.error
         else:
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--decisions", default="raw", help="raw or centred (SpeedConfig.decisions)")
     ap.add_argument("--json")
     ap.add_argument("--tiny", action="store_true", help="the registry's tiny config (a check of this script)")
     args = ap.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
                 json.dump(results, fh, indent=1)
 
     spreads(args.model, args.reduction, args.scale or [1.0, 0.25, 0.0], args.calib, args.rows, args.batch,
-            args.layers, args.tiny, emit)
+            args.layers, args.tiny, emit, args.decisions)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from trimkit.bench.published import PUBLISHED, published_model
-from trimkit.bench.speed import SpeedConfig, interleaved_times, randomise_trimmers, run_speed, shared_copy
+from trimkit.bench.speed import (SpeedConfig, centre_token_logits, interleaved_times, randomise_trimmers, run_speed,
+                                 shared_copy)
 from trimkit.bench.speed_report import SPEED_END, SPEED_START, build_speed_report, load_speed_run
 from trimkit.cli import cli
 from trimkit.errors import ConfigError
@@ -60,6 +61,28 @@ def test_randomise_trimmers_scales_only_the_token_scorers_global_terms():
         assert torch.equal(getattr(tn, name).weight, getattr(tf, name).weight)
         assert not getattr(tf, name).bias.any()
     assert torch.equal(full.other.weight, before)  # the model's own weights untouched
+
+
+def test_centred_decisions_remove_the_row_level_and_rank_by_position():
+    from trimkit.passes.smarttrim import TokenTrimmer
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": TokenTrimmer(16, 8), "b": TokenTrimmer(16, None)})
+    x, g, o = torch.randn(3, 7, 16), torch.randn(3, 16), torch.randn(3, 8)
+    before = model["a"](x, g, o)
+    assert centre_token_logits(model, seed=5) == 2
+    after, quick = model["a"](x, g, o), model["a"].fast_logits(x, g, o)
+    offset = after - (before - before.mean(-1, keepdim=True))
+    assert torch.allclose(offset, offset[:1].expand_as(offset), atol=1e-5)  # one offset per position, every row
+    assert offset[0].std() > 0.3 and torch.allclose(quick, after, atol=1e-4)
+    twin = torch.nn.ModuleDict({"a": TokenTrimmer(16, 8)})
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("a.")})
+    centre_token_logits(twin, seed=5)
+    assert torch.allclose(twin["a"](x, g, o), after, atol=1e-5)  # the seed fixes the offsets
+    with pytest.raises(ConfigError, match="positions"):
+        centre_token_logits(twin, seed=5, positions=4) and twin["a"](x, g, o)
+    with pytest.raises(ConfigError, match="decisions"):
+        SpeedConfig(decisions="sorted", tiny=True)
 
 
 def test_interleaved_times_rotates_and_counts():

@@ -100,7 +100,8 @@ def _run_note(manifest: dict) -> str:
     return (f"- run `{manifest['run_id']}`{state}: `{manifest.get('command') or 'trimkit bench --speed'}`; "
             f"{env['threads']} thread, torch {env['torch']}, transformers {env['transformers']}, git "
             f"{str(env.get('git_revision', '?'))[:12]}, load average at start {env.get('load_average')}; "
-            f"timing rounds {cfg['rounds']} at batches {cfg['batches']}; FLOPs over {cfg['flops_rows']} rows")
+            f"timing rounds {cfg['rounds']} at batches {cfg['batches']}; FLOPs over {cfg['flops_rows']} rows; "
+            f"SmartTrim decisions {cfg.get('decisions', 'raw')}")
 
 
 def _row(r: dict, batches: list[int], padded: bool) -> str:
