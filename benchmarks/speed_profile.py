@@ -1,7 +1,7 @@
 """Where a trimmed published-size model's time goes, against a clean copy, at batch 1 and a large batch.
 
     python benchmarks/speed_profile.py --model bridgetower --reduction 2 --batch 1 --batch 32 [--layers 4]
-        [--method smarttrim] [--json out.json]
+        [--method smarttrim] [--repeat 1] [--json out.json]
 
 Builds the variant exactly as ``trimkit bench --speed`` does (random weights, SmartTrim's scorers
 randomised and its threshold calibrated on the profiler's executed FLOPs), then, with one thread,
@@ -44,20 +44,22 @@ def category(key: str) -> str:
     return "other"
 
 
-def profile_once(model, inputs) -> dict:
+def profile_once(model, inputs, repeat: int = 1) -> dict:
+    """Self time per category of `repeat` profiled forwards (after one warm-up), per forward."""
     with torch.inference_mode():
         model(**inputs)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            model(**inputs)
-            wall = (time.perf_counter() - start) * 1e3
+            for _ in range(repeat):
+                model(**inputs)
+            wall = (time.perf_counter() - start) * 1e3 / repeat
     by: dict[str, float] = {}
     ops, top = 0, {}
     for row in prof.key_averages():
         c = category(row.key)
-        by[c] = by.get(c, 0.0) + row.self_cpu_time_total / 1e3
-        ops += row.count
-        top[row.key] = (row.self_cpu_time_total / 1e3, row.count)
+        by[c] = by.get(c, 0.0) + row.self_cpu_time_total / 1e3 / repeat
+        ops += row.count // repeat
+        top[row.key] = (row.self_cpu_time_total / 1e3 / repeat, row.count // repeat)
     by["unaccounted"] = max(0.0, wall - sum(by.values()))
     return {"wall_ms": wall, "ops": ops, "ms": by,
             "top": sorted(([k, round(v[0], 2), v[1]] for k, v in top.items()), key=lambda t: -t[1])[:15]}
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--reduction", type=float, default=2.0)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--repeat", type=int, default=1, help="profiled forwards per model and batch (times are per forward)")
     ap.add_argument("--json")
     ap.add_argument("--tiny", action="store_true", help="the registry's tiny config (a check of this script)")
     args = ap.parse_args()
@@ -79,7 +82,7 @@ def main() -> None:
     bb = spec.build(args.layers, seed=config.seed, tiny=args.tiny)
     text_len = 8 if args.tiny else spec.text_len
     batches = args.batch or [1, 32]
-    inputs = bb.example_inputs(max(batches), text_len=text_len, seed=config.seed + 10)
+    inputs = bb.example_inputs(max(*batches, 4), text_len=text_len, seed=config.seed + 10)  # 4 rows count FLOPs
     calib = [row_slice(bb.example_inputs(2, text_len=text_len, seed=config.seed + 20), i, i + 1) for i in range(2)]
     variant = build_variant(bb, args.method, args.reduction, config, bb.example_inputs(2, text_len=text_len,
                                                                                       seed=config.seed + 30),
@@ -88,11 +91,11 @@ def main() -> None:
         raise SystemExit(variant.error)
     rows = [row_slice(inputs, i, i + 1) for i in range(4)]
     clean_f, trim_f = flops_of(bb.model, rows), flops_of(variant.model, rows)
-    out = {"model": spec.describe(args.layers), "method": args.method, "target": args.reduction,
+    out = {"model": spec.describe(args.layers), "method": args.method, "target": args.reduction, "repeat": args.repeat,
            "flops_reduction": sum(clean_f) / sum(trim_f), **variant.record}
     for b in batches:
         x = row_slice(inputs, 0, b)
-        clean, trimmed = profile_once(bb.model, x), profile_once(variant.model, x)
+        clean, trimmed = profile_once(bb.model, x, args.repeat), profile_once(variant.model, x, args.repeat)
         padded = sum(flops_of(bb.model, [x])) / sum(flops_of(variant.model, [x]))
         r = out["flops_reduction"]
         excess = {c: trimmed["ms"].get(c, 0.0) - clean["ms"].get(c, 0.0) / r

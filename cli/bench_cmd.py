@@ -98,7 +98,9 @@ def _speed(quick: bool, families, reductions, baselines_at, methods, layers, rou
         click.echo(f"speed bench finished in {time.perf_counter() - start:.0f} s; results in {run_dir}")
         if no_report:
             return
-    report = build_speed_report(out_dir, readme=readme)
+    # with the default --readme the SmartTrim summary also goes to the top-level README
+    report = build_speed_report(out_dir, readme=readme,
+                                summary="README.md" if readme == "benchmarks/README.md" else None)
     click.echo(report["markdown"])
 
 

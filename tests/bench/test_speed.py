@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from trimkit.bench.published import PUBLISHED, published_model
 from trimkit.bench.speed import (SpeedConfig, centre_token_logits, interleaved_times, randomise_trimmers, run_speed,
                                  shared_copy)
-from trimkit.bench.speed_report import SPEED_END, SPEED_START, build_speed_report, load_speed_run
+from trimkit.bench.speed_report import (SPEED_END, SPEED_START, SUMMARY_END, SUMMARY_START, build_speed_report,
+                                        load_speed_run, timed_reduction)
 from trimkit.cli import cli
 from trimkit.errors import ConfigError
 
@@ -118,7 +119,17 @@ def test_speed_run_writes_json_and_the_table_from_it(tmp_path):
     assert "padded_batch" in records[0]["flops"] and "threshold" in records[0]
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{SPEED_START}\nSTALE-TABLE\n{SPEED_END}\nafter\n")
-    report = build_speed_report(tmp_path, readme=readme)
+    top = tmp_path / "TOP.md"
+    top.write_text(f"intro\n{SUMMARY_START}\nSTALE\n{SUMMARY_END}\n")
+    report = build_speed_report(tmp_path, readme=readme, summary=top)
+    brief = top.read_text()
+    assert "STALE" not in brief and report["summary"] in brief
+    rows = [line for line in brief.splitlines() if line.startswith("| vilt")]
+    assert len(rows) == 1  # SmartTrim's row only; the baseline appears as a ratio range beside it
+    lat, timed = records[0]["latency"]["batch_1"], timed_reduction(records[0], 1)
+    base = records[1]["latency"]["batch_1"]["speedup"] / timed_reduction(records[1], 1)
+    assert f"{lat['speedup']:.2f}x" in rows[0] and f"{lat['speedup'] / timed:.3f}" in rows[0]
+    assert f"{base:.3f}-{base:.3f}" in rows[0]
     text = readme.read_text()
     assert "STALE-TABLE" not in text and text.startswith("intro") and text.rstrip().endswith("after")
     assert report["markdown"] in text and (tmp_path / "speed.md").read_text() == report["markdown"]

@@ -8,10 +8,11 @@ from pathlib import Path
 from trimkit.bench.report import update_readme
 from trimkit.errors import ConfigError
 
-__all__ = ["SPEED_START", "SPEED_END", "latest_run", "load_speed_run", "newest_per_model", "speed_markdown",
+__all__ = ["SPEED_START", "SPEED_END", "SUMMARY_START", "SUMMARY_END", "speed_summary_markdown", "latest_run", "load_speed_run", "newest_per_model", "speed_markdown",
            "build_speed_report", "timed_reduction"]
 
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
 _GOAL = 0.85  # speedup / executed-FLOPs reduction the table marks
 
 
@@ -143,10 +144,44 @@ def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def build_speed_report(out_dir: str | os.PathLike, *, readme: str | os.PathLike | None = None) -> dict:
+def speed_summary_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
+    """SmartTrim's rows only, one per model and target: its speedup over the executed-FLOPs
+    reduction of the inputs timed at each batch, beside the best and worst baseline's at the same
+    target (the full table has every figure)."""
+    batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
+    ok = [r for _, recs in runs for r in recs if r["status"] == "ok" and "flops" in r]
+
+    def ratio(r: dict, b: int) -> float | None:
+        got, timed = r.get("latency", {}).get(f"batch_{b}"), timed_reduction(r, b)
+        return got["speedup"] / timed if got and timed else None
+
+    head = ["model", "target", "SmartTrim FLOPs reduction"]
+    for b in batches:
+        head += [f"SmartTrim speedup b{b} (÷ timed reduction)", f"baselines ÷ timed reduction b{b}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted((r for r in ok if r["method"] == "smarttrim"),
+                    key=lambda r: (r["model"]["name"], r.get("target_reduction") or 0)):
+        row = [_model_label(r), f"{r['target_reduction']:g}x", f"{r['flops']['reduction']:.2f}x"]
+        others = [o for o in ok if o["method"] != "smarttrim" and o["model"]["name"] == r["model"]["name"]
+                  and o.get("target_reduction") == r.get("target_reduction")]
+        for b in batches:
+            got = r.get("latency", {}).get(f"batch_{b}")
+            row.append("–" if got is None else f"{got['speedup']:.2f}x ({_mark(ratio(r, b))})")
+            vals = [v for v in (ratio(o, b) for o in others) if v is not None]
+            row.append(f"{min(vals):.3f}-{max(vals):.3f}" if vals else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    runs_ids = ", ".join(f"`{m['run_id']}`" for m, _ in runs)
+    return "\n".join(lines) + (f"\n\n**Bold**: below {_GOAL}. Run(s) {runs_ids}; every figure, the per-sample "
+                                "ratios and the padded-batch reductions: "
+                                "[benchmarks/README.md](benchmarks/README.md#speed-at-published-base-sizes-trimkit-bench---speed).\n")
+
+
+def build_speed_report(out_dir: str | os.PathLike, *, readme: str | os.PathLike | None = None,
+                       summary: str | os.PathLike | None = None) -> dict:
     """The table of the newest run of each model under `out_dir` (:func:`newest_per_model`), written
-    to ``<out_dir>/speed.md`` and, with `readme`, between the speed markers there;
-    ``{"runs": [run ids], "markdown": str}``."""
+    to ``<out_dir>/speed.md`` and, with `readme`, between the speed markers there; with `summary`,
+    SmartTrim's rows (:func:`speed_summary_markdown`) between the summary markers of that file;
+    ``{"runs": [run ids], "markdown": str, "summary": str}``."""
     runs = newest_per_model(out_dir)
     text = speed_markdown(runs)
     used = {m["run_id"] for m, _ in runs}
@@ -157,4 +192,7 @@ def build_speed_report(out_dir: str | os.PathLike, *, readme: str | os.PathLike 
     Path(out_dir, "speed.md").write_text(text, encoding="utf-8")
     if readme is not None:
         update_readme(readme, text, start=SPEED_START, end=SPEED_END)
-    return {"runs": [m["run_id"] for m, _ in runs], "markdown": text}
+    brief = speed_summary_markdown(runs)
+    if summary is not None:
+        update_readme(summary, brief, start=SUMMARY_START, end=SUMMARY_END)
+    return {"runs": [m["run_id"] for m, _ in runs], "markdown": text, "summary": brief}
