@@ -3,6 +3,7 @@ table generated from them."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from trimkit.bench.published import PUBLISHED, published_model
 from trimkit.bench.speed import (SpeedConfig, centre_token_logits, interleaved_times, randomise_trimmers, run_speed,
                                  shared_copy)
 from trimkit.bench.speed_report import (SPEED_END, SPEED_START, SUMMARY_END, SUMMARY_START, build_speed_report,
-                                        load_speed_run, timed_reduction)
+                                        load_speed_run, newest_per_model, timed_reduction)
 from trimkit.cli import cli
 from trimkit.errors import ConfigError
 
@@ -141,6 +142,19 @@ def test_speed_run_writes_json_and_the_table_from_it(tmp_path):
     bad.update(status="failed", error="ValueError: boom")
     (run_dir / manifest["files"][1]).write_text(json.dumps(bad))
     assert "failed" in build_speed_report(tmp_path)["markdown"] and "boom" in build_speed_report(tmp_path)["markdown"]
+
+    # a later run of the same model at another depth adds rows; a later run at the same depth replaces them
+    depth = records[0]["model"].get("layers")
+    for name, layers in (("zz-deeper", (depth or 0) + 2), ("zz-same", depth)):
+        copy = tmp_path / "runs" / name
+        shutil.copytree(run_dir, copy)
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "run_id": name}))
+        for f in manifest["files"]:
+            rec = json.loads((copy / f).read_text())
+            rec["model"]["layers"] = layers
+            (copy / f).write_text(json.dumps(rec))
+    chosen = {m["run_id"]: len(recs) for m, recs in newest_per_model(tmp_path)}
+    assert chosen == {"zz-deeper": 2, "zz-same": 2}
 
 
 def test_speed_cli_report_only_needs_a_run(tmp_path):

@@ -41,11 +41,11 @@ def load_speed_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
 
 
 def _key(r: dict) -> tuple:
-    return r["model"]["name"], r["method"], r.get("target_reduction")
+    return r["model"]["name"], r["model"].get("layers"), r["method"], r.get("target_reduction")
 
 
 def newest_per_model(out_dir: str | os.PathLike) -> list[tuple[dict, list[dict]]]:
-    """For each variant (model, method, target), its record from the newest run that measured it:
+    """For each variant (model and its depth, method, target), its record from the newest run that measured it:
     ``[(manifest, records)]``, oldest run first (variants run in separate processes make one table)."""
     chosen: dict[tuple, tuple[dict, dict]] = {}
     for run in _runs(out_dir):
@@ -120,7 +120,8 @@ def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
     order = {"smarttrim": 0, "random.tokens": 1, "topk.cls_attention": 2, "tome.merge": 3}
     records = sorted((r for _, recs in runs for r in recs),
-                     key=lambda r: (r["model"]["name"], order.get(r["method"], 9), r.get("target_reduction") or 0))
+                     key=lambda r: (r["model"]["name"], r["model"].get("layers") or 0, order.get(r["method"], 9),
+                                    r.get("target_reduction") or 0))
     head = ["model", "method", "target", "FLOPs reduction"]
     for b in batches:
         head += [f"speedup b{b}", f"÷ mean reduction b{b}", f"÷ timed reduction b{b}"]
@@ -160,9 +161,9 @@ def speed_summary_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
         head += [f"SmartTrim speedup b{b} (÷ timed reduction)", f"baselines ÷ timed reduction b{b}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted((r for r in ok if r["method"] == "smarttrim"),
-                    key=lambda r: (r["model"]["name"], r.get("target_reduction") or 0)):
+                    key=lambda r: (r["model"]["name"], r["model"].get("layers") or 0, r.get("target_reduction") or 0)):
         row = [_model_label(r), f"{r['target_reduction']:g}x", f"{r['flops']['reduction']:.2f}x"]
-        others = [o for o in ok if o["method"] != "smarttrim" and o["model"]["name"] == r["model"]["name"]
+        others = [o for o in ok if o["method"] != "smarttrim" and _key(o)[:2] == _key(r)[:2]
                   and o.get("target_reduction") == r.get("target_reduction")]
         for b in batches:
             got = r.get("latency", {}).get(f"batch_{b}")
