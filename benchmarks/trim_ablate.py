@@ -1,7 +1,7 @@
 """Which of SmartTrim's decisions costs a trained model its accuracy (validation split only).
 
     python benchmarks/trim_ablate.py PROTOCOL.toml --model bridgetower-vqa-where --ratio 0.6667 --seed 1 \
-        [--items 1000] [--json out.json]
+        [--items 1000] [--streams REGEX] [--json out.json]
 
 Trains SmartTrim exactly as the protocol's runs do (training split, the protocol's recipe), then
 scores validation items with: every decision on; token decisions only (head runtimes off); head
@@ -45,17 +45,29 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.6667)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--items", type=int, default=1000)
+    ap.add_argument("--streams", default="", help="regex of the streams whose tokens are trimmed (the token "
+                    "pass's `streams`; default every stream), e.g. '^(?!.*text_model)' to leave BridgeTower's "
+                    "text tower whole: a recipe change, so a screen, not the protocol's run")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     protocol = load_protocol(args.protocol)
+    if args.streams:
+        import dataclasses
+
+        import trimkit.bench.run as bench_run
+
+        plain = bench_run.smarttrim_configs
+        bench_run.smarttrim_configs = lambda method, ratio: [
+            dataclasses.replace(c, streams=args.streams) if hasattr(c, "streams") else c for c in plain(method, ratio)]
     start = time.perf_counter()
     backbone, binding, info = train_smarttrim(protocol, ProtocolRun(args.model, "smarttrim", args.ratio, args.seed), False)
     model = backbone.model.eval()
     data = task_dataset(protocol.spec("val"), binding)
     items = [data[i] for i in range(min(args.items, len(data)))]
     kinds = {"tokens": TokenRuntime, "heads": HeadRuntime}
-    out = {"model": args.model, "ratio": args.ratio, "seed": args.seed, "items": len(items), "train": info, "val": {}}
+    out = {"model": args.model, "ratio": args.ratio, "seed": args.seed, "streams": args.streams, "items": len(items),
+           "train": info, "val": {}}
     for label, off in (("all", ()), ("tokens only", ("heads",)), ("heads only", ("tokens",)), ("none", ("tokens", "heads"))):
         for rt in runtimes(model):
             rt.enabled = not any(isinstance(rt, kinds[k]) for k in off)
