@@ -12,6 +12,7 @@ after each trimmed layer (batch mean of the last forward) and the heads kept per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -36,6 +37,7 @@ def _accuracy(model, binding, items, batch_size: int) -> tuple[float, dict]:
 def main() -> None:
     from trimkit.bench.protocol import ProtocolRun, load_protocol
     from trimkit.bench.protocol_run import train_smarttrim
+    from trimkit.bench.run import smarttrim_configs
     from trimkit.runtime import HeadRuntime, TokenRuntime, runtimes
     from trimkit.tasks import task_dataset
 
@@ -52,16 +54,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     protocol = load_protocol(args.protocol)
+    recipe = None
     if args.streams:
-        import dataclasses
-
-        import trimkit.bench.run as bench_run
-
-        plain = bench_run.smarttrim_configs
-        bench_run.smarttrim_configs = lambda method, ratio: [
-            dataclasses.replace(c, streams=args.streams) if hasattr(c, "streams") else c for c in plain(method, ratio)]
+        recipe = [dataclasses.replace(c, streams=args.streams) if hasattr(c, "streams") else c
+                  for c in smarttrim_configs("smarttrim", args.ratio)]
     start = time.perf_counter()
-    backbone, binding, info = train_smarttrim(protocol, ProtocolRun(args.model, "smarttrim", args.ratio, args.seed), False)
+    backbone, binding, info = train_smarttrim(protocol, ProtocolRun(args.model, "smarttrim", args.ratio, args.seed),
+                                              False, recipe)
     model = backbone.model.eval()
     data = task_dataset(protocol.spec("val"), binding)
     items = [data[i] for i in range(min(args.items, len(data)))]

@@ -148,15 +148,17 @@ def _train_config(protocol: Protocol, seed: int):
     return TrainConfig(**protocol.train, seed=seed)
 
 
-def train_smarttrim(protocol: Protocol, run: ProtocolRun, progress: bool) -> tuple[Any, Any, dict]:
+def train_smarttrim(protocol: Protocol, run: ProtocolRun, progress: bool,
+                    recipe: list | None = None) -> tuple[Any, Any, dict]:
     """SmartTrim trained on the protocol's training split at `run`'s ratio and seed: the backbone, its
-    binding and what training reported."""
+    binding and what training reported. `recipe` replaces the pass configs (screens only; the
+    protocol's runs use SmartTrim's default tokens + heads)."""
     from trimkit.backbones import load_backbone
     from trimkit.bench.run import smarttrim_configs
     from trimkit.train import train
 
     trained = train(load_backbone(run.model), protocol.spec("train"), target_ratio=run.ratio, steps=protocol.steps,
-                    recipe=smarttrim_configs("smarttrim", run.ratio), config=_train_config(protocol, run.seed),
+                    recipe=recipe or smarttrim_configs("smarttrim", run.ratio), config=_train_config(protocol, run.seed),
                     progress=progress)
     info = {"steps": protocol.steps, "threshold": trained.threshold, "calibrated_ratio": trained.calibrated_ratio,
             "expected_ratio": trained.expected_ratio, "last": trained.history[-1] if trained.history else None}

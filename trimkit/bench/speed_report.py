@@ -8,8 +8,8 @@ from pathlib import Path
 from trimkit.bench.report import update_readme
 from trimkit.errors import ConfigError
 
-__all__ = ["SPEED_START", "SPEED_END", "SUMMARY_START", "SUMMARY_END", "speed_summary_markdown", "latest_run", "load_speed_run", "newest_per_model", "speed_markdown",
-           "build_speed_report", "timed_reduction"]
+__all__ = ["SPEED_START", "SPEED_END", "SUMMARY_START", "SUMMARY_END", "latest_run", "load_speed_run",
+           "newest_per_model", "speed_markdown", "speed_summary_markdown", "build_speed_report", "timed_reduction"]
 
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
@@ -40,8 +40,13 @@ def load_speed_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     return manifest, records
 
 
+def _model_key(r: dict) -> tuple:
+    """A model as the tables tell them apart: its name and depth."""
+    return r["model"]["name"], r["model"].get("layers") or 0
+
+
 def _key(r: dict) -> tuple:
-    return r["model"]["name"], r["model"].get("layers"), r["method"], r.get("target_reduction")
+    return *_model_key(r), r["method"], r.get("target_reduction")
 
 
 def newest_per_model(out_dir: str | os.PathLike) -> list[tuple[dict, list[dict]]]:
@@ -79,13 +84,17 @@ def timed_reduction(rec: dict, batch: int) -> float | None:
     return flops.get("reduction")
 
 
+def _over_timed(rec: dict, batch: int) -> float | None:
+    """Speedup at `batch` over :func:`timed_reduction` (None where either is missing)."""
+    got, timed = rec.get("latency", {}).get(f"batch_{batch}"), timed_reduction(rec, batch)
+    return got["speedup"] / timed if got and timed else None
+
+
 def _cell(rec: dict, batch: int) -> tuple[str, str, str]:
     got = rec.get("latency", {}).get(f"batch_{batch}")
     if got is None:
         return "–", "–", "–"
-    timed = timed_reduction(rec, batch)
-    return (f"{got['speedup']:.2f}x", _mark(got["speedup_over_reduction"]),
-            _mark(got["speedup"] / timed if timed else None))
+    return f"{got['speedup']:.2f}x", _mark(got["speedup_over_reduction"]), _mark(_over_timed(rec, batch))
 
 
 def _model_label(rec: dict) -> str:
@@ -120,8 +129,7 @@ def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
     order = {"smarttrim": 0, "random.tokens": 1, "topk.cls_attention": 2, "tome.merge": 3}
     records = sorted((r for _, recs in runs for r in recs),
-                     key=lambda r: (r["model"]["name"], r["model"].get("layers") or 0, order.get(r["method"], 9),
-                                    r.get("target_reduction") or 0))
+                     key=lambda r: (*_model_key(r), order.get(r["method"], 9), r.get("target_reduction") or 0))
     head = ["model", "method", "target", "FLOPs reduction"]
     for b in batches:
         head += [f"speedup b{b}", f"÷ mean reduction b{b}", f"÷ timed reduction b{b}"]
@@ -151,24 +159,19 @@ def speed_summary_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     target (the full table has every figure)."""
     batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
     ok = [r for _, recs in runs for r in recs if r["status"] == "ok" and "flops" in r]
-
-    def ratio(r: dict, b: int) -> float | None:
-        got, timed = r.get("latency", {}).get(f"batch_{b}"), timed_reduction(r, b)
-        return got["speedup"] / timed if got and timed else None
-
     head = ["model", "target", "SmartTrim FLOPs reduction"]
     for b in batches:
         head += [f"SmartTrim speedup b{b} (÷ timed reduction)", f"baselines ÷ timed reduction b{b}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted((r for r in ok if r["method"] == "smarttrim"),
-                    key=lambda r: (r["model"]["name"], r["model"].get("layers") or 0, r.get("target_reduction") or 0)):
+                    key=lambda r: (*_model_key(r), r.get("target_reduction") or 0)):
         row = [_model_label(r), f"{r['target_reduction']:g}x", f"{r['flops']['reduction']:.2f}x"]
-        others = [o for o in ok if o["method"] != "smarttrim" and _key(o)[:2] == _key(r)[:2]
+        others = [o for o in ok if o["method"] != "smarttrim" and _model_key(o) == _model_key(r)
                   and o.get("target_reduction") == r.get("target_reduction")]
         for b in batches:
             got = r.get("latency", {}).get(f"batch_{b}")
-            row.append("–" if got is None else f"{got['speedup']:.2f}x ({_mark(ratio(r, b))})")
-            vals = [v for v in (ratio(o, b) for o in others) if v is not None]
+            row.append("–" if got is None else f"{got['speedup']:.2f}x ({_mark(_over_timed(r, b))})")
+            vals = [v for v in (_over_timed(o, b) for o in others) if v is not None]
             row.append(f"{min(vals):.3f}-{max(vals):.3f}" if vals else "–")
         lines.append("| " + " | ".join(row) + " |")
     runs_ids = ", ".join(f"`{m['run_id']}`" for m, _ in runs)
