@@ -12,6 +12,7 @@ after each trimmed layer (batch mean of the last forward) and the heads kept per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -79,12 +80,11 @@ def main() -> None:
         rt.enabled = True
     token_rts = [rt for rt in runtimes(model) if isinstance(rt, TokenRuntime)]
     for stream in sorted({st for rt in token_rts for st in rt.trimmed_streams}):
-        saved = [dict(rt.layers) for rt in token_rts]
-        for rt in token_rts:  # that stream's layers stop deciding: its tokens all stay
-            rt.layers = {p: o for p, o in rt.layers.items() if rt.stream_of[p] != stream}
-        acc, _ = _accuracy(model, binding, items, protocol.eval_batch)
-        for rt, layers in zip(token_rts, saved):
-            rt.layers = layers
+        with contextlib.ExitStack() as stack:  # that stream's layers stop deciding: its tokens all stay
+            for rt in token_rts:
+                if stream in rt.trimmed_streams:
+                    stack.enter_context(rt.stream_whole(stream))
+            acc, _ = _accuracy(model, binding, items, protocol.eval_batch)
         out["val"][f"all but {stream}'s tokens"] = {"accuracy": acc}
         print(f"all but {stream}'s tokens: val accuracy {acc:.4f}", flush=True)
     out["seconds"] = time.perf_counter() - start

@@ -218,3 +218,28 @@ def test_attention_the_training_mask_cannot_reach_is_reported_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bb.model(**inputs)
+
+
+def test_stream_whole_keeps_one_stream_and_restores():
+    from trimkit.runtime import trim_stats
+    bb, inputs = _setup(TOYS[0])
+    apply_(bb.model, [SmartTrimTokensConfig(threshold=1.0)], inputs=inputs, hints=bb.hints)
+    _randomise(bb.model)
+    rt = token_runtime(bb.model)
+    streams = sorted(rt.trimmed_streams)
+    assert len(streams) == 2, streams
+
+    def kept():
+        _out(bb, inputs)
+        return {s: v["kept"] for s, v in trim_stats(bb.model)["tokens"].items()}
+
+    before = kept()
+    assert all(k < rt.state.streams[s].length for s in streams for k in before[s]), before
+    with rt.stream_whole(streams[0]):
+        during = kept()
+        assert rt.state.streams[streams[0]].kept == []  # no layer of the stream decided: all stay
+    assert streams[0] not in during and during[streams[1]] == before[streams[1]], (during, before)
+    assert kept() == before
+    with pytest.raises(ValueError, match="not a trimmed stream"):
+        with rt.stream_whole("no such stream"):
+            pass

@@ -24,7 +24,8 @@ modules whose keys come from a trimmed stream (:mod:`trimkit.runtime.keys`).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -128,6 +129,19 @@ class TokenRuntime:
     def skip_streams(self) -> set[str]:
         """Streams whose dropped tokens are carried through at full length, not removed."""
         return set(self._skip() if callable(self._skip) else self._skip)
+
+    @contextmanager
+    def stream_whole(self, stream: str) -> Iterator["TokenRuntime"]:
+        """Within the block ``stream``'s layers stop deciding, so its tokens all stay; every other
+        decision runs as before (an ablation switch: which stream's trimming costs accuracy)."""
+        if stream not in self.trimmed_streams:
+            raise ValueError(f"{stream!r} is not a trimmed stream; trimmed: {sorted(self.trimmed_streams)}")
+        saved = self.layers
+        self.layers = {p: o for p, o in saved.items() if self.stream_of[p] != stream}
+        try:
+            yield self
+        finally:
+            self.layers = saved
 
     # -- installation -------------------------------------------------------------------------
     def _install(self):
