@@ -21,18 +21,16 @@ import torch
 
 
 def _accuracy(model, binding, items, batch_size: int) -> tuple[float, dict]:
-    from trimkit.data import collate
+    """Accuracy over `items` as the protocol scores them, and the trim statistics of the last batch."""
+    from trimkit.bench.sweep import score_items
     from trimkit.evaluate import length_buckets
+    from trimkit.progress import progress
     from trimkit.runtime import trim_stats
-    from trimkit.tasks import model_batch
 
-    correct, stats = 0, {}
-    with torch.inference_mode():
-        for group in length_buckets(items, batch_size):
-            inputs, labels = model_batch(binding, collate([items[i] for i in group]))
-            correct += int((model(**inputs).logits.float().argmax(-1) == labels).sum())
-            stats = trim_stats(model)
-    return correct / len(items), stats
+    with progress(False) as bar:
+        correct, _ = score_items(model, binding, items, length_buckets(items, batch_size), torch.device("cpu"),
+                                 bar, full=False, signatures=False)
+    return float(correct.mean()), trim_stats(model)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from trimkit.progress import progress as progress_of
 from trimkit.runtime.control import runtimes, trimming_off
 from trimkit.tasks import model_batch
 
-__all__ = ["SweepError", "Sweep", "sweep", "row_signatures", "pack_bits", "unpack_bits"]
+__all__ = ["SweepError", "Sweep", "sweep", "score_items", "row_signatures", "pack_bits", "unpack_bits"]
 
 
 class SweepError(ConfigError):
@@ -102,8 +102,9 @@ def _single(binding, item: dict, device) -> dict:
     return eval_inputs(binding, collate([item]), device)
 
 
-def _scores(model, binding, items, groups, device, bar, full: bool):
-    """Correctness and signature of every item, from batched forwards (trimming on or off)."""
+def score_items(model, binding, items, groups, device, bar, full: bool, signatures: bool = True):
+    """Correctness and signature of every item, from batched forwards over `groups` (lists of item
+    indices) with trimming on, or off when `full`; signatures are None unless `signatures`."""
     correct = np.zeros(len(items), dtype=np.uint8)
     signatures: list[tuple | None] = [None] * len(items)
     step = bar.add("scoring untrimmed" if full else "scoring trimmed", len(items))
@@ -117,7 +118,7 @@ def _scores(model, binding, items, groups, device, bar, full: bool):
                              if isinstance(v, torch.Tensor))] * len(group)
             else:
                 logits = model(**inputs).logits
-                sig = row_signatures(model, inputs)
+                sig = row_signatures(model, inputs) if signatures else [None] * len(group)
         hits = (logits.float().argmax(-1) == labels).cpu().numpy()
         for j, i in enumerate(group):
             correct[i], signatures[i] = hits[j], sig[j]
@@ -196,8 +197,8 @@ def sweep(model: nn.Module, binding, items: list[dict], *, batch_size: int = 128
     groups = length_buckets(items, batch_size)
     picks = np.random.default_rng(seed).choice(len(items), size=min(verify, len(items)), replace=False).tolist()
     with progress_of(progress) as bar:
-        correct, sig = _scores(model, binding, items, groups, device, bar, full=False)
-        full_correct, full_sig = _scores(model, binding, items, groups, device, bar, full=True)
+        correct, sig = score_items(model, binding, items, groups, device, bar, full=False)
+        full_correct, full_sig = score_items(model, binding, items, groups, device, bar, full=True)
         flops, counted = _flops(_Counter(model, binding, items, device, False), sig, bar, picks,
                                 known.setdefault("trimmed", {}))
         full_flops, _ = _flops(_Counter(model, binding, items, device, True), full_sig, bar, picks[:4],
