@@ -29,7 +29,7 @@ def _accuracy(model, binding, items, batch_size: int) -> tuple[float, dict]:
 
     with progress(False) as bar:
         correct, _ = score_items(model, binding, items, length_buckets(items, batch_size), torch.device("cpu"),
-                                 bar, full=False, signatures=False)
+                                 bar, full=False, with_signatures=False)
     return float(correct.mean()), trim_stats(model)
 
 

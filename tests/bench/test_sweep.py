@@ -7,10 +7,10 @@ import torch
 from trimkit.backbones import load_backbone
 from trimkit.bench import sweep as sweep_module
 from trimkit.bench.run import smarttrim_configs
-from trimkit.bench.sweep import SweepError, pack_bits, sweep, unpack_bits
+from trimkit.bench.sweep import SweepError, pack_bits, score_items, sweep, unpack_bits
 from trimkit.data import collate
 from trimkit.evaluate import fitted
-from trimkit.evaluate import eval_inputs, executed_flops
+from trimkit.evaluate import eval_inputs, executed_flops, length_buckets
 from trimkit.tasks import task_dataset
 from trimkit.train import TrainConfig, train
 
@@ -68,3 +68,21 @@ def test_sweep_refuses_empty_and_generative_inputs(trimmed):
     model, binding, _ = trimmed
     with pytest.raises(Exception, match="at least one item"):
         sweep(model, binding, [])
+
+
+def test_score_items_skips_signatures_when_asked(trimmed, monkeypatch):
+    from trimkit.progress import progress
+    model, binding, items = trimmed
+    groups = length_buckets(items, 8)
+    with progress(False) as bar:
+        correct, sigs = score_items(model, binding, items, groups, "cpu", bar, full=False)
+        assert all(s is not None for s in sigs)
+
+        def no_signatures(model, inputs):
+            raise AssertionError("row_signatures ran although signatures were not asked for")
+
+        monkeypatch.setattr(sweep_module, "row_signatures", no_signatures)
+        hits, none = score_items(model, binding, items, groups, "cpu", bar, full=False, with_signatures=False)
+        assert none == [None] * len(items) and hits.tolist() == correct.tolist()
+        _, none = score_items(model, binding, items, groups, "cpu", bar, full=True, with_signatures=False)
+        assert none == [None] * len(items)

@@ -13,6 +13,7 @@ count (else `SweepError`, never a silent estimate).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -102,23 +103,24 @@ def _single(binding, item: dict, device) -> dict:
     return eval_inputs(binding, collate([item]), device)
 
 
-def score_items(model, binding, items, groups, device, bar, full: bool, signatures: bool = True):
+def score_items(model, binding, items, groups, device, bar, full: bool, with_signatures: bool = True):
     """Correctness and signature of every item, from batched forwards over `groups` (lists of item
-    indices) with trimming on, or off when `full`; signatures are None unless `signatures`."""
+    indices) with trimming on, or off when `full`; signatures are None unless `with_signatures`."""
     correct = np.zeros(len(items), dtype=np.uint8)
     signatures: list[tuple | None] = [None] * len(items)
     step = bar.add("scoring untrimmed" if full else "scoring trimmed", len(items))
     for group in groups:
         inputs, labels = model_batch(binding, collate([items[i] for i in group]), device)
         with torch.no_grad():
-            if full:
-                with trimming_off(model):
-                    logits = model(**inputs).logits
+            with trimming_off(model) if full else contextlib.nullcontext():
+                logits = model(**inputs).logits
+            if not with_signatures:
+                sig = [None] * len(group)
+            elif full:
                 sig = [tuple((k, tuple(v.shape[1:])) for k, v in sorted(inputs.items())
                              if isinstance(v, torch.Tensor))] * len(group)
             else:
-                logits = model(**inputs).logits
-                sig = row_signatures(model, inputs) if signatures else [None] * len(group)
+                sig = row_signatures(model, inputs)
         hits = (logits.float().argmax(-1) == labels).cpu().numpy()
         for j, i in enumerate(group):
             correct[i], signatures[i] = hits[j], sig[j]
