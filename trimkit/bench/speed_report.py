@@ -90,6 +90,11 @@ def _over_timed(rec: dict, batch: int) -> float | None:
     return got["speedup"] / timed if got and timed else None
 
 
+def _batches(runs: list[tuple[dict, list[dict]]]) -> list[int]:
+    """The batch sizes any of `runs` timed, ascending."""
+    return sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
+
+
 def _cell(rec: dict, batch: int) -> tuple[str, str, str]:
     got = rec.get("latency", {}).get(f"batch_{batch}")
     if got is None:
@@ -126,7 +131,7 @@ def _row(r: dict, batches: list[int], padded: bool) -> str:
 
 def speed_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     """One table (a row per model, method and target) from ``[(manifest, records)]``, and its notes."""
-    batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
+    batches = _batches(runs)
     order = {"smarttrim": 0, "random.tokens": 1, "topk.cls_attention": 2, "tome.merge": 3}
     records = sorted((r for _, recs in runs for r in recs),
                      key=lambda r: (*_model_key(r), order.get(r["method"], 9), r.get("target_reduction") or 0))
@@ -157,7 +162,7 @@ def speed_summary_markdown(runs: list[tuple[dict, list[dict]]]) -> str:
     """SmartTrim's rows only, one per model and target: its speedup over the executed-FLOPs
     reduction of the inputs timed at each batch, beside the best and worst baseline's at the same
     target (the full table has every figure)."""
-    batches = sorted({b for manifest, _ in runs for b in manifest["config"]["batches"]})
+    batches = _batches(runs)
     ok = [r for _, recs in runs for r in recs if r["status"] == "ok" and "flops" in r]
     head = ["model", "target", "SmartTrim FLOPs reduction"]
     for b in batches:
